@@ -1,0 +1,148 @@
+"""Read every setting once, from the environment or .env, and check it."""
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from decouple import AutoConfig
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_PLANS = '30:100,90:270,180:500,365:900'
+
+
+class SettingError(Exception):
+    """A setting is missing or malformed; the message names it, never its value."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    days: int
+    price: Decimal
+
+
+@dataclass(frozen=True)
+class Settings:
+    bot_token: str
+    telegram_api_url: str
+    admin_ids: frozenset
+    database_url: str
+    xui_url: str
+    xui_username: str
+    xui_password: str
+    xui_api_token: str
+    xui_inbound_id: int
+    xui_sub_url: str
+    cryptopay_token: str
+    cryptopay_url: str
+    channel_id: str
+    channel_url: str
+    trial_days: int
+    referral_bonus_days: int
+    plans: tuple
+    currency: str
+    support_contact: str
+    backup_dir: Path
+    backup_keep_days: int
+    backup_time: str
+    payment_poll_seconds: int
+    invoice_expires_seconds: int
+    timezone: ZoneInfo
+    worker_threads: int
+    db_pool_size: int
+
+    def plan(self, days):
+        """Return the plan of that many days, or None."""
+        return next((plan for plan in self.plans if plan.days == days), None)
+
+
+def parse_plans(text):
+    """Turn '30:100,90:270' into a tuple of Plans sorted by length."""
+    plans = {}
+    for pair in text.split(','):
+        days, sep, price = pair.strip().partition(':')
+        days, price = int(days), Decimal(price)
+        if not sep or days <= 0 or price <= 0 or days in plans:
+            raise ValueError(pair)
+        plans[days] = Plan(days, price)
+    if not plans:
+        raise ValueError(text)
+    return tuple(sorted(plans.values(), key=lambda plan: plan.days))
+
+
+def parse_ids(text):
+    """Turn '1, 2,3' into a frozenset of ints."""
+    return frozenset(int(part) for part in text.split(',') if part.strip())
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise ValueError(text)
+    return value
+
+
+def http_url(text):
+    if not text.startswith(('http://', 'https://')):
+        raise ValueError(text)
+    return text.rstrip('/')
+
+
+def clock_time(text):
+    hours, minutes = text.split(':')
+    if not (0 <= int(hours) < 24 and 0 <= int(minutes) < 60) or len(minutes) != 2:
+        raise ValueError(text)
+    return f'{int(hours):02d}:{minutes}'
+
+
+def load(environ=None):
+    """Return the Settings, or raise SettingError naming the first bad one.
+
+    :param environ: a mapping to read instead of the environment and .env.
+    """
+    if environ is None:
+        dotenv = AutoConfig(search_path=str(HERE))
+        lookup = lambda name, default: dotenv(name, default=default)
+    else:
+        lookup = environ.get
+
+    def read(name, cast=str, default=None):
+        raw = lookup(name, default)
+        if raw is None or raw.strip() == '' and default is None:
+            raise SettingError(f'{name} is not set (see .env.example)')
+        try:
+            return cast(raw.strip())
+        except (ValueError, InvalidOperation, ZoneInfoNotFoundError):
+            raise SettingError(f'{name} is malformed (see .env.example)') from None
+
+    api_token = read('XUI_API_TOKEN', default='')
+    # With an API token the panel login is not needed.
+    login_default = '' if api_token else None
+    return Settings(
+        bot_token=read('BOT_TOKEN'),
+        telegram_api_url=read('TELEGRAM_API_URL', http_url, 'https://api.telegram.org'),
+        admin_ids=read('ADMIN_IDS', parse_ids, ''),
+        database_url=read('DATABASE_URL', default=f'sqlite:///{HERE / "bot.db"}'),
+        xui_url=read('XUI_URL', http_url),
+        xui_username=read('XUI_USERNAME', default=login_default),
+        xui_password=read('XUI_PASSWORD', default=login_default),
+        xui_api_token=api_token,
+        xui_inbound_id=read('XUI_INBOUND_ID', positive_int),
+        xui_sub_url=read('XUI_SUB_URL', http_url),
+        cryptopay_token=read('CRYPTOPAY_TOKEN'),
+        cryptopay_url=read('CRYPTOPAY_URL', http_url, 'https://pay.crypt.bot'),
+        channel_id=read('CHANNEL_ID', default=''),
+        channel_url=read('CHANNEL_URL', default=''),
+        trial_days=read('TRIAL_DAYS', positive_int, '3'),
+        referral_bonus_days=read('REFERRAL_BONUS_DAYS', positive_int, '7'),
+        plans=read('PLANS', parse_plans, DEFAULT_PLANS),
+        currency=read('CURRENCY', str.upper, 'RUB'),
+        support_contact=read('SUPPORT_CONTACT', default=''),
+        backup_dir=read('BACKUP_DIR', lambda text: (HERE / text).resolve(), 'backups'),
+        backup_keep_days=read('BACKUP_KEEP_DAYS', positive_int, '30'),
+        backup_time=read('BACKUP_TIME', clock_time, '04:00'),
+        payment_poll_seconds=read('PAYMENT_POLL_SECONDS', positive_int, '15'),
+        invoice_expires_seconds=read('INVOICE_EXPIRES_SECONDS', positive_int, '3600'),
+        timezone=read('TIMEZONE', ZoneInfo, 'Europe/Moscow'),
+        worker_threads=read('WORKER_THREADS', positive_int, '16'),
+        db_pool_size=read('DB_POOL_SIZE', positive_int, '20'),
+    )

@@ -1,0 +1,339 @@
+"""The shop's business operations, called by the Telegram handlers and the jobs; no Telegram here.
+
+Money rules: an invoice is settled by one guarded UPDATE (pending -> paid) whose row count decides
+who credits it; days only move through models.grant_days; the panel is derived from the ledger.
+"""
+import logging
+import re
+from dataclasses import dataclass
+from datetime import timedelta, timezone
+
+from peewee import IntegrityError, fn
+
+import models
+from cryptobot import CryptoPayError, parse_time
+from models import (EXPIRED, PAID, PENDING, Gift, Grant, Payment, PromoCode, Redemption, Referral,
+                    User, grant_days, transaction, utcnow)
+from xui import XuiError
+
+log = logging.getLogger('shop')
+
+RUSSIAN_REGION = {'ru', 'uk', 'be', 'kk', 'ky', 'uz', 'tg', 'tk', 'hy', 'az', 'ka'}
+PROMO_PATTERN = re.compile(r'^[A-Za-z0-9]{4,32}$')
+NOTIFY_LEASE = timedelta(minutes=2)  # a sender that crashed mid-send is replaced after this
+PANEL_BACKOFF_CAP = timedelta(minutes=30)
+
+
+def language_for(language_code):
+    """Pick 'ru' for Russian-region Telegram language codes, 'en' otherwise."""
+    base = (language_code or '').split('-')[0].lower()
+    return 'ru' if base in RUSSIAN_REGION else 'en'
+
+
+def as_aware(moment):
+    """Turn a stored naive UTC datetime into an aware one (None stays None)."""
+    return moment.replace(tzinfo=timezone.utc) if moment else None
+
+
+@dataclass
+class CheckResult:
+    """What a Check press (or the poller) found: status is paid, pending, expired or not_found."""
+    status: str
+    payment: Payment = None
+    provisioned: bool = False
+
+
+class Shop:
+    """The shop, bound to its settings and its two outside services."""
+
+    def __init__(self, settings, panel, cryptopay):
+        self.settings = settings
+        self.panel = panel
+        self.cryptopay = cryptopay
+
+    # Users
+
+    def register(self, telegram_id, username, first_name, language_code, invite_code=None):
+        """Return (user, created); record the inviter only for a brand-new user, never self-referral."""
+        user = User.get_or_none(User.telegram_id == telegram_id)
+        language = language_for(language_code)
+        if user is not None:
+            changes = {field: value for field, value in
+                       (('username', username), ('first_name', first_name or ''), ('language', language))
+                       if getattr(user, field) != value}
+            if changes or user.blocked:
+                User.update(blocked=False, **changes).where(User.id == user.id).execute()
+                user = User.get_by_id(user.id)
+            return user, False
+        inviter = None
+        if invite_code:
+            inviter = User.get_or_none(User.invite_code == invite_code.strip().lower()[:16])
+        try:
+            with transaction():
+                user = User.create(telegram_id=telegram_id, username=username, first_name=first_name or '',
+                                   language=language, referrer=inviter, panel_email=f'spn-{telegram_id}')
+                if inviter is not None:
+                    Referral.create(invited=user, inviter=inviter)
+        except IntegrityError:  # the same user's /start raced on another thread
+            return User.get(User.telegram_id == telegram_id), False
+        log.info('user registered user=%s referrer=%s', telegram_id, inviter and inviter.telegram_id)
+        return user, True
+
+    def get_user(self, telegram_id):
+        """Return the user with this Telegram id, or None."""
+        return User.get_or_none(User.telegram_id == telegram_id)
+
+    def set_awaiting(self, user, what):
+        """Remember (or with None, forget) which text input the user is expected to send next."""
+        User.update(awaiting=what).where(User.id == user.id).execute()
+        user.awaiting = what
+
+    def subscription_link(self, user):
+        return self.panel.subscription_link(user.panel_sub_id)
+
+    # Buying
+
+    def create_invoice(self, user, plan_days):
+        """Create a Crypto Pay invoice for a plan and record it as a pending payment.
+
+        :raise CryptoPayError: Crypto Pay is down or refused; nothing is recorded.
+        :raise KeyError: no such plan.
+        """
+        plan = self.settings.plan(plan_days)
+        if plan is None:
+            raise KeyError(plan_days)
+        invoice = self.cryptopay.create_invoice(
+            amount=plan.price, fiat=self.settings.currency,
+            description=f'VPN {plan.days} days', payload=f'user:{user.telegram_id}:days:{plan.days}',
+            expires_in=self.settings.invoice_expires_seconds)
+        payment = Payment.create(invoice_id=invoice['invoice_id'], user=user, plan_days=plan.days,
+                                 amount=plan.price, currency=self.settings.currency,
+                                 pay_url=invoice['bot_invoice_url'])
+        log.info('invoice created user=%s invoice=%s days=%s', user.telegram_id, payment.invoice_id, plan.days)
+        return payment
+
+    def attach_message(self, payment, chat_id, message_id):
+        """Remember which message shows the Pay button, so the poller can edit it."""
+        Payment.update(chat_id=chat_id, message_id=message_id).where(Payment.id == payment.id).execute()
+
+    def check_payment(self, telegram_id, invoice_id):
+        """Handle a Check press: look the invoice up by id AND owner, settle it if paid, provision.
+
+        :raise CryptoPayError: the invoice is pending here and Crypto Pay cannot be asked now.
+        """
+        payment = (Payment.select().join(User)
+                   .where(Payment.invoice_id == invoice_id, User.telegram_id == telegram_id).get_or_none())
+        if payment is None:
+            return CheckResult('not_found')
+        if payment.status != PAID:
+            invoices = self.cryptopay.get_invoices([payment.invoice_id])
+            self.apply_invoice_state(payment, invoices[0] if invoices else None)
+            payment = Payment.get_by_id(payment.id)
+        if payment.status != PAID:
+            return CheckResult(payment.status, payment)
+        provisioned = self.provision(payment.user_id)
+        if provisioned:
+            self.mark_notified(payment)
+        return CheckResult(PAID, Payment.get_by_id(payment.id), provisioned)
+
+    def apply_invoice_state(self, payment, invoice, now=None):
+        """Bring a payment in line with Crypto Pay's invoice (None = the invoice is gone); return True if settled now."""
+        if invoice is None or invoice.get('status') == 'expired':
+            self.expire_payment(payment.invoice_id)
+            return False
+        if invoice.get('status') == 'paid':
+            paid_at = parse_time(invoice['paid_at']).replace(tzinfo=None) if invoice.get('paid_at') else None
+            return self.settle(payment.invoice_id, paid_at=paid_at, now=now)
+        return False
+
+    def settle(self, invoice_id, paid_at=None, now=None):
+        """Mark a paid invoice paid and grant its days, exactly once whoever calls; return True if this call did."""
+        now = now or utcnow()
+        with transaction():
+            settled = (Payment.update(status=PAID, paid_at=paid_at or now)
+                       .where(Payment.invoice_id == invoice_id, Payment.status.in_([PENDING, EXPIRED]))
+                       .execute())
+            if not settled:
+                return False
+            payment = Payment.get(Payment.invoice_id == invoice_id)
+            grant_days(payment.user_id, payment.plan_days, 'payment', invoice_id, now=now)
+            self.reward_referral(payment.user_id, now)
+        log.info('payment settled user_id=%s invoice=%s days=%s', payment.user_id, invoice_id, payment.plan_days)
+        return True
+
+    def reward_referral(self, invited_id, now):
+        """Give the inviter their bonus once, at the invited user's first payment (inside settle's transaction)."""
+        rewarded = (Referral.update(rewarded_at=now)
+                    .where(Referral.invited == invited_id, Referral.rewarded_at.is_null()).execute())
+        if rewarded:
+            referral = Referral.get(Referral.invited == invited_id)
+            grant_days(referral.inviter_id, self.settings.referral_bonus_days, 'referral', invited_id, now=now)
+            log.info('referral rewarded inviter_id=%s invited_id=%s', referral.inviter_id, invited_id)
+
+    def expire_payment(self, invoice_id):
+        """Mark a pending invoice expired; return True if this call did."""
+        return bool(Payment.update(status=EXPIRED)
+                    .where(Payment.invoice_id == invoice_id, Payment.status == PENDING).execute())
+
+    # The panel
+
+    def provision(self, user_id, now=None):
+        """Push the user's ledger expiry to the panel; return True once the panel matches the ledger.
+
+        A push is guarded by the expiry it sent: if a grant landed meanwhile, push again, because
+        our older value may have reached the panel after the newer one.
+        """
+        stale = False
+        for _ in range(5):
+            user = User.get_by_id(user_id)
+            if user.expires_at is None or (not user.panel_dirty and not stale):
+                return True
+            try:
+                client = self.panel.ensure_client(
+                    email=user.panel_email, expiry=as_aware(user.expires_at), sub_id=user.panel_sub_id,
+                    tg_id=user.telegram_id)
+            except XuiError as exc:
+                self.record_panel_failure(user, exc, now or utcnow())
+                return False
+            with transaction():
+                done = (User.update(panel_dirty=False, panel_uuid=client.get('uuid'), panel_failures=0,
+                                    panel_retry_at=None, panel_alerted=False)
+                        .where(User.id == user_id, User.expires_at == user.expires_at).execute())
+                if done:
+                    (Payment.update(provisioned_at=now or utcnow())
+                     .where(Payment.user == user_id, Payment.status == PAID, Payment.provisioned_at.is_null())
+                     .execute())
+            if done:
+                log.info('panel updated user=%s expiry=%s', user.telegram_id, user.expires_at.isoformat())
+                return True
+            stale = True
+        return False
+
+    def record_panel_failure(self, user, error, now):
+        """Count a failed panel push and schedule the next try with capped exponential backoff."""
+        delay = min(timedelta(seconds=30 * 2 ** min(user.panel_failures, 10)), PANEL_BACKOFF_CAP)
+        User.update(panel_failures=User.panel_failures + 1, panel_retry_at=now + delay).where(
+            User.id == user.id).execute()
+        log.warning('panel update failed user=%s failures=%s: %s', user.telegram_id, user.panel_failures + 1, error)
+
+    def claim_notification(self, payment, now=None):
+        """Take the right to tell the buyer about a payment; expires after NOTIFY_LEASE if unconfirmed."""
+        now = now or utcnow()
+        return bool(Payment.update(notify_claimed_at=now)
+                    .where(Payment.id == payment.id, Payment.notified_at.is_null(),
+                           Payment.notify_claimed_at.is_null() | (Payment.notify_claimed_at < now - NOTIFY_LEASE))
+                    .execute())
+
+    def mark_notified(self, payment, now=None):
+        """Record that the buyer has their link for this payment."""
+        now = now or utcnow()
+        Payment.update(notified_at=now, notify_claimed_at=now).where(
+            Payment.id == payment.id, Payment.notified_at.is_null()).execute()
+
+    def release_notification(self, payment):
+        """Give up a claim whose message could not be sent, so the next run retries it."""
+        Payment.update(notify_claimed_at=None).where(Payment.id == payment.id, Payment.notified_at.is_null()).execute()
+
+    def traffic(self, user):
+        """Return the panel's traffic dict for the user, or None when the panel has none or is unreachable."""
+        try:
+            return self.panel.get_traffic(user.panel_email)
+        except XuiError as exc:
+            log.warning('traffic lookup failed user=%s: %s', user.telegram_id, exc)
+            return None
+
+    # Gifts, promo codes, referrals
+
+    def claim_gift(self, user, kind='trial', now=None):
+        """Grant the one-time channel gift; return False if this Telegram id ever had it."""
+        try:
+            with transaction():
+                Gift.create(telegram_id=user.telegram_id, kind=kind)
+                grant_days(user.id, self.settings.trial_days, 'gift', f'{user.telegram_id}:{kind}', now=now)
+        except IntegrityError:
+            return False
+        log.info('gift granted user=%s kind=%s', user.telegram_id, kind)
+        return True
+
+    def redeem_promo(self, user, text, now=None):
+        """Redeem a promo code; return one of ok, invalid, unknown, expired, used_up, already (and the code)."""
+        now = now or utcnow()
+        code = (text or '').strip().upper()
+        if not PROMO_PATTERN.match(code):
+            return 'invalid', None
+        promo = PromoCode.get_or_none(PromoCode.code == code)
+        if promo is None:
+            return 'unknown', None
+        if promo.expires_at is not None and promo.expires_at <= now:
+            return 'expired', promo
+        if Redemption.select().where(Redemption.promo == promo, Redemption.user == user).exists():
+            return 'already', promo
+        try:
+            with transaction():
+                taken = (PromoCode.update(used=PromoCode.used + 1)
+                         .where(PromoCode.id == promo.id, PromoCode.used < PromoCode.max_uses).execute())
+                if not taken:
+                    return 'used_up', promo
+                redemption = Redemption.create(promo=promo, user=user, created_at=now)
+                grant_days(user.id, promo.days, 'promo', redemption.id, now=now)
+        except IntegrityError:  # the same user redeemed it on another thread just now
+            return 'already', promo
+        log.info('promo redeemed user=%s code=%s days=%s', user.telegram_id, code, promo.days)
+        return 'ok', promo
+
+    def referral_counts(self, user):
+        """Return (joined, paid) counts of the people this user invited."""
+        joined = Referral.select().where(Referral.inviter == user).count()
+        paid = Referral.select().where(Referral.inviter == user, Referral.rewarded_at.is_null(False)).count()
+        return joined, paid
+
+    # Admin
+
+    def create_promo(self, admin_id, days, uses, code=None, expires_at=None):
+        """Create a promo code (a readable random one if none given); raise IntegrityError if it exists."""
+        code = (code or models.random_code(8)).upper()
+        promo = PromoCode.create(code=code, days=days, max_uses=uses, expires_at=expires_at, created_by=admin_id)
+        log.info('promo created admin=%s code=%s days=%s uses=%s', admin_id, code, days, uses)
+        return promo
+
+    def admin_give(self, admin_id, user, days, reference):
+        """Grant days by hand; reference makes the grant unique (e.g. the admin's message id)."""
+        expiry = grant_days(user.id, days, 'admin', f'{admin_id}:{reference}', granted_by=admin_id)
+        log.info('admin grant admin=%s user=%s days=%s', admin_id, user.telegram_id, days)
+        return expiry
+
+    def find_user(self, query):
+        """Find a user by Telegram id or @username (case-insensitive); None if absent."""
+        query = (query or '').strip()
+        if query.lstrip('-').isdigit():
+            return User.get_or_none(User.telegram_id == int(query))
+        name = query.lstrip('@').lower()
+        return User.select().where(fn.LOWER(User.username) == name).first() if name else None
+
+    def stats(self, now=None):
+        """Return the shop's figures for /stats as a dict."""
+        now = now or utcnow()
+        day, week, month = now - timedelta(days=1), now - timedelta(days=7), now - timedelta(days=30)
+        paid = Payment.select().where(Payment.status == PAID)
+
+        def revenue(since=None):
+            query = paid if since is None else paid.where(Payment.paid_at >= since)
+            return query.select(fn.COALESCE(fn.SUM(Payment.amount), 0)).scalar()
+
+        return {
+            'users': User.select().count(),
+            'new_today': User.select().where(User.created_at >= day).count(),
+            'new_week': User.select().where(User.created_at >= week).count(),
+            'active': User.select().where(User.expires_at > now).count(),
+            'trials': Gift.select().count(),
+            'paid_today': paid.where(Payment.paid_at >= day).count(),
+            'paid_month': paid.where(Payment.paid_at >= month).count(),
+            'paid_total': paid.count(),
+            'revenue_today': revenue(day), 'revenue_month': revenue(month), 'revenue_total': revenue(),
+            'pending': Payment.select().where(Payment.status == PENDING).count(),
+            'redemptions': Redemption.select().count(),
+            'referrals': Referral.select().count(),
+            'referrals_paid': Referral.select().where(Referral.rewarded_at.is_null(False)).count(),
+            'grants_admin': Grant.select().where(Grant.reason == 'admin').count(),
+            'currency': self.settings.currency,
+        }

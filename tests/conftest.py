@@ -1,0 +1,102 @@
+"""Shared fixtures: a real database (SQLite, or PostgreSQL when TEST_DATABASE_URL is set) and the loopback fakes."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / 'tests'))
+
+import config  # noqa: E402
+import models  # noqa: E402
+from cryptobot import CryptoPayClient  # noqa: E402
+from fake_cryptopay import FakeCryptoPay  # noqa: E402
+from fake_xui import FakePanel  # noqa: E402
+from shop import Shop  # noqa: E402
+from xui import XuiClient  # noqa: E402
+
+PG_URL = os.environ.get('TEST_DATABASE_URL', '')
+BOT_TOKEN = '123456:TEST-token-not-real'
+CRYPTOPAY_TOKEN = '4242:CRYPTO-test-token'
+PANEL_USER, PANEL_PASSWORD = 'admin', 'panel-secret-pw'
+
+
+def database_url(tmp_path):
+    """Return the database URL a test should use."""
+    return PG_URL or f'sqlite:///{tmp_path / "test.db"}'
+
+
+def clear_database():
+    """Empty every table, so each test starts from nothing."""
+    if models.is_sqlite():
+        with models.db.atomic():
+            for model in reversed(models.MODELS):
+                if model is not models.SchemaVersion:
+                    model.delete().execute()
+    else:
+        tables = ', '.join(model._meta.table_name for model in models.MODELS if model is not models.SchemaVersion)
+        models.db.execute_sql(f'TRUNCATE {tables} RESTART IDENTITY CASCADE')
+
+
+@pytest.fixture
+def database(tmp_path):
+    """Bind the models to a fresh, empty real database and hold a connection for the test."""
+    url = database_url(tmp_path)
+    database = models.connect_database(url, pool_size=40)
+    models.create_schema()
+    with models.db.connection_context():
+        clear_database()
+    models.db.connect(reuse_if_open=True)
+    yield url
+    if not models.db.is_closed():
+        models.db.close()
+    if hasattr(database, 'close_all'):
+        database.close_all()
+
+
+@pytest.fixture
+def panel():
+    with FakePanel(generation='v3', username=PANEL_USER, password=PANEL_PASSWORD) as fake:
+        yield fake
+
+
+@pytest.fixture
+def cryptopay():
+    with FakeCryptoPay(token=CRYPTOPAY_TOKEN) as fake:
+        yield fake
+
+
+def settings_env(panel, cryptopay, database_url, **overrides):
+    """Return the environment of settings that points the bot at the fakes."""
+    env = {
+        'BOT_TOKEN': BOT_TOKEN,
+        'XUI_URL': panel.url, 'XUI_USERNAME': PANEL_USER, 'XUI_PASSWORD': PANEL_PASSWORD,
+        'XUI_INBOUND_ID': str(panel.inbound_id), 'XUI_SUB_URL': 'https://vpn.example.test:2096/sub/',
+        'CRYPTOPAY_TOKEN': CRYPTOPAY_TOKEN, 'CRYPTOPAY_URL': cryptopay.url,
+        'DATABASE_URL': database_url, 'ADMIN_IDS': '900', 'CHANNEL_ID': '@spn_channel',
+        'CHANNEL_URL': 'https://t.me/spn_channel', 'TIMEZONE': 'UTC',
+    }
+    env.update({key: str(value) for key, value in overrides.items()})
+    return env
+
+
+@pytest.fixture
+def settings(panel, cryptopay, database):
+    return config.load(settings_env(panel, cryptopay, database))
+
+
+def make_shop(settings):
+    """Build a Shop whose clients talk to the fakes, with short timeouts and tiny backoffs."""
+    xui = XuiClient(settings.xui_url, settings.xui_inbound_id, settings.xui_sub_url,
+                    username=settings.xui_username, password=settings.xui_password,
+                    timeout=(1, 2), retries=1, backoff=0.01)
+    crypto = CryptoPayClient(settings.cryptopay_token, settings.cryptopay_url, timeout=(1, 2), retries=1,
+                             backoff=0.01)
+    return Shop(settings, xui, crypto)
+
+
+@pytest.fixture
+def shop(settings):
+    return make_shop(settings)

@@ -1,0 +1,140 @@
+"""The ledger refuses every double credit by itself, and the schema set-up is repeatable."""
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from peewee import CharField, IntegrityError
+from playhouse.migrate import migrate as run_migration  # noqa: F401 (documents what apply_migrations uses)
+
+import models
+from models import Gift, Grant, Payment, PromoCode, Redemption, Referral, Reminder, User, grant_days
+
+NOW = datetime(2026, 11, 26, 12, 0, 0)
+
+
+def make_user(telegram_id=1001, **fields):
+    return User.create(telegram_id=telegram_id, panel_email=f'spn-{telegram_id}', **fields)
+
+
+def test_grant_extends_from_now_when_nothing_runs(database):
+    user = make_user()
+    assert grant_days(user.id, 30, 'payment', 'inv-1', now=NOW) == NOW + timedelta(days=30)
+    user = User.get_by_id(user.id)
+    assert user.expires_at == NOW + timedelta(days=30)
+    assert user.panel_dirty
+
+
+def test_grant_extends_from_current_expiry(database):
+    user = make_user(expires_at=NOW + timedelta(days=5))
+    assert grant_days(user.id, 30, 'payment', 'inv-1', now=NOW) == NOW + timedelta(days=35)
+
+
+def test_grant_after_expiry_starts_from_now(database):
+    user = make_user(expires_at=NOW - timedelta(days=5))
+    assert grant_days(user.id, 3, 'gift', 'g', now=NOW) == NOW + timedelta(days=3)
+
+
+@pytest.mark.parametrize('reason', models.REASONS)
+def test_second_grant_for_same_reference_is_refused(database, reason):
+    user = make_user()
+    grant_days(user.id, 30, reason, 'ref-1', now=NOW)
+    with pytest.raises(IntegrityError):
+        grant_days(user.id, 30, reason, 'ref-1', now=NOW)
+    assert User.get_by_id(user.id).expires_at == NOW + timedelta(days=30)
+    assert Grant.select().count() == 1
+
+
+def test_grant_refused_by_the_database_itself(database):
+    user = make_user()
+    Grant.create(user=user, days=1, reason='payment', reference='42', expires_after=NOW)
+    with pytest.raises(IntegrityError), models.db.atomic():
+        Grant.create(user=user, days=1, reason='payment', reference='42', expires_after=NOW)
+
+
+def test_unknown_reason_refused(database):
+    user = make_user()
+    with pytest.raises(IntegrityError), models.db.atomic():
+        Grant.create(user=user, days=1, reason='gift-card', reference='x', expires_after=NOW)
+
+
+def test_double_payment_row_refused(database):
+    user = make_user()
+    Payment.create(invoice_id=77, user=user, plan_days=30, amount=Decimal('100.50'), currency='RUB', pay_url='u')
+    with pytest.raises(IntegrityError), models.db.atomic():
+        Payment.create(invoice_id=77, user=user, plan_days=30, amount=Decimal('1'), currency='RUB', pay_url='u')
+    assert Payment.get(Payment.invoice_id == 77).amount == Decimal('100.50')
+
+
+def test_promo_redeemed_once_per_user(database):
+    user = make_user()
+    promo = PromoCode.create(code='SPRING', days=7, max_uses=10)
+    Redemption.create(promo=promo, user=user)
+    with pytest.raises(IntegrityError), models.db.atomic():
+        Redemption.create(promo=promo, user=user)
+
+
+def test_referral_once_per_invited_user(database):
+    inviter, other, invited = make_user(1), make_user(2), make_user(3)
+    Referral.create(invited=invited, inviter=inviter)
+    with pytest.raises(IntegrityError), models.db.atomic():
+        Referral.create(invited=invited, inviter=other)
+
+
+def test_gift_once_per_telegram_id_and_kind(database):
+    Gift.create(telegram_id=5, kind='trial')
+    Gift.create(telegram_id=5, kind='other')
+    with pytest.raises(IntegrityError), models.db.atomic():
+        Gift.create(telegram_id=5, kind='trial')
+
+
+def test_reminder_once_per_period(database):
+    user = make_user()
+    Reminder.create(user=user, kind='3', period_end=NOW)
+    Reminder.create(user=user, kind='3', period_end=NOW + timedelta(days=30))
+    with pytest.raises(IntegrityError), models.db.atomic():
+        Reminder.create(user=user, kind='3', period_end=NOW)
+
+
+def test_expiry_rederived_from_ledger(database):
+    user = make_user()
+    grant_days(user.id, 30, 'payment', '1', now=NOW)
+    grant_days(user.id, 7, 'promo', '2', now=NOW + timedelta(days=10))
+    grant_days(user.id, 3, 'gift', '3', now=NOW + timedelta(days=100))
+    assert models.derive_expiry(user.id) == User.get_by_id(user.id).expires_at == NOW + timedelta(days=103)
+
+
+def test_times_and_amounts_round_trip(database):
+    user = make_user(expires_at=datetime(2027, 1, 2, 3, 4, 5, 678000))
+    Payment.create(invoice_id=2**40, user=user, plan_days=365, amount=Decimal('1234567.89'), currency='RUB',
+                   pay_url='u')
+    assert User.get_by_id(user.id).expires_at == datetime(2027, 1, 2, 3, 4, 5, 678000)
+    payment = Payment.get(Payment.invoice_id == 2**40)
+    assert payment.amount == Decimal('1234567.89') and isinstance(payment.amount, Decimal)
+
+
+def test_create_schema_is_repeatable(database):
+    make_user()
+    models.create_schema()
+    models.create_schema()
+    assert User.select().count() == 1
+
+
+def test_migration_applied_once(database):
+    calls = []
+
+    def add_note(migrator):
+        calls.append(1)
+        return [migrator.add_column('user', 'note', CharField(null=True))]
+
+    models.apply_migrations([(9001, add_note)])
+    models.apply_migrations([(9001, add_note)])
+    assert calls == [1]
+    assert 'note' in [column.name for column in models.db.get_columns('user')]
+    models.db.execute_sql('ALTER TABLE "user" DROP COLUMN note')
+    models.SchemaVersion.delete().where(models.SchemaVersion.version == 9001).execute()
+
+
+def test_pending_payments_and_expiry_queries_use_indexes(database):
+    indexed = {tuple(index.columns) for index in models.db.get_indexes('payment')}
+    assert ('status', 'created_at') in indexed
+    assert ('expires_at',) in {tuple(index.columns) for index in models.db.get_indexes('user')}
