@@ -1,0 +1,529 @@
+"""Entry point and Telegram handlers: `python bot.py`, `python bot.py check`, `python bot.py restore FILE`.
+
+Handlers decode the update, call a plain Shop method and format the reply.
+"""
+import functools
+import io
+import logging
+import sys
+import threading
+
+import qrcode
+import telebot
+from peewee import IntegrityError, InterfaceError, OperationalError
+from qrcode.image.pure import PyPNGImage
+from telebot import apihelper
+from telebot.apihelper import ApiTelegramException
+from telebot.types import BotCommand, BotCommandScopeChat, BotCommandScopeDefault
+
+import config
+import jobs
+import keyboards
+import models
+from cryptobot import CryptoPayClient, CryptoPayError
+from messenger import Messenger
+from shop import Shop, language_for as shop_language
+from texts import html, human_bytes, plan_name, show_date, t
+from xui import XuiClient
+
+log = logging.getLogger('bot')
+
+MEMBER_STATUSES = ('member', 'administrator', 'creator')
+ADMIN_COMMANDS = ('stats', 'newcode', 'user', 'give', 'broadcast', 'sync')
+MAX_MESSAGE = 4096
+# Telegram holds getUpdates open this long; the read timeout must exceed it.
+LONG_POLL_SECONDS = 25
+
+
+class RedactSecrets(logging.Filter):
+    """Replace every secret value in log records with ***, whatever logged it (telebot logs URLs with the token)."""
+
+    def __init__(self, secrets):
+        super().__init__()
+        self.secrets = [secret for secret in secrets if secret and len(secret) >= 4]
+
+    def filter(self, record):
+        message = record.getMessage()
+        if any(secret in message for secret in self.secrets):
+            record.msg, record.args = self.redact(message), None
+        if record.exc_info:  # a traceback may quote a secret (a URL with the token): redact it too
+            trace = logging.Formatter().formatException(record.exc_info)
+            record.msg = f'{record.getMessage()}\n{self.redact(trace)}'
+            record.args, record.exc_info, record.exc_text = None, None, None
+        return True
+
+    def redact(self, text):
+        for secret in self.secrets:
+            text = text.replace(secret, '***')
+        return text
+
+
+def setup_logging(secrets=()):
+    """Log one line per event to stdout (journald adds the time stamps under systemd)."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))
+    handler.addFilter(RedactSecrets(secrets))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def secrets_of(settings):
+    """Return every setting value that must never be shown."""
+    url = settings.database_url
+    password = url.split('://', 1)[-1].split('@', 1)[0].partition(':')[2] if '@' in url else ''
+    return [settings.bot_token, settings.xui_password, settings.xui_api_token, settings.cryptopay_token,
+            password, settings.bot_token.partition(':')[2]]
+
+
+def qr_png(link):
+    """Render a link as a PNG QR code."""
+    buffer = io.BytesIO()
+    qrcode.make(link, image_factory=PyPNGImage, box_size=8).save(buffer)
+    return buffer.getvalue()
+
+
+def clip(text):
+    """Keep a message within Telegram's 4096 characters."""
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 1] + '…'
+
+
+def command_argument(text):
+    """Return what follows the command word of a message ('' if nothing)."""
+    parts = (text or '').split(maxsplit=1)
+    return parts[1].strip() if len(parts) > 1 else ''
+
+
+class ShopBot:
+    """The Telegram side of the shop: registers handlers on a TeleBot and answers updates."""
+
+    def __init__(self, bot, shop, settings):
+        self.bot = bot
+        self.shop = shop
+        self.settings = settings
+        self.messenger = Messenger(bot)
+        self.username = None
+        bot.register_message_handler(self.guarded(self.on_command), content_types=['text'],
+                                     func=lambda message: (message.text or '').startswith('/'))
+        bot.register_message_handler(self.guarded(self.on_text), content_types=['text'])
+        bot.register_message_handler(self.guarded(self.on_other), content_types=[
+            'audio', 'photo', 'voice', 'video', 'document', 'location', 'contact', 'sticker', 'animation',
+            'video_note', 'poll', 'dice', 'venue'])
+        bot.register_callback_query_handler(self.guarded(self.on_button), func=lambda call: True)
+
+    # Plumbing
+
+    def guarded(self, handler):
+        """Run a handler with a database connection; say 'busy' instead of crashing while the database is down."""
+        @functools.wraps(handler)
+        def wrapper(update):
+            try:
+                with models.db.connection_context():
+                    return handler(update)
+            except (OperationalError, InterfaceError) as exc:
+                log.error('database unavailable user=%s: %s', update.from_user.id, type(exc).__name__)
+                chat = update.message.chat if hasattr(update, 'data') and update.message else update.chat
+                try:
+                    self.bot.send_message(chat.id, t(shop_language(update.from_user.language_code), 'busy'))
+                except ApiTelegramException:
+                    pass
+        return wrapper
+
+    def user_of(self, tg_user, invite_code=None):
+        """Register (or refresh) the Telegram user and return our User."""
+        user, _ = self.shop.register(tg_user.id, tg_user.username, tg_user.first_name, tg_user.language_code,
+                                     invite_code=invite_code)
+        return user
+
+    def is_admin(self, telegram_id):
+        return telegram_id in self.settings.admin_ids
+
+    def reply(self, chat_id, text, markup=None):
+        return self.bot.send_message(chat_id, clip(text), parse_mode='HTML', reply_markup=markup,
+                                     disable_web_page_preview=True)
+
+    def show(self, call, text, markup=None):
+        """Replace the pressed message with text (send a new one when it cannot be edited)."""
+        message = call.message
+        try:
+            self.bot.edit_message_text(clip(text), message.chat.id, message.message_id, parse_mode='HTML',
+                                       reply_markup=markup, disable_web_page_preview=True)
+            return message
+        except ApiTelegramException as exc:
+            if 'not modified' in (exc.description or ''):
+                return message
+            return self.reply(message.chat.id, text, markup)
+
+    def set_commands(self):
+        """Publish the command menu: the buyer's for everyone, plus the admin commands in each admin's chat."""
+        for lang in ('en', 'ru'):
+            commands = [BotCommand(name, t(lang, f'cmd_{name}')) for name in ('start', 'promo', 'help', 'cancel')]
+            self.bot.set_my_commands(commands, scope=BotCommandScopeDefault(),
+                                     language_code=None if lang == 'en' else 'ru')
+        admin_commands = [BotCommand('start', 'Main menu'), BotCommand('stats', 'Shop figures'),
+                          BotCommand('newcode', '[days] [uses] [CODE] — new promo code'),
+                          BotCommand('user', '<id|@username> — look a customer up'),
+                          BotCommand('give', '<id|@username> <days> — extend by hand'),
+                          BotCommand('broadcast', '<text> — message every user'),
+                          BotCommand('sync', 'Compare the panel with the ledger')]
+        for admin_id in self.settings.admin_ids:
+            try:
+                self.bot.set_my_commands(admin_commands, scope=BotCommandScopeChat(admin_id))
+            except ApiTelegramException as exc:  # the admin never opened the bot
+                log.warning('admin commands not set admin=%s: %s', admin_id, exc.description)
+
+    # Messages
+
+    def on_command(self, message):
+        command, _, mention = message.text.split(maxsplit=1)[0][1:].partition('@')
+        if mention and self.username and mention.lower() != self.username.lower():
+            return
+        command = command.lower()
+        argument = command_argument(message.text)
+        # only a brand-new user's first /start records the inviter
+        user = self.user_of(message.from_user, invite_code=argument if command == 'start' else None)
+        if command == 'start':
+            self.start(message, user)
+        elif command == 'help':
+            self.reply(message.chat.id, self.help_text(user.language), keyboards.back_to_menu(user.language))
+        elif command in ('cancel', 'menu'):
+            self.shop.set_awaiting(user, None)
+            self.reply(message.chat.id, t(user.language, 'cancelled' if command == 'cancel' else 'menu'),
+                       self.main_menu(user.language))
+        elif command == 'promo':
+            if argument:
+                self.shop.set_awaiting(user, None)
+                self.redeem(message.chat.id, user, argument)
+            else:
+                self.shop.set_awaiting(user, 'promo')
+                self.reply(message.chat.id, t(user.language, 'promo_ask'))
+        elif command in ADMIN_COMMANDS and self.is_admin(user.telegram_id):
+            getattr(self, f'admin_{command}')(message, user, argument)
+        else:
+            self.reply(message.chat.id, t(user.language, 'unknown'))
+
+    def on_text(self, message):
+        user = self.user_of(message.from_user)
+        if user.awaiting == 'promo':
+            self.shop.set_awaiting(user, None)
+            self.redeem(message.chat.id, user, message.text)
+        else:
+            self.reply(message.chat.id, t(user.language, 'unknown'), self.main_menu(user.language))
+
+    def on_other(self, message):
+        user = self.user_of(message.from_user)
+        self.reply(message.chat.id, t(user.language, 'unknown'))
+
+    def start(self, message, user):
+        self.shop.set_awaiting(user, None)
+        self.reply(message.chat.id, t(user.language, 'welcome', name=html(user.first_name) or '👋'),
+                   self.main_menu(user.language))
+
+    def main_menu(self, lang):
+        return keyboards.main_menu(lang, gift_enabled=bool(self.settings.channel_id))
+
+    def help_text(self, lang):
+        contact = self.settings.support_contact
+        support = t(lang, 'help_support', contact=html(contact)) if contact else ''
+        return t(lang, 'help', support=support)
+
+    def redeem(self, chat_id, user, code):
+        outcome, promo = self.shop.redeem_promo(user, code)
+        if outcome != 'ok':
+            self.reply(chat_id, t(user.language, f'promo_{outcome}'), self.main_menu(user.language))
+            return
+        user = self.shop.get_user(user.telegram_id)
+        self.shop.provision(user.id)
+        self.reply(chat_id, t(user.language, 'promo_ok', days=promo.days, expiry=self.date(user.expires_at),
+                              link=self.shop.subscription_link(user)), self.main_menu(user.language))
+
+    def date(self, moment):
+        return show_date(moment, self.settings.timezone)
+
+    # Buttons
+
+    def on_button(self, call):
+        notice = None
+        try:
+            user = self.user_of(call.from_user)
+            action, number = keyboards.parse_callback(call.data)
+            if action is None or call.message is None:
+                notice = t(user.language, 'stale')
+            else:
+                notice = getattr(self, f'button_{action}')(call, user, number)
+        finally:
+            self.answer(call, notice)
+
+    def answer(self, call, notice):
+        try:
+            self.bot.answer_callback_query(call.id, notice)
+        except ApiTelegramException as exc:  # too old to answer: nothing more to do
+            log.info('callback not answered user=%s: %s', call.from_user.id, exc.description)
+
+    def button_menu(self, call, user, _):
+        self.shop.set_awaiting(user, None)
+        self.show(call, t(user.language, 'menu'), self.main_menu(user.language))
+
+    def button_buy(self, call, user, _):
+        self.show(call, t(user.language, 'choose_plan'),
+                  keyboards.plans(user.language, self.settings.plans, self.settings.currency))
+
+    def button_plan(self, call, user, days):
+        if self.settings.plan(days) is None:
+            return t(user.language, 'stale')
+        try:
+            payment = self.shop.create_invoice(user, days)
+        except CryptoPayError as exc:
+            log.warning('invoice not created user=%s: %s', user.telegram_id, exc)
+            return t(user.language, 'service_down')
+        text = t(user.language, 'invoice', plan=plan_name(user.language, days), amount=payment.amount,
+                 currency=payment.currency)
+        shown = self.show(call, text, keyboards.invoice(user.language, payment))
+        self.shop.attach_message(payment, shown.chat.id, shown.message_id)
+        return None
+
+    def button_check(self, call, user, invoice_id):
+        lang = user.language
+        try:
+            result = self.shop.check_payment(user.telegram_id, invoice_id)
+        except CryptoPayError as exc:
+            log.warning('payment check failed user=%s invoice=%s: %s', user.telegram_id, invoice_id, exc)
+            return t(lang, 'service_down')
+        if result.status == 'not_found':
+            return t(lang, 'payment_not_found')
+        if result.status == 'pending':
+            return t(lang, 'payment_pending')
+        if result.status == 'expired':
+            self.show(call, t(lang, 'invoice_expired'), keyboards.back_to_menu(lang))
+            return None
+        self.show(call, self.paid_text(user, result.provisioned), keyboards.back_to_menu(lang))
+        return None
+
+    def paid_text(self, user, provisioned):
+        user = self.shop.get_user(user.telegram_id)
+        if not provisioned:
+            return t(user.language, 'paid_wait_panel')
+        return t(user.language, 'paid_link', expiry=self.date(user.expires_at),
+                 link=self.shop.subscription_link(user))
+
+    def button_sub(self, call, user, _):
+        lang = user.language
+        if user.expires_at is None:
+            self.show(call, t(lang, 'sub_none'), self.main_menu(lang))
+            return None
+        if user.is_active():
+            days_left = (user.expires_at - models.utcnow()).days
+            lines = [t(lang, 'sub_active', expiry=self.date(user.expires_at), days=days_left)]
+        else:
+            lines = [t(lang, 'sub_expired', expiry=self.date(user.expires_at))]
+        traffic = self.shop.traffic(user)
+        if traffic is None:
+            lines.append(t(lang, 'sub_traffic_unknown'))
+        else:
+            limit = t(lang, 'sub_traffic_limit', limit=human_bytes(traffic['total'])) if traffic['total'] else ''
+            lines.append(t(lang, 'sub_traffic', used=human_bytes(traffic['up'] + traffic['down']), limit=limit))
+        link = self.shop.subscription_link(user)
+        lines += [t(lang, 'sub_link', link=link), t(lang, 'sub_howto')]
+        self.show(call, '\n\n'.join(lines), keyboards.renew(lang) if not user.is_active() else
+                  keyboards.back_to_menu(lang))
+        self.bot.send_photo(call.message.chat.id, qr_png(link), caption=t(lang, 'qr_caption'))
+        return None
+
+    def button_gift(self, call, user, _):
+        lang, settings = user.language, self.settings
+        if not settings.channel_id:
+            return t(lang, 'gift_off')
+        if models.Gift.select().where(models.Gift.telegram_id == user.telegram_id).exists():
+            return t(lang, 'gift_taken')
+        try:
+            member = self.bot.get_chat_member(settings.channel_id, user.telegram_id)
+        except ApiTelegramException as exc:
+            log.warning('channel check failed user=%s: %s', user.telegram_id, exc.description)
+            return t(lang, 'gift_check_failed')
+        joined = member.status in MEMBER_STATUSES or (member.status == 'restricted' and member.is_member)
+        if not joined:
+            self.show(call, t(lang, 'gift_not_member', days=settings.trial_days, url=html(settings.channel_url)),
+                      keyboards.gift_refused(lang, settings.channel_url))
+            return None
+        if not self.shop.claim_gift(user):
+            return t(lang, 'gift_taken')
+        self.shop.provision(user.id)
+        user = self.shop.get_user(user.telegram_id)
+        self.show(call, t(lang, 'gift_granted', days=settings.trial_days, expiry=self.date(user.expires_at),
+                          link=self.shop.subscription_link(user)), keyboards.back_to_menu(lang))
+        return None
+
+    def button_promo(self, call, user, _):
+        self.shop.set_awaiting(user, 'promo')
+        self.show(call, t(user.language, 'promo_ask'), keyboards.back_to_menu(user.language))
+
+    def button_invite(self, call, user, _):
+        joined, paid = self.shop.referral_counts(user)
+        link = f'https://t.me/{self.username}?start={user.invite_code}'
+        self.show(call, t(user.language, 'invite', bonus=self.settings.referral_bonus_days, link=link,
+                          joined=joined, paid=paid), keyboards.back_to_menu(user.language))
+
+    def button_help(self, call, user, _):
+        self.show(call, self.help_text(user.language), keyboards.back_to_menu(user.language))
+
+    # Admin commands (reached only for ADMIN_IDS)
+
+    def admin_stats(self, message, user, _):
+        s = self.shop.stats()
+        text = (f"<b>Users</b>: {s['users']} (today +{s['new_today']}, 7 days +{s['new_week']})\n"
+                f"<b>Active subscriptions</b>: {s['active']} · trials given: {s['trials']}\n"
+                f"<b>Paid invoices</b>: today {s['paid_today']}, 30 days {s['paid_month']}, all {s['paid_total']}\n"
+                f"<b>Revenue</b> ({s['currency']}): today {s['revenue_today']}, 30 days {s['revenue_month']}, "
+                f"all {s['revenue_total']}\n"
+                f"<b>Pending invoices</b>: {s['pending']}\n"
+                f"<b>Promo redemptions</b>: {s['redemptions']} · <b>referrals</b>: {s['referrals']} "
+                f"({s['referrals_paid']} paid) · admin grants: {s['grants_admin']}")
+        self.reply(message.chat.id, text)
+
+    def admin_newcode(self, message, user, argument):
+        parts = argument.split()
+        try:
+            days = int(parts[0]) if len(parts) > 0 else 7
+            uses = int(parts[1]) if len(parts) > 1 else 1
+        except ValueError:
+            days = uses = 0
+        code = parts[2] if len(parts) > 2 else None
+        if not (1 <= days <= 3650 and 1 <= uses <= 1_000_000) or len(parts) > 3 or \
+                (code is not None and not (4 <= len(code) <= 32 and code.isascii() and code.isalnum())):
+            self.reply(message.chat.id, 'Usage: /newcode [days 1..3650] [uses ≥ 1] [CODE: 4–32 letters and digits]')
+            return
+        try:
+            promo = self.shop.create_promo(user.telegram_id, days, uses, code)
+        except IntegrityError:
+            self.reply(message.chat.id, f'Code {html(code.upper())} already exists.')
+            return
+        self.reply(message.chat.id, f'Promo code <code>{promo.code}</code>: {days} days, {uses} uses.')
+
+    def admin_user(self, message, user, argument):
+        customer = self.shop.find_user(argument)
+        if customer is None:
+            self.reply(message.chat.id, 'No such user. Usage: /user &lt;id|@username&gt;' if argument else
+                       'Usage: /user &lt;id|@username&gt;')
+            return
+        payments = list(customer.payments.order_by(models.Payment.created_at.desc()).limit(5))
+        grants = list(customer.grants.order_by(models.Grant.id.desc()).limit(5))
+        expiry = self.date(customer.expires_at) if customer.expires_at else 'none'
+        lines = [f'<b>{html(customer.first_name)}</b> @{html(customer.username or "-")} '
+                 f'id <code>{customer.telegram_id}</code> lang {customer.language}',
+                 f'Expires: {expiry}{" (active)" if customer.is_active() else ""}'
+                 f'{" · blocked the bot" if customer.blocked else ""}'
+                 f'{" · panel update pending" if customer.panel_dirty else ""}',
+                 f'Registered: {self.date(customer.created_at)} · invited: {customer.referrer_id is not None}',
+                 'Payments: ' + (', '.join(f'#{p.invoice_id} {p.amount} {p.currency} {p.status}' for p in payments)
+                                 or 'none'),
+                 'Grants: ' + (', '.join(f'+{g.days}d {g.reason}' for g in grants) or 'none')]
+        self.reply(message.chat.id, '\n'.join(lines))
+
+    def admin_give(self, message, user, argument):
+        parts = argument.split()
+        customer = self.shop.find_user(parts[0]) if len(parts) == 2 else None
+        days = int(parts[1]) if len(parts) == 2 and parts[1].isdigit() else 0
+        if customer is None or not 1 <= days <= 3650:
+            self.reply(message.chat.id, 'Usage: /give &lt;id|@username&gt; &lt;days 1..3650&gt; (the user must have started the bot)')
+            return
+        try:  # the message identifies the grant, so a re-delivered update cannot credit twice
+            expiry = self.shop.admin_give(user.telegram_id, customer, days, f'{message.chat.id}:{message.message_id}')
+        except IntegrityError:
+            self.reply(message.chat.id, 'Already granted.')
+            return
+        provisioned = self.shop.provision(customer.id)
+        self.reply(message.chat.id, f'Granted {days} days to <code>{customer.telegram_id}</code>: until '
+                                    f'{self.date(expiry)}.' + ('' if provisioned else ' The panel is down: it '
+                                                               'will be updated when it is back.'))
+
+    def admin_broadcast(self, message, user, argument):
+        if not argument:
+            self.reply(message.chat.id, 'Usage: /broadcast &lt;text&gt;')
+            return
+        status = self.reply(message.chat.id, 'Broadcast started…')
+        text = clip(html(argument))
+
+        def progress(report):
+            self.edit_quietly(status, f'Broadcast: delivered {report.delivered}, blocked {report.blocked}, '
+                                      f'failed {report.failed}…')
+
+        def run():
+            with models.db.connection_context():
+                report = self.messenger.broadcast(text, progress)
+            self.edit_quietly(status, f'Broadcast finished: delivered {report.delivered}, '
+                                      f'blocked {report.blocked}, failed {report.failed}.')
+
+        threading.Thread(target=run, name='broadcast', daemon=True).start()
+
+    def edit_quietly(self, message, text):
+        try:
+            self.bot.edit_message_text(text, message.chat.id, message.message_id)
+        except ApiTelegramException as exc:
+            log.info('progress not shown: %s', exc.description)
+
+    def admin_sync(self, message, user, _):
+        self.reply(message.chat.id, jobs.reconcile(self.shop).text())
+
+
+def make_bot(settings):
+    """Create the TeleBot, pointed at TELEGRAM_API_URL, with explicit timeouts."""
+    apihelper.API_URL = settings.telegram_api_url + '/bot{0}/{1}'
+    apihelper.FILE_URL = settings.telegram_api_url + '/file/bot{0}/{1}'
+    apihelper.CONNECT_TIMEOUT = 10
+    apihelper.READ_TIMEOUT = 30
+    return telebot.TeleBot(settings.bot_token, threaded=True, num_threads=settings.worker_threads,
+                           skip_pending=False)
+
+
+def build_shop(settings):
+    """Create the Shop with its panel and Crypto Pay clients."""
+    panel = XuiClient(settings.xui_url, settings.xui_inbound_id, settings.xui_sub_url,
+                      username=settings.xui_username, password=settings.xui_password,
+                      api_token=settings.xui_api_token or None)
+    cryptopay = CryptoPayClient(settings.cryptopay_token, settings.cryptopay_url)
+    return Shop(settings, panel, cryptopay)
+
+
+def run(settings):
+    """Run the bot: long polling plus the jobs thread, until stopped."""
+    models.connect_database(settings.database_url, settings.db_pool_size)
+    models.create_schema()
+    shop = build_shop(settings)
+    bot = make_bot(settings)
+    shop_bot = ShopBot(bot, shop, settings)
+    shop_bot.username = bot.get_me().username
+    bot.delete_webhook()
+    shop_bot.set_commands()
+    stop = jobs.start(shop, shop_bot.messenger, settings)
+    log.info('bot @%s started', shop_bot.username)
+    try:
+        bot.infinity_polling(timeout=LONG_POLL_SECONDS, long_polling_timeout=LONG_POLL_SECONDS,
+                             logger_level=logging.WARNING)
+    finally:
+        stop.set()
+
+
+def main(argv):
+    """Dispatch the command line; return the exit code."""
+    try:
+        settings = config.load()
+    except config.SettingError as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        return 2
+    setup_logging(secrets_of(settings))
+    command = argv[1] if len(argv) > 1 else 'run'
+    if command == 'run':
+        run(settings)
+        return 0
+    if command == 'check':
+        import doctor
+        return doctor.main(settings)
+    if command == 'restore' and len(argv) >= 3:
+        import backup
+        return backup.restore_command(settings, argv[2], force='--force' in argv[3:])
+    print('usage: python bot.py [check | restore FILE [--force]]', file=sys.stderr)
+    return 2
+
+
+if __name__ == '__main__':
+    sys.exit(main(sys.argv))

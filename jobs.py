@@ -1,0 +1,244 @@
+"""Scheduled jobs (payment poller, provisioning retry, reminders, backups, reconciliation) and their thread.
+
+Each job is a plain function that tests call directly with a chosen `now`.
+"""
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import schedule
+from peewee import IntegrityError, fn
+
+import backup
+import keyboards
+import models
+from cryptobot import CryptoPayError
+from models import PAID, PENDING, Payment, Reminder, User, utcnow
+from texts import show_date, t
+from xui import XuiError
+
+log = logging.getLogger('jobs')
+
+POLL_BATCH = 1000  # getInvoices takes at most 1000 ids per call
+MISSING_GRACE = timedelta(minutes=10)  # a brand-new invoice may not be listed yet
+ALERT_AFTER_FAILURES = 5
+REMINDERS = (  # kind, expiring no later than now + this, and later than now + the next step
+    ('3', timedelta(days=3), timedelta(days=1)),
+    ('1', timedelta(days=1), timedelta(0)),
+    ('0', timedelta(0), -timedelta(days=2)),
+)
+
+
+def poll_payments(shop, messenger, now=None):
+    """Ask Crypto Pay about every pending invoice, in batches; settle the paid, expire the dead."""
+    now = now or utcnow()
+    after_id, settled = 0, 0
+    while True:
+        batch = list(Payment.select().where(Payment.status == PENDING, Payment.id > after_id)
+                     .order_by(Payment.id).limit(POLL_BATCH))
+        if not batch:
+            break
+        after_id = batch[-1].id
+        invoices = {invoice['invoice_id']: invoice
+                    for invoice in shop.cryptopay.get_invoices([payment.invoice_id for payment in batch])}
+        for payment in batch:
+            invoice = invoices.get(payment.invoice_id)
+            if invoice is None and payment.created_at > now - MISSING_GRACE:
+                continue
+            if shop.apply_invoice_state(payment, invoice, now=now):
+                settled += 1
+                shop.provision(payment.user_id, now=now)
+                deliver_link(shop, messenger, Payment.get_by_id(payment.id), now)
+            elif Payment.get_by_id(payment.id).status == models.EXPIRED:
+                tell_expired(messenger, payment)
+    return settled
+
+
+def tell_expired(messenger, payment):
+    """Turn the Pay message of an expired invoice into a notice, so its Pay button is gone."""
+    if payment.chat_id and payment.message_id:
+        lang = payment.user.language
+        messenger.edit(payment.chat_id, payment.message_id, t(lang, 'invoice_expired'), keyboards.renew(lang))
+    log.info('invoice expired user_id=%s invoice=%s', payment.user_id, payment.invoice_id)
+
+
+def deliver_link(shop, messenger, payment, now=None):
+    """Send the buyer their link for a paid, provisioned payment, once (a crashed send is retried)."""
+    if payment.status != PAID or payment.provisioned_at is None or payment.notified_at is not None:
+        return False
+    if not shop.claim_notification(payment, now):
+        return False
+    user = User.get_by_id(payment.user_id)
+    text = t(user.language, 'link_ready', expiry=show_date(user.expires_at, shop.settings.timezone),
+             link=shop.subscription_link(user))
+    outcome = messenger.send(user.telegram_id, text, keyboards.back_to_menu(user.language))
+    if outcome == 'failed':
+        shop.release_notification(payment)
+        return False
+    shop.mark_notified(payment, now)
+    log.info('link delivered user=%s invoice=%s', user.telegram_id, payment.invoice_id)
+    return True
+
+
+def retry_provisioning(shop, messenger, now=None):
+    """Push every user whose panel update is due, tell waiting buyers, alert admins once about stuck ones."""
+    now = now or utcnow()
+    due = (User.select(User.id).where(User.panel_dirty == True,  # noqa: E712 (SQL comparison)
+                                      User.panel_retry_at.is_null() | (User.panel_retry_at <= now))
+           .order_by(User.panel_retry_at.asc(nulls='first')).limit(500))
+    for user in due:
+        shop.provision(user.id, now=now)
+    waiting = Payment.select().where(Payment.status == PAID, Payment.notified_at.is_null(),
+                                     Payment.provisioned_at.is_null(False))
+    delivered = sum(deliver_link(shop, messenger, payment, now) for payment in waiting)
+    stuck = list(User.select().where(User.panel_dirty == True, User.panel_alerted == False,  # noqa: E712
+                                     User.panel_failures >= ALERT_AFTER_FAILURES))
+    if stuck:
+        User.update(panel_alerted=True).where(User.id.in_([user.id for user in stuck])).execute()
+        ids = ', '.join(str(user.telegram_id) for user in stuck[:20])
+        for admin_id in shop.settings.admin_ids:
+            messenger.send(admin_id, f'⚠️ The panel has refused updates for {len(stuck)} user(s) '
+                                     f'{ALERT_AFTER_FAILURES}+ times: {ids}. Their days are safe in the '
+                                     'database and will be pushed when the panel answers.')
+    return delivered
+
+
+def send_reminders(shop, messenger, now=None):
+    """Send each expiry reminder once per subscription period; a renewal moves the period and re-arms them."""
+    now = now or utcnow()
+    sent = 0
+    for kind, until, after in REMINDERS:
+        already = Reminder.select().where(Reminder.user == User.id, Reminder.kind == kind,
+                                          Reminder.period_end == User.expires_at)
+        due = (User.select().where(User.expires_at > now + after, User.expires_at <= now + until,
+                                   User.blocked == False, ~fn.EXISTS(already))  # noqa: E712
+               .limit(1000))
+        for user in due:
+            try:
+                Reminder.create(user=user, kind=kind, period_end=user.expires_at, sent_at=now)
+            except IntegrityError:  # another process took it
+                continue
+            text = t(user.language, f'reminder_{kind}', expiry=show_date(user.expires_at, shop.settings.timezone))
+            sent += messenger.send(user.telegram_id, text, keyboards.renew(user.language)) == 'sent'
+    return sent
+
+
+def backup_database(settings, now=None):
+    """Write today's backup and drop the ones older than BACKUP_KEEP_DAYS."""
+    path = backup.make_backup(settings.backup_dir, now=now)
+    removed = backup.prune_backups(settings.backup_dir, settings.backup_keep_days, now=now)
+    log.info('backup written %s (%s old removed)', path.name, len(removed))
+    return path
+
+
+@dataclass
+class ReconcileReport:
+    checked: int = 0
+    missing: list = field(default_factory=list)
+    wrong_expiry: list = field(default_factory=list)
+    disabled: list = field(default_factory=list)
+    ahead: list = field(default_factory=list)  # panel gives more than the ledger: reported, never cut
+    unknown: list = field(default_factory=list)  # panel clients the database does not know
+    fixed: int = 0
+    failed: int = 0
+    error: str = ''
+
+    def text(self):
+        if self.error:
+            return f'Sync failed: {self.error}'
+        def few(items):
+            return ', '.join(str(item) for item in items[:10]) + (' …' if len(items) > 10 else '')
+        lines = [f'Sync: {self.checked} active users checked, {self.fixed} fixed, {self.failed} not fixed.',
+                 f'Missing on the panel: {len(self.missing)} {few(self.missing)}'.rstrip(),
+                 f'Wrong expiry: {len(self.wrong_expiry)} {few(self.wrong_expiry)}'.rstrip(),
+                 f'Disabled while paid: {len(self.disabled)} {few(self.disabled)}'.rstrip(),
+                 f'Panel ahead of the ledger: {len(self.ahead)} {few(self.ahead)}'.rstrip(),
+                 f'Unknown panel clients (left alone): {len(self.unknown)} {few(self.unknown)}'.rstrip()]
+        return '\n'.join(lines)
+
+
+def reconcile(shop, now=None):
+    """Compare every active user's panel client with the ledger and repair only towards the ledger."""
+    now = now or utcnow()
+    report = ReconcileReport()
+    try:
+        clients = {client['email'].lower(): client for client in shop.panel.list_clients()}
+    except XuiError as exc:
+        report.error = str(exc)
+        return report
+    known = set()
+    for user in User.select().where(User.expires_at > now).iterator():
+        known.add(user.panel_email.lower())
+        report.checked += 1
+        client = clients.get(user.panel_email.lower())
+        if client is None:
+            report.missing.append(user.telegram_id)
+        elif client['expiry'] is None or abs((client['expiry'].replace(tzinfo=None) - user.expires_at)
+                                             .total_seconds()) > 1:
+            if client['expiry'] is None or client['expiry'].replace(tzinfo=None) > user.expires_at:
+                report.ahead.append(user.telegram_id)
+                continue
+            report.wrong_expiry.append(user.telegram_id)
+        elif not client['enable']:
+            report.disabled.append(user.telegram_id)
+        else:
+            continue
+        User.update(panel_dirty=True).where(User.id == user.id).execute()
+        if shop.provision(user.id, now=now):
+            report.fixed += 1
+        else:
+            report.failed += 1
+    emails = User.select(User.panel_email)
+    ours = known | {email.lower() for (email,) in emails.tuples()}
+    report.unknown = sorted(email for email in clients if email not in ours)
+    log.info('reconcile checked=%s fixed=%s failed=%s unknown=%s', report.checked, report.fixed,
+             report.failed, len(report.unknown))
+    return report
+
+
+def report_reconcile(shop, messenger, now=None):
+    """Run the reconciliation and send its report to the admins."""
+    report = reconcile(shop, now)
+    for admin_id in shop.settings.admin_ids:
+        messenger.send(admin_id, report.text())
+    return report
+
+
+def guarded(job):
+    """Run a job with its own database connection; log any failure with its traceback and carry on."""
+    def run(*args, **kwargs):
+        try:
+            with models.db.connection_context():
+                return job(*args, **kwargs)
+        except (CryptoPayError, XuiError) as exc:
+            log.warning('job %s: outside service failed: %s', job.__name__, exc)
+        except Exception:  # noqa: BLE001 — a job must never kill the jobs thread; it runs again next time
+            log.exception('job %s failed', job.__name__)
+    run.__name__ = job.__name__
+    return run
+
+
+def build_scheduler(shop, messenger, settings):
+    """Return a Scheduler with every job registered."""
+    scheduler = schedule.Scheduler()
+    scheduler.every(settings.payment_poll_seconds).seconds.do(guarded(poll_payments), shop, messenger)
+    scheduler.every(20).seconds.do(guarded(retry_provisioning), shop, messenger)
+    scheduler.every(5).minutes.do(guarded(send_reminders), shop, messenger)
+    scheduler.every().day.at(settings.backup_time).do(guarded(backup_database), settings)
+    scheduler.every().day.at('03:30').do(guarded(report_reconcile), shop, messenger)
+    return scheduler
+
+
+def start(shop, messenger, settings):
+    """Start the jobs thread; return the Event that stops it."""
+    scheduler = build_scheduler(shop, messenger, settings)
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            scheduler.run_pending()
+            stop.wait(min(1.0, max(scheduler.idle_seconds or 1.0, 0.05)))
+
+    threading.Thread(target=loop, name='jobs', daemon=True).start()
+    return stop
