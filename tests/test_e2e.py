@@ -100,9 +100,7 @@ def buy(telegram, user, days=30):
     menu = ask(telegram, user, '/start')
     press(telegram, user, menu, 'buy')
     press(telegram, user, current(telegram, menu), f'plan:{days}')
-    invoice = current(telegram, menu)
-    assert any(data == f'plan:{days}' for _, data in telegram.buttons(menu)) or True
-    return invoice
+    return current(telegram, menu)
 
 
 def invoice_id_of(telegram, message):
