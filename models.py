@@ -32,7 +32,6 @@ def random_code(length=8, alphabet='ABCDEFGHJKLMNPQRSTUVWXYZ23456789'):
 class BaseModel(Model):
     class Meta:
         database = db
-        legacy_table_names = False
 
 
 class User(BaseModel):
@@ -59,6 +58,9 @@ class User(BaseModel):
         """Tell whether the subscription runs now."""
         return self.expires_at is not None and self.expires_at > (now or utcnow())
 
+    class Meta:
+        table_name = 'users'
+
 
 class Payment(BaseModel):
     """One Crypto Pay invoice."""
@@ -78,6 +80,7 @@ class Payment(BaseModel):
     notify_claimed_at = DateTimeField(null=True)  # a lease, so a crashed sender is retried
 
     class Meta:
+        table_name = 'payments'
         indexes = (
             (('status', 'created_at'), False),
             (('status', 'provisioned_at'), False),
@@ -94,6 +97,9 @@ class PromoCode(BaseModel):
     created_by = BigIntegerField(null=True)
     created_at = DateTimeField(default=utcnow)
 
+    class Meta:
+        table_name = 'promo_codes'
+
 
 class Redemption(BaseModel):
     promo = ForeignKeyField(PromoCode, backref='redemptions')
@@ -101,6 +107,7 @@ class Redemption(BaseModel):
     created_at = DateTimeField(default=utcnow)
 
     class Meta:
+        table_name = 'redemptions'
         indexes = ((('promo', 'user'), True),)
 
 
@@ -110,6 +117,9 @@ class Referral(BaseModel):
     created_at = DateTimeField(default=utcnow)
     rewarded_at = DateTimeField(null=True)
 
+    class Meta:
+        table_name = 'referrals'
+
 
 class Gift(BaseModel):
     """A one-time gift, keyed by Telegram id so it survives anything done to the user row."""
@@ -118,6 +128,7 @@ class Gift(BaseModel):
     created_at = DateTimeField(default=utcnow)
 
     class Meta:
+        table_name = 'gifts'
         indexes = ((('telegram_id', 'kind'), True),)
 
 
@@ -133,6 +144,7 @@ class Grant(BaseModel):
     created_at = DateTimeField(default=utcnow)
 
     class Meta:
+        table_name = 'grants'
         indexes = ((('reason', 'reference'), True),)
         constraints = [SQL("CHECK (reason IN ('payment', 'promo', 'gift', 'referral', 'admin'))")]
 
@@ -145,6 +157,7 @@ class Reminder(BaseModel):
     sent_at = DateTimeField(default=utcnow)
 
     class Meta:
+        table_name = 'reminders'
         indexes = ((('user', 'kind', 'period_end'), True),)
 
 
@@ -152,12 +165,14 @@ class SchemaVersion(BaseModel):
     version = IntegerField(primary_key=True)
     applied_at = DateTimeField(default=utcnow)
 
+    class Meta:
+        table_name = 'schema_versions'
+
 
 MODELS = [User, Payment, PromoCode, Redemption, Referral, Gift, Grant, Reminder, SchemaVersion]
 
 # Schema changes after the first release: (version, function(migrator) -> list of operations).
 MIGRATIONS = []
-
 
 class ReconnectingPostgresqlDatabase(ReconnectMixin, PooledPostgresqlDatabase):
     """A pooled PostgreSQL database that reconnects once when the server dropped the connection."""

@@ -124,17 +124,17 @@ def test_migration_applied_once(database):
 
     def add_note(migrator):
         calls.append(1)
-        return [migrator.add_column('user', 'note', CharField(null=True))]
+        return [migrator.add_column('users', 'note', CharField(null=True))]
 
     models.apply_migrations([(9001, add_note)])
     models.apply_migrations([(9001, add_note)])
     assert calls == [1]
-    assert 'note' in [column.name for column in models.db.get_columns('user')]
-    models.db.execute_sql('ALTER TABLE "user" DROP COLUMN note')
+    assert 'note' in [column.name for column in models.db.get_columns('users')]
+    models.db.execute_sql('ALTER TABLE users DROP COLUMN note')
     models.SchemaVersion.delete().where(models.SchemaVersion.version == 9001).execute()
 
 
 def test_pending_payments_and_expiry_queries_use_indexes(database):
-    indexed = {tuple(index.columns) for index in models.db.get_indexes('payment')}
+    indexed = {tuple(index.columns) for index in models.db.get_indexes('payments')}
     assert ('status', 'created_at') in indexed
-    assert ('expires_at',) in {tuple(index.columns) for index in models.db.get_indexes('user')}
+    assert ('expires_at',) in {tuple(index.columns) for index in models.db.get_indexes('users')}
