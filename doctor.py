@@ -1,0 +1,290 @@
+"""`python bot.py check`: check every setting and outside service, and say in plain words what to fix.
+
+Prints one line per check (OK, FAIL or SKIP, its name, what was found), then one fix line per
+failure. Every check runs under its own deadline, so the whole run answers within a minute even
+when a service hangs. No secret (token, password, the database URL's password) is ever printed.
+"""
+import logging
+import os
+import tempfile
+import threading
+from collections import namedtuple
+from urllib.parse import urlsplit
+
+import requests
+import telebot
+from peewee import PeeweeException
+from telebot import apihelper
+from telebot.apihelper import ApiException, ApiTelegramException
+
+import models
+from cryptobot import CryptoPayClient, CryptoPayError
+from xui import XuiClient, XuiError
+
+# Seconds each check may take before it counts as failed; they add up to well under a minute.
+BUDGETS = {'database': 12, 'backups': 3, 'panel': 12, 'crypto pay': 8, 'telegram': 8, 'channel': 8}
+# Connect just over 3 s (the first TCP retransmission), read 5 s: a healthy service answers in
+# well under a second, and several calls must fit in one check's budget.
+TIMEOUT = (3.05, 5)
+
+Result = namedtuple('Result', 'status name detail fix')
+
+
+class Failure(Exception):
+    """A check failed; detail says what was found, fix what the operator should do."""
+
+    def __init__(self, detail, fix):
+        super().__init__(detail)
+        self.detail = detail
+        self.fix = fix
+
+
+def main(settings, budgets=BUDGETS):
+    """Run every check, print the table and the fixes; return 0 if all passed, else 1."""
+    secrets = secret_values(settings)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the table says it all; the clients' info lines would only clutter it
+    try:
+        results = run_checks(settings, budgets)
+    finally:
+        root.setLevel(level)
+    if os.geteuid() == 0:
+        print('note: running as root, so files made now (SQLite journal, backups) belong to root and the service '
+              'cannot write them; run it as the bot\'s user: runuser -u vpnbot -- .venv/bin/python bot.py check\n')
+    for result in results:
+        print(redact(f'{result.status:<5} {result.name:<11} {result.detail}', secrets))
+    failed = [result for result in results if result.status == 'FAIL']
+    if failed:
+        print('\nHow to fix:')
+        for result in failed:
+            print(redact(f'- {result.name}: {result.fix}', secrets))
+        print(f'\n{len(failed)} of {len(results)} checks failed.')
+        return 1
+    print('\nAll checks passed.')
+    return 0
+
+
+def run_checks(settings, budgets):
+    """Run the checks in order; return a Result for each."""
+    results = [Result('OK', 'settings', describe_settings(settings), '')]
+    for name, check, timeout_fix in [
+            ('database', check_database, 'make sure the database server is up and reachable from here'),
+            ('backups', check_backups, f'make {settings.backup_dir} writable by the bot user'),
+            ('panel', check_panel, 'check XUI_URL and that the panel is reachable from this server'),
+            ('crypto pay', check_cryptopay, 'check CRYPTOPAY_URL and that this server can reach it'),
+            ('telegram', check_telegram, 'check TELEGRAM_API_URL and that this server can reach Telegram')]:
+        results.append(run_one(name, lambda check=check: check(settings), budgets[name], timeout_fix))
+    if settings.channel_id:
+        if results[-1].status == 'OK':
+            results.append(run_one('channel', lambda: check_channel(settings), budgets['channel'],
+                                   'check that this server can reach Telegram'))
+        else:
+            results.append(Result('SKIP', 'channel', 'not checked: the telegram check failed', ''))
+    return results
+
+
+def run_one(name, check, seconds, timeout_fix):
+    """Run check() in a thread for at most `seconds`; turn what happened into a Result."""
+    outcome = {}
+
+    def target():
+        try:
+            outcome['result'] = Result('OK', name, check(), '')
+        except Failure as failure:
+            outcome['result'] = Result('FAIL', name, failure.detail, failure.fix)
+        except Exception as exc:  # the doctor must report any surprise, not crash on it
+            outcome['result'] = Result('FAIL', name, f'unexpected {type(exc).__name__}: {exc}',
+                                       'this looks like a bug; report it with this output')
+
+    thread = threading.Thread(target=target, name=f'check-{name}', daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if 'result' not in outcome:
+        return Result('FAIL', name, f'no answer within {seconds:g} s', timeout_fix)
+    return outcome['result']
+
+
+def describe_settings(settings):
+    """Say which optional features the settings switch on."""
+    admins = len(settings.admin_ids)
+    parts = [
+        f'gift on ({settings.channel_id}, {settings.trial_days} days)' if settings.channel_id else 'gift off',
+        f'{admins} admin{"" if admins == 1 else "s"}' if admins else 'no admins (ADMIN_IDS is empty)',
+        f'{len(settings.plans)} plans in {settings.currency}',
+        f'referral bonus {settings.referral_bonus_days} days',
+        'panel login by API token' if settings.xui_api_token else 'panel login by password',
+        f'support {settings.support_contact}' if settings.support_contact else 'no support contact',
+    ]
+    return ', '.join(parts)
+
+
+def check_database(settings):
+    """Connect, create or migrate the tables, and try a write that is rolled back."""
+    where = describe_database(settings.database_url)
+    try:
+        models.connect_database(settings.database_url, pool_size=2)
+        models.create_schema()
+        with models.db.connection_context():
+            with models.db.atomic() as transaction:
+                models.Gift.create(telegram_id=0, kind='doctor-check')
+                transaction.rollback()
+            users = models.User.select().count()
+            version = max((row.version for row in models.SchemaVersion.select()), default=0)
+    except (PeeweeException, ValueError, OSError) as exc:
+        raise Failure(f'{where}: {type(exc).__name__}: {one_line(exc)}', database_fix(settings.database_url)) from exc
+    return f'{where}, schema version {version}, {users} users, write test passed'
+
+
+def describe_database(url):
+    """Name the database without its user or password."""
+    if url.startswith('sqlite:'):
+        return 'SQLite ' + (url.split(':///', 1)[-1] or url)
+    parts = urlsplit(url)
+    port = f':{parts.port}' if parts.port else ''
+    return f'PostgreSQL {parts.hostname}{port}{parts.path}'
+
+
+def database_fix(url):
+    if url.startswith('sqlite:'):
+        return 'make sure the folder of the SQLite file exists and the bot user may write to it (DATABASE_URL)'
+    return ('check DATABASE_URL (user, password, host, database name; Neon needs ?sslmode=require) '
+            'and that the database server is reachable from here')
+
+
+def check_backups(settings):
+    """Make sure the backup folder exists and takes a file."""
+    try:
+        settings.backup_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=settings.backup_dir):
+            pass
+    except OSError as exc:
+        raise Failure(f'cannot write to {settings.backup_dir}: {exc.strerror}',
+                      f'create {settings.backup_dir} and let the bot user write to it, or set BACKUP_DIR') from exc
+    return f'{settings.backup_dir} is writable, keeping {settings.backup_keep_days} days'
+
+
+def check_panel(settings):
+    """Log in to the 3x-ui panel and find the inbound."""
+    client = XuiClient(settings.xui_url, settings.xui_inbound_id, settings.xui_sub_url,
+                       username=settings.xui_username or None, password=settings.xui_password or None,
+                       api_token=settings.xui_api_token or None, timeout=TIMEOUT, retries=1, backoff=0.5)
+    try:
+        found = client.check()
+    except XuiError as exc:
+        raise Failure(str(exc), panel_fix(str(exc), settings)) from exc
+    api = 'v3.1+ clients API' if found['generation'] == 'v3' else 'inbounds API (panel up to v3.0)'
+    return f'{host_of(settings.xui_url)}: {api}, inbound {found["inbound_id"]} ({found["protocol"]})'
+
+
+def panel_fix(message, settings):
+    """Pick the fix for a panel failure from what went wrong."""
+    if 'API token' in message:
+        return ("set XUI_API_TOKEN to the token from the panel's Settings → Security → API token "
+                '(or leave it empty and use XUI_USERNAME and XUI_PASSWORD)')
+    if 'login failed: wrong' in message:
+        return 'set XUI_USERNAME and XUI_PASSWORD to the login you use on the panel\'s web page'
+    if 'inbound' in message:
+        return f'set XUI_INBOUND_ID to the id of the inbound for buyers (the panel\'s Inbounds list; now {settings.xui_inbound_id})'
+    if 'secret path' in message or 'no route' in message:
+        return 'set XUI_URL to the address you open the panel at, including its secret path'
+    return 'check XUI_URL and that the panel is running and reachable from this server'
+
+
+def check_cryptopay(settings):
+    """Ask Crypto Pay who the app is."""
+    with CryptoPayClient(settings.cryptopay_token, settings.cryptopay_url, timeout=TIMEOUT, retries=1,
+                         backoff=0.5) as client:
+        try:
+            me = client.get_me()
+        except CryptoPayError as exc:
+            if exc.status == 401:
+                raise Failure('the token was refused (401 UNAUTHORIZED)', cryptopay_token_fix(settings)) from exc
+            raise Failure(str(exc), 'check CRYPTOPAY_URL and that this server can reach it') from exc
+        network = ('TESTNET: payments are not real' if client.is_testnet
+                   else f'mainnet via @{me.get("payment_processing_bot_username")}')
+    return f'app "{me.get("name")}" on {network}'
+
+
+def cryptopay_token_fix(settings):
+    if 'testnet' in settings.cryptopay_url:
+        return ('set CRYPTOPAY_TOKEN to a testnet token: @CryptoTestnetBot → Crypto Pay → Create App '
+                '(a mainnet token does not work on testnet-pay.crypt.bot)')
+    return ('set CRYPTOPAY_TOKEN to the token from @CryptoBot → Crypto Pay → Create App; '
+            'a testnet token needs CRYPTOPAY_URL=https://testnet-pay.crypt.bot')
+
+
+def telegram_bot(settings):
+    """Return a TeleBot pointed at TELEGRAM_API_URL with the doctor's short timeouts."""
+    apihelper.API_URL = settings.telegram_api_url + '/bot{0}/{1}'
+    apihelper.CONNECT_TIMEOUT, apihelper.READ_TIMEOUT = TIMEOUT
+    return telebot.TeleBot(settings.bot_token, threaded=False)
+
+
+def check_telegram(settings):
+    """Ask Telegram who the bot is."""
+    try:
+        me = telegram_bot(settings).get_me()
+    except ApiTelegramException as exc:
+        if exc.error_code == 401:
+            raise Failure('the bot token was refused (401 Unauthorized)',
+                          'set BOT_TOKEN to the token @BotFather gave you (/mybots → your bot → API Token)') from exc
+        raise Failure(f'getMe failed: {exc.error_code} {exc.description}',
+                      'check BOT_TOKEN and TELEGRAM_API_URL') from exc
+    except (ApiException, requests.RequestException) as exc:
+        raise Failure(f'cannot reach {host_of(settings.telegram_api_url)} ({type(exc).__name__})',
+                      'check TELEGRAM_API_URL and that this server can reach Telegram') from exc
+    return f'bot @{me.username} (id {me.id})'
+
+
+def check_channel(settings):
+    """Make sure the bot can see who joined the gift channel: it must be the channel's admin."""
+    bot = telegram_bot(settings)
+    channel = settings.channel_id
+    admin_fix = (f'make the bot an admin of the channel {channel} (channel → Administrators → Add Admin); '
+                 'Telegram shows channel members only to admins')
+    try:
+        me = bot.get_me()
+        chat = bot.get_chat(channel)
+    except ApiTelegramException as exc:
+        raise Failure(f'cannot see {channel}: {exc.description}',
+                      "set CHANNEL_ID to the channel's @username or its -100… id, and add the bot to it "
+                      'as an admin; or leave CHANNEL_ID empty to switch the gift off') from exc
+    except (ApiException, requests.RequestException) as exc:
+        raise Failure(f'cannot reach {host_of(settings.telegram_api_url)} ({type(exc).__name__})',
+                      'check that this server can reach Telegram') from exc
+    try:
+        status = bot.get_chat_member(chat.id, me.id).status
+    except ApiTelegramException as exc:
+        raise Failure(f'the bot cannot read the members of {channel}: {exc.description}', admin_fix) from exc
+    except (ApiException, requests.RequestException) as exc:
+        raise Failure(f'cannot reach {host_of(settings.telegram_api_url)} ({type(exc).__name__})',
+                      'check that this server can reach Telegram') from exc
+    if status != 'administrator':
+        raise Failure(f'the bot is "{status}" in {channel}, not an administrator', admin_fix)
+    return f'the bot is an admin of "{chat.title}" ({channel}), so the gift can check members'
+
+
+def host_of(url):
+    """Return host[:port] of a URL: its path may be a secret (the panel's web base path)."""
+    parts = urlsplit(url)
+    return f'{parts.hostname}:{parts.port}' if parts.port else str(parts.hostname)
+
+
+def one_line(exc):
+    return ' '.join(str(exc).split())
+
+
+def secret_values(settings):
+    """Return every setting value that must never be printed."""
+    password = urlsplit(settings.database_url).password if '@' in settings.database_url else None
+    values = [settings.bot_token, settings.bot_token.partition(':')[2], settings.xui_password,
+              settings.xui_api_token, settings.cryptopay_token, password]
+    return [value for value in values if value and len(value) >= 4]
+
+
+def redact(text, secrets):
+    """Replace every secret in text with ***."""
+    for secret in secrets:
+        text = text.replace(secret, '***')
+    return text
