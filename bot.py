@@ -5,6 +5,7 @@ Handlers decode the update, call a plain Shop method and format the reply.
 import functools
 import io
 import logging
+import signal
 import sys
 import threading
 
@@ -485,22 +486,36 @@ def build_shop(settings):
 
 
 def run(settings):
-    """Run the bot: long polling plus the jobs thread, until stopped."""
-    models.connect_database(settings.database_url, settings.db_pool_size)
-    models.create_schema()
+    """Run the bot: long polling plus the jobs thread, until SIGTERM; return the exit code."""
+    try:
+        models.connect_database(settings.database_url, settings.db_pool_size)
+        models.create_schema()
+    except (OperationalError, InterfaceError) as exc:
+        log.error('database unreachable (check DATABASE_URL): %s', exc)
+        return 1
     shop = build_shop(settings)
     bot = make_bot(settings)
     shop_bot = ShopBot(bot, shop, settings)
-    shop_bot.username = bot.get_me().username
-    bot.delete_webhook()
-    shop_bot.set_commands()
-    stop = jobs.start(shop, shop_bot.messenger, settings)
-    log.info('bot @%s started', shop_bot.username)
     try:
-        bot.infinity_polling(timeout=LONG_POLL_SECONDS, long_polling_timeout=LONG_POLL_SECONDS,
-                             logger_level=logging.WARNING)
-    finally:
-        stop.set()
+        shop_bot.username = bot.get_me().username
+        bot.delete_webhook()
+        shop_bot.set_commands()
+    except apihelper.ApiException as exc:
+        log.error('Telegram refused to start the bot (check BOT_TOKEN and TELEGRAM_API_URL): %s', exc)
+        return 1
+    stop_jobs = jobs.start(shop, shop_bot.messenger, settings)
+
+    def stop(signum, frame):
+        log.info('stopping on signal %s', signum)
+        stop_jobs.set()
+        bot.stop_polling()
+        raise SystemExit(0)  # leave the long poll now; unconfirmed updates come again on the next start
+
+    signal.signal(signal.SIGTERM, stop)
+    log.info('bot @%s started', shop_bot.username)
+    bot.infinity_polling(timeout=LONG_POLL_SECONDS, long_polling_timeout=LONG_POLL_SECONDS,
+                         logger_level=logging.WARNING)
+    return 0
 
 
 def main(argv):
@@ -513,8 +528,7 @@ def main(argv):
     setup_logging(secrets_of(settings))
     command = argv[1] if len(argv) > 1 else 'run'
     if command == 'run':
-        run(settings)
-        return 0
+        return run(settings)
     if command == 'check':
         import doctor
         return doctor.main(settings)

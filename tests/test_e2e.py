@@ -323,3 +323,36 @@ def test_garbage_and_stale_buttons_are_answered(bot, telegram):
         answer = press(telegram, alice, menu, data, strict=False)
         assert answer is not None
     assert ask(telegram, alice, '/start') is not None  # still alive
+
+
+def test_without_bot_token_exits_2_with_one_line(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != 'BOT_TOKEN'}
+    env['BOT_TOKEN'] = ''
+    done = subprocess.run([sys.executable, str(ROOT / 'bot.py')], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 2
+    assert done.stdout == '' and done.stderr.strip().splitlines() == ['error: BOT_TOKEN is not set (see .env.example)']
+
+
+def test_malformed_setting_named_without_its_value(telegram, panel, cryptopay, database, tmp_path):
+    env = {**os.environ, **settings_env(panel, cryptopay, database, XUI_INBOUND_ID='one-two-secret')}
+    done = subprocess.run([sys.executable, str(ROOT / 'bot.py')], env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 2 and 'XUI_INBOUND_ID' in done.stderr and 'one-two-secret' not in done.stderr
+
+
+def test_wrong_bot_token_stops_with_a_clear_line(telegram, panel, cryptopay, database, tmp_path):
+    env = {**os.environ, **settings_env(panel, cryptopay, database, TELEGRAM_API_URL=telegram.url,
+                                         BOT_TOKEN='654321:wrong-token-value')}
+    done = subprocess.run([sys.executable, str(ROOT / 'bot.py')], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1 and 'check BOT_TOKEN' in done.stdout
+    assert 'wrong-token-value' not in done.stdout + done.stderr and 'Traceback' not in done.stdout
+
+
+def test_sigterm_stops_the_bot_promptly(telegram, panel, cryptopay, database, tmp_path):
+    running = start_bot(telegram, panel, cryptopay, database, tmp_path)
+    running.process.terminate()
+    assert running.process.wait(10) == 0
+    running.stop()
+    assert 'stopping on signal' in running.output()
