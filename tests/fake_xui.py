@@ -1,0 +1,798 @@
+"""A loopback fake of a 3x-ui panel that speaks its HTTP API, quirks included (shared/reference/xui-api.md).
+
+Flavours:
+- generation='legacy', csrf=False: v2.8.4 - v2.9.4. Clients under panel/api/inbounds/*, settings as JSON
+  strings, 404 with an empty body for unauthenticated API calls, no csrf-token route.
+  redirect_unauthenticated=True gives the <= v2.8.3 answer instead (401 JSON for XHR, else 307).
+- generation='legacy', csrf=True: v3.0.0 - v3.0.1. Adds the CSRF handshake, the Bearer API token and the
+  login rate limit.
+- generation='v3': v3.1 - v3.3.0. Clients under panel/api/clients/*, the legacy client routes gone (404 even
+  when logged in), settings as objects, 401 for unauthenticated XHR calls, an update that omits the key
+  mints a new one (keeps_key_on_update=True models v3.3.1+).
+
+Knobs for tests (each applies to API calls only; most take a `route` prefix such as
+'POST panel/api/clients/add'): fail_next, hang_next, drop_next, garbage_next, success_false_next,
+redirect_next; also expire_sessions,
+refuse/accept, disable, set_generation. State: clients (our inbound's entries by email), traffic (rows
+by email), records (v3), inbounds, hits (requests per 'METHOD path-below-base').
+"""
+import base64
+import contextlib
+import http.cookies
+import json
+import re
+import secrets
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlsplit
+
+COOKIE = '3x-ui'
+KEY_FIELDS = {'vless': 'id', 'vmess': 'id', 'trojan': 'password', 'shadowsocks': 'email',
+              'hysteria': 'auth', 'hysteria2': 'auth'}
+INT_FIELDS = ('limitIp', 'totalGB', 'expiryTime', 'tgId', 'reset')
+STR_FIELDS = ('id', 'password', 'auth', 'email', 'subId', 'flow', 'security', 'comment', 'group')
+BAD_CHARS = re.compile(r'[/\\ \x00-\x1f\x7f]')
+LOGIN_OK = 'You have successfully logged into your account.'
+LOGIN_BAD = 'Invalid username or password or two-factor code.'
+BIND_PREFIX = 'Inbound has been successfully updated. '
+LOGIN_PAGE = b'<!DOCTYPE html><html><head><title>Login</title></head><body>3x-ui</body></html>'
+SS_METHOD = '2022-blake3-aes-256-gcm'
+
+
+def now_ms():
+    return int(time.time() * 1000)
+
+
+def go_kind(value):
+    """Name a JSON value's kind the way Go's encoding/json errors do."""
+    if isinstance(value, bool):
+        return 'bool'
+    if isinstance(value, (int, float)):
+        return 'number'
+    return {str: 'string', list: 'array', dict: 'object'}.get(type(value), 'null')
+
+
+def type_error(client, struct, lenient_tg_id=False):
+    """Return Go's unmarshal error for a client with a wrongly typed field, or None."""
+    for key, value in client.items():
+        if value is None:
+            continue
+        if key in INT_FIELDS and not (isinstance(value, int) and not isinstance(value, bool)):
+            if key == 'tgId' and lenient_tg_id:
+                continue
+            return f'json: cannot unmarshal {go_kind(value)} into Go struct field {struct}.{key} of type int64'
+        if key in STR_FIELDS and not isinstance(value, str):
+            return f'json: cannot unmarshal {go_kind(value)} into Go struct field {struct}.{key} of type string'
+        if key == 'enable' and not isinstance(value, bool):
+            return f'json: cannot unmarshal {go_kind(value)} into Go struct field {struct}.enable of type bool'
+    return None
+
+
+def as_int(value):
+    """Read an int field the way typed Go decoding leaves it (a string tgId is dropped)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def mint_key(protocol, settings):
+    """Mint a key for a new client as v3.1+ does when the request has none."""
+    if KEY_FIELDS.get(protocol) == 'id':
+        return {'id': str(uuid.uuid4())}
+    if protocol == 'shadowsocks' and settings.get('method', '').startswith('2022-'):
+        size = 16 if '128' in settings['method'] else 32
+        return {'password': base64.b64encode(secrets.token_bytes(size)).decode()}
+    return {'auth' if protocol.startswith('hysteria') else 'password': secrets.token_hex(16)}
+
+
+@dataclass
+class Reply:
+    status: int
+    body: object = None          # dict/list -> JSON, bytes -> as is, None -> empty
+    cookie: str = ''
+    location: str = ''
+    delay: float = 0
+    drop: bool = False           # close the connection without answering
+
+
+def ok(obj=None, msg=''):
+    return Reply(200, {'success': True, 'msg': msg, 'obj': obj})
+
+
+def fail(msg):
+    return Reply(200, {'success': False, 'msg': msg, 'obj': None})
+
+
+class FakePanel:
+    """A 3x-ui panel on 127.0.0.1 with one inbound for the bot and one more holding another client."""
+
+    def __init__(self, generation='legacy', csrf=None, base_path='/', username='admin', password='admin-pass',
+                 api_token=None, protocol='vless', inbound_id=1, other_inbound_id=2,
+                 other_email='Taken@example.com', traffic_unknown_null=False, keeps_key_on_update=False,
+                 redirect_unauthenticated=False, cookie_max_age=21600):
+        if generation not in ('legacy', 'v3'):
+            raise ValueError(generation)
+        self.generation = generation
+        self.csrf = generation == 'v3' if csrf is None else csrf
+        if generation == 'v3' and not self.csrf:
+            raise ValueError('v3 panels always have CSRF')
+        self.base_path = '/' + base_path.strip('/') + '/' if base_path.strip('/') else '/'
+        self.username, self.password, self.api_token = username, password, api_token
+        self.protocol, self.inbound_id = protocol, inbound_id
+        self.traffic_unknown_null = traffic_unknown_null
+        self.keeps_key_on_update = keeps_key_on_update
+        self.redirect_unauthenticated = redirect_unauthenticated
+        self.cookie_max_age = cookie_max_age
+        self.inbounds = {}
+        self.records = {}   # v3: email -> ClientRecord
+        self.links = {}     # v3: email -> ids of the inbounds the client is attached to
+        self.traffic = {}   # email -> traffic row
+        self.hits = Counter()
+        self._sessions = {}
+        self._failures = {}
+        self._blocked_until = {}
+        self._knobs = []
+        self._lock = threading.RLock()
+        self._stopping = threading.Event()
+        self._server = self._thread = None
+        self.port = None
+        self._add_inbound(inbound_id, protocol)
+        if other_inbound_id:
+            self._add_inbound(other_inbound_id, protocol)
+            entry = {**mint_key(protocol, self.inbounds[other_inbound_id]['settings']), 'flow': '',
+                     'email': other_email, 'limitIp': 0, 'totalGB': 0, 'expiryTime': 0, 'enable': True,
+                     'tgId': 0, 'subId': 'othersubscription', 'comment': '', 'reset': 0,
+                     'created_at': now_ms(), 'updated_at': now_ms()}
+            if protocol == 'shadowsocks':
+                entry.setdefault('password', secrets.token_hex(16))
+            self.inbounds[other_inbound_id]['settings']['clients'].append(entry)
+            self._new_traffic(entry, other_inbound_id)
+        if generation == 'v3':
+            self._build_records()
+
+    # life cycle
+
+    @property
+    def url(self):
+        return f'http://127.0.0.1:{self.port}{self.base_path.rstrip("/")}'
+
+    def start(self):
+        self._stopping.clear()
+        self._listen(0)
+        return self
+
+    def stop(self):
+        self._stopping.set()
+        self._close()
+
+    def refuse(self):
+        """Close the listening socket: connections are refused until accept()."""
+        self._close()
+
+    def accept(self):
+        """Listen again on the same port."""
+        self._listen(self.port)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _listen(self, port):
+        server = ThreadingHTTPServer(('127.0.0.1', port), handler_for(self))
+        self.port = server.server_address[1]
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={'poll_interval': 0.01}, daemon=True)
+        self._thread.start()
+
+    def _close(self):
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join()
+            self._server = None
+
+    # test knobs and state
+
+    def fail_next(self, n=1, status=500, route=None):
+        self._knobs.append({'kind': 'fail', 'n': n, 'status': status, 'route': route})
+
+    def hang_next(self, n=1, seconds=1.0, route=None):
+        """Apply the next n API calls but answer them only after `seconds`."""
+        self._knobs.append({'kind': 'hang', 'n': n, 'seconds': seconds, 'route': route})
+
+    def garbage_next(self, n=1, route=None):
+        """Answer the next n API calls with 200 and an HTML page."""
+        self._knobs.append({'kind': 'garbage', 'n': n, 'route': route})
+
+    def success_false_next(self, n=1, msg='Something went wrong (boom\n)', route=None):
+        self._knobs.append({'kind': 'refuse', 'n': n, 'msg': msg, 'route': route})
+
+    def drop_next(self, n=1, route=None):
+        """Apply the next n API calls but close the connection instead of answering (a restart mid-call)."""
+        self._knobs.append({'kind': 'drop', 'n': n, 'route': route})
+
+    def redirect_next(self, n=1):
+        """Answer the next n API calls with 307 to the login page, as <= v2.8.3 does without a session."""
+        self._knobs.append({'kind': 'redirect', 'n': n, 'route': None})
+
+    def expire_sessions(self):
+        """Invalidate every session cookie, as a restart with a new secret or a password change does."""
+        with self._lock:
+            self._sessions.clear()
+
+    def disable(self, email):
+        """Disable a client as the panel's depletion/expiry job does (settings, record and traffic row)."""
+        with self._lock:
+            for inbound in self.inbounds.values():
+                for entry in inbound['settings']['clients']:
+                    if entry.get('email') == email:
+                        entry['enable'] = False
+            if email in self.records:
+                self.records[email]['enable'] = False
+            if email in self.traffic:
+                self.traffic[email]['enable'] = False
+
+    def set_generation(self, generation, csrf=True):
+        """Upgrade to v3.1+ or downgrade to legacy (v3.0.x when csrf), keeping clients and sessions."""
+        with self._lock:
+            if generation == 'v3':
+                self.csrf = True
+                self._build_records()
+            else:
+                self.csrf = csrf
+                self.records.clear()
+                self.links.clear()
+            self.generation = generation
+
+    def count(self, prefix):
+        """Count requests whose 'METHOD path-below-base' starts with prefix."""
+        with self._lock:
+            return sum(n for key, n in self.hits.items() if key.startswith(prefix))
+
+    @property
+    def clients(self):
+        """Our inbound's clients as stored in its settings, by email."""
+        with self._lock:
+            return {c['email']: c for c in self.inbounds[self.inbound_id]['settings']['clients'] if 'email' in c}
+
+    # model
+
+    def _add_inbound(self, inbound_id, protocol):
+        settings = {'clients': [], 'decryption': 'none', 'fallbacks': []}
+        if protocol == 'shadowsocks':
+            settings = {'method': SS_METHOD, 'password': base64.b64encode(secrets.token_bytes(32)).decode(),
+                        'network': 'tcp,udp', 'clients': []}
+        self.inbounds[inbound_id] = {
+            'id': inbound_id, 'up': 0, 'down': 0, 'total': 0, 'remark': f'inbound {inbound_id}', 'enable': True,
+            'expiryTime': 0, 'listen': '', 'port': 40000 + inbound_id, 'protocol': protocol, 'settings': settings,
+            'streamSettings': {'network': 'tcp', 'security': 'reality'}, 'tag': f'inbound-{40000 + inbound_id}',
+            'sniffing': {'enabled': False}}
+
+    def _new_traffic(self, client, inbound_id):
+        self.traffic[client['email']] = {
+            'id': len(self.traffic) + 1, 'inboundId': inbound_id, 'enable': client.get('enable') is True,
+            'email': client['email'], 'up': 0, 'down': 0, 'expiryTime': as_int(client.get('expiryTime')),
+            'total': as_int(client.get('totalGB')), 'reset': as_int(client.get('reset')), 'lastOnline': 0}
+
+    def _update_traffic(self, old_email, client):
+        row = self.traffic.pop(old_email, None) or {'id': len(self.traffic) + 1, 'up': 0, 'down': 0, 'lastOnline': 0}
+        row.update(email=client['email'], enable=client.get('enable') is True,
+                   total=as_int(client.get('totalGB')), expiryTime=as_int(client.get('expiryTime')),
+                   reset=as_int(client.get('reset')))
+        self.traffic[client['email']] = row
+
+    def _entries(self):
+        for inbound_id, inbound in self.inbounds.items():
+            for entry in inbound['settings']['clients']:
+                yield inbound_id, entry
+
+    def _email_clash(self, email, owner=None):
+        """Tell whether another client already has this email, compared case-insensitively panel-wide."""
+        return any(str(e.get('email', '')).lower() == email.lower() and e.get('email') != owner
+                   for _, e in self._entries())
+
+    def _build_records(self):
+        for inbound_id, entry in self._entries():
+            email = entry.get('email')
+            if email and email not in self.records:
+                self.records[email] = self._record(entry, len(self.records) + 1, entry.get('created_at', now_ms()))
+            if email:
+                self.links.setdefault(email, set()).add(inbound_id)
+
+    @staticmethod
+    def _record(client, record_id, created):
+        """Build a v3.1 ClientRecord from a client object (fields not sent take Go's zero values)."""
+        return {'id': record_id, 'email': client.get('email') or '', 'subId': client.get('subId') or '',
+                'uuid': client.get('id') or '', 'password': client.get('password') or '',
+                'auth': client.get('auth') or '', 'flow': client.get('flow') or '',
+                'security': client.get('security') or '', 'reverse': None,
+                'limitIp': as_int(client.get('limitIp')), 'totalGB': as_int(client.get('totalGB')),
+                'expiryTime': as_int(client.get('expiryTime')), 'enable': client.get('enable') is True,
+                'tgId': as_int(client.get('tgId')), 'comment': client.get('comment') or '',
+                'reset': as_int(client.get('reset')), 'createdAt': created, 'updatedAt': now_ms()}
+
+    @staticmethod
+    def _entry(record, protocol):
+        """Write a record into an inbound's settings the way v3.1+ does."""
+        entry = {'email': record['email'], 'flow': record['flow'], 'limitIp': record['limitIp'],
+                 'totalGB': record['totalGB'], 'expiryTime': record['expiryTime'], 'enable': record['enable'],
+                 'tgId': record['tgId'], 'subId': record['subId'], 'comment': record['comment'],
+                 'reset': record['reset'], 'created_at': record['createdAt'], 'updated_at': record['updatedAt']}
+        if KEY_FIELDS.get(protocol) == 'id':
+            entry['id'] = record['uuid']
+        elif protocol.startswith('hysteria'):
+            entry['auth'] = record['auth']
+        else:
+            entry['password'] = record['password']
+        return entry
+
+    def _inbound_json(self, inbound, stats):
+        data = dict(inbound)
+        if self.generation == 'legacy':
+            for key in ('settings', 'streamSettings', 'sniffing'):
+                data[key] = json.dumps(inbound[key], indent=2)
+        else:
+            data = json.loads(json.dumps(data))
+        data['clientStats'] = [dict(r) for r in self.traffic.values() if r.get('inboundId') == inbound['id']] \
+            if stats else None
+        return data
+
+    # HTTP
+
+    def _serve(self, handler):
+        length = int(handler.headers.get('Content-Length') or 0)
+        body = handler.rfile.read(length) if length else b''
+        with self._lock:
+            reply = self._answer(handler.command, handler.path, handler.headers, body)
+        if reply.delay:
+            self._stopping.wait(reply.delay)
+        if reply.drop:
+            return
+        if isinstance(reply.body, bytes):
+            data, ctype = reply.body, 'text/html; charset=utf-8'
+        elif reply.body is None:
+            data, ctype = b'', ''
+        else:
+            data, ctype = json.dumps(reply.body).encode(), 'application/json; charset=utf-8'
+        try:
+            handler.send_response(reply.status)
+            if ctype:
+                handler.send_header('Content-Type', ctype)
+            if reply.cookie:
+                handler.send_header('Set-Cookie', reply.cookie)
+            if reply.location:
+                handler.send_header('Location', reply.location)
+            handler.send_header('Content-Length', str(len(data)))
+            handler.end_headers()
+            handler.wfile.write(data)
+        except OSError:
+            pass  # the client gave up waiting
+
+    def _answer(self, method, raw_path, headers, body):
+        path = urlsplit(raw_path).path
+        if not path.startswith(self.base_path):
+            return Reply(404)
+        rel = path[len(self.base_path):]
+        self.hits[f'{method} {rel}'] += 1
+        session = self._session_of(headers)
+        if rel == '' and method == 'GET':
+            return Reply(200, LOGIN_PAGE)
+        if rel == 'csrf-token' and method == 'GET' and self.csrf:
+            return self._csrf_token(session)
+        if rel == 'login' and method == 'POST':
+            return self._login(headers, body, session)
+        if rel.startswith('panel/api/'):
+            return self._api(method, rel, headers, body, session)
+        return Reply(404)
+
+    def _session_of(self, headers):
+        jar = http.cookies.SimpleCookie()
+        try:
+            jar.load(headers.get('Cookie', ''))
+        except http.cookies.CookieError:
+            return None
+        sid = jar[COOKIE].value if COOKIE in jar else None
+        return self._sessions.get(sid)
+
+    def _new_session(self, csrf, user):
+        sid = secrets.token_urlsafe(24)
+        self._sessions[sid] = {'id': sid, 'csrf': csrf, 'user': user}
+        return (f'{COOKIE}={sid}; Path={self.base_path}; Max-Age={self.cookie_max_age}; HttpOnly; '
+                f'SameSite=Lax')
+
+    def _csrf_token(self, session):
+        if session is not None:
+            return Reply(200, {'success': True, 'obj': session['csrf']})
+        token = secrets.token_urlsafe(24)
+        cookie = self._new_session(token, None)
+        return Reply(200, {'success': True, 'obj': token}, cookie=cookie)
+
+    def _login(self, headers, body, session):
+        ctype = headers.get('Content-Type', '')
+        if 'application/json' in ctype:
+            try:
+                form = json.loads(body or b'null')
+            except ValueError:
+                form = None
+            if not isinstance(form, dict):
+                return fail('The Input data format is invalid.' if self.generation == 'legacy'
+                            else 'The input data format is invalid.')
+        else:
+            form = {k: v[0] for k, v in parse_qs(body.decode()).items()}
+        if self.csrf:
+            sent = headers.get('X-CSRF-Token') or form.get('_csrf')
+            if session is None or not sent or sent != session['csrf']:
+                return Reply(403)
+        username, password = str(form.get('username') or ''), str(form.get('password') or '')
+        if not username:
+            return fail('Username is required')
+        if not password:
+            return fail('Password is required')
+        now = time.monotonic()
+        limited = self.csrf  # the login limiter came with v3.0.0, like CSRF
+        if limited and self._blocked_until.get(username, 0) > now:
+            return fail(LOGIN_BAD)
+        if (username, password) != (self.username, self.password):
+            if limited:
+                recent = [t for t in self._failures.get(username, []) if now - t < 300] + [now]
+                self._failures[username] = recent
+                if len(recent) >= 5:
+                    self._blocked_until[username] = now + 900
+            return fail(LOGIN_BAD)
+        self._failures.pop(username, None)
+        if session is not None:
+            self._sessions.pop(session['id'], None)
+        cookie = self._new_session(session['csrf'] if session else None, username)
+        return Reply(200, ok(msg=LOGIN_OK if self.generation == 'v3' else ' ' + LOGIN_OK).body, cookie=cookie)
+
+    def _routes(self):
+        common = [('GET', r'inbounds/list', self._inbounds_list),
+                  ('GET', r'inbounds/get/([^/]+)', self._inbound_get)]
+        if self.generation == 'legacy':
+            return common + [
+                ('GET', r'inbounds/getClientTraffics/([^/]+)', self._legacy_traffic),
+                ('POST', r'inbounds/addClient', self._legacy_add),
+                ('POST', r'inbounds/updateClient/([^/]+)', self._legacy_update),
+                ('POST', r'inbounds/([^/]+)/delClient/([^/]+)', self._legacy_delete)]
+        return common + [
+            ('GET', r'clients/list', self._v3_list),
+            ('GET', r'clients/get/([^/]+)', self._v3_get),
+            ('GET', r'clients/traffic/([^/]+)', self._v3_traffic),
+            ('POST', r'clients/add', self._v3_add),
+            ('POST', r'clients/update/([^/]+)', self._v3_update),
+            ('POST', r'clients/del/([^/]+)', self._v3_delete)]
+
+    def _knob(self, method, rel):
+        for knob in self._knobs:
+            if knob['n'] > 0 and (knob['route'] is None or f'{method} {rel}'.startswith(knob['route'])):
+                knob['n'] -= 1
+                return knob
+        return None
+
+    def _api(self, method, rel, headers, body, session):
+        knob = self._knob(method, rel)
+        if knob and knob['kind'] == 'fail':
+            return Reply(knob['status'])
+        if knob and knob['kind'] == 'garbage':
+            return Reply(200, LOGIN_PAGE)
+        if knob and knob['kind'] == 'refuse':
+            return fail(knob['msg'])
+        if knob and knob['kind'] == 'redirect':
+            return Reply(307, location=self.base_path)
+        route = rel[len('panel/api/'):]
+        for verb, pattern, action in self._routes():
+            match = re.fullmatch(pattern, route)
+            if match and verb == method:
+                break
+        else:
+            return Reply(404)  # gin's NoRoute answers before the auth middleware runs
+        bearer = headers.get('Authorization', '')
+        by_token = bool(self.api_token) and self.csrf and bearer == f'Bearer {self.api_token}'
+        if not by_token and not (session and session['user']):
+            return self._unauthenticated(headers)
+        if method == 'POST' and not by_token and self.csrf and (
+                not session['csrf'] or headers.get('X-CSRF-Token') != session['csrf']):
+            return Reply(403)
+        reply = action(*[unquote(g) for g in match.groups()], body=body, headers=headers)
+        if knob and knob['kind'] == 'hang':
+            reply.delay = knob['seconds']
+        reply.drop = bool(knob and knob['kind'] == 'drop')
+        return reply
+
+    def _unauthenticated(self, headers):
+        xhr = headers.get('X-Requested-With') == 'XMLHttpRequest'
+        if self.redirect_unauthenticated:
+            if xhr:
+                return Reply(401, {'success': False, 'msg': 'Your session has expired, please log in again',
+                                   'obj': None})
+            return Reply(307, location=self.base_path)
+        return Reply(401 if self.generation == 'v3' and xhr else 404)
+
+    # routes of both generations
+
+    def _inbounds_list(self, body, headers):
+        return ok([self._inbound_json(i, stats=True) for i in self.inbounds.values()])
+
+    def _inbound_get(self, inbound_id, body, headers):
+        if not inbound_id.isdigit():
+            return fail(f'Obtain (strconv.Atoi: parsing "{inbound_id}": invalid syntax)')
+        inbound = self.inbounds.get(int(inbound_id))
+        if inbound is None:
+            return fail('Obtain (record not found)')
+        return ok(self._inbound_json(inbound, stats=False))
+
+    # legacy routes (panel/api/inbounds/*)
+
+    def _bind_inbound(self, headers, body):
+        """Bind a body like c.ShouldBind(&model.Inbound): JSON or form; return (data, error reply)."""
+        if 'application/json' in headers.get('Content-Type', ''):
+            try:
+                data = json.loads(body or b'')
+            except ValueError:
+                return None, fail("Something went wrong (invalid character looking for beginning of value)")
+            if not isinstance(data, dict):
+                return None, fail(BIND_PREFIX + f'(json: cannot unmarshal {go_kind(data)} into Go value of type '
+                                  'model.Inbound)')
+            if 'id' in data and go_kind(data['id']) != 'number':
+                return None, fail(BIND_PREFIX + f'(json: cannot unmarshal {go_kind(data["id"])} into Go struct '
+                                  'field Inbound.id of type int)')
+            if 'settings' in data and not isinstance(data['settings'], str):
+                return None, fail(BIND_PREFIX + f'(json: cannot unmarshal {go_kind(data["settings"])} into Go '
+                                  'struct field Inbound.settings of type string)')
+            return data, None
+        data = {k: v[0] for k, v in parse_qs(body.decode()).items()}
+        if 'id' in data:
+            if not data['id'].isdigit():
+                return None, fail(BIND_PREFIX + f'(strconv.ParseInt: parsing "{data["id"]}": invalid syntax)')
+            data['id'] = int(data['id'])
+        return data, None
+
+    def _legacy_clients(self, headers, body):
+        """Return (inbound, clients sent in settings) or (None, error reply)."""
+        data, error = self._bind_inbound(headers, body)
+        if error:
+            return None, error
+        inbound = self.inbounds.get(data.get('id') or 0)
+        if inbound is None:
+            return None, fail('Something went wrong (record not found)')
+        try:
+            settings = json.loads(data.get('settings') or '')
+        except ValueError:
+            return None, fail('Something went wrong (unexpected end of JSON input)')
+        if not isinstance(settings, dict) or not isinstance(settings.get('clients'), list):
+            return None, Reply(500)  # the Go type assertion panics; gin's recovery answers 500
+        clients = settings['clients']
+        for client in clients:
+            problem = type_error(client, 'Client', lenient_tg_id=True) if isinstance(client, dict) else \
+                f'json: cannot unmarshal {go_kind(client)} into Go value of type model.Client'
+            if problem:
+                return None, fail(f'Something went wrong ({problem})')
+        return inbound, clients
+
+    def _legacy_add(self, body, headers):
+        inbound, clients = self._legacy_clients(headers, body)
+        if inbound is None:
+            return clients
+        field, seen = KEY_FIELDS[inbound['protocol']], set()
+        for client in clients:
+            if not client.get(field):
+                return fail('Something went wrong (empty client ID\n)')
+            email = client.get('email') or ''
+            if email and (self._email_clash(email) or email.lower() in seen):
+                return fail(f'Something went wrong (Duplicate email: {email}\n)')
+            seen.add(email.lower())
+        for client in clients:
+            stored = {**client, 'created_at': now_ms(), 'updated_at': now_ms()}
+            inbound['settings']['clients'].append(stored)
+            if stored.get('email'):
+                self._new_traffic(stored, inbound['id'])
+        return ok(msg='Inbound client(s) have been added.')
+
+    def _legacy_update(self, client_id, body, headers):
+        inbound, clients = self._legacy_clients(headers, body)
+        if inbound is None:
+            return clients
+        field, stored = KEY_FIELDS[inbound['protocol']], inbound['settings']['clients']
+        index = next((i for i, c in enumerate(stored) if str(c.get(field, '')) == client_id), None)
+        if index is None:
+            return fail(f'Something went wrong (Client Not Found In Inbound For ID: {client_id}\n)')
+        new, old = clients[0], stored[index]
+        if not new.get(field):
+            return fail('Something went wrong (empty client ID\n)')
+        email = new.get('email') or ''
+        if email and self._email_clash(email, owner=old.get('email')):
+            return fail(f'Something went wrong (Duplicate email: {email}\n)')
+        # the new object replaces the old one whole: what was not sent is gone
+        stored[index] = {**new, 'created_at': old.get('created_at', now_ms()), 'updated_at': now_ms()}
+        if email:
+            self._update_traffic(old.get('email'), stored[index])
+        return ok(msg='Inbound client has been updated.')
+
+    def _legacy_delete(self, inbound_id, client_id, body, headers):
+        inbound = self.inbounds.get(int(inbound_id)) if inbound_id.isdigit() else None
+        if inbound is None:
+            return fail('Something went wrong (record not found)')
+        field, stored = KEY_FIELDS[inbound['protocol']], inbound['settings']['clients']
+        client = next((c for c in stored if str(c.get(field, '')) == client_id), None)
+        if client is None:
+            return fail(f'Something went wrong (Client Not Found In Inbound For ID: {client_id}\n)')
+        if len(stored) == 1:
+            return fail('Something went wrong (no client remained in Inbound\n)')
+        stored.remove(client)
+        self.traffic.pop(client.get('email'), None)
+        return ok(msg='Inbound client has been deleted.')
+
+    def _legacy_traffic(self, email, body, headers):
+        row = self.traffic.get(email)
+        if row is None:
+            if self.traffic_unknown_null:
+                return ok(None)
+            return fail(f'Error getting traffics. (Inbound Not Found For Email: {email}\n)')
+        entry = next((e for _, e in self._entries() if e.get('email') == email), {})
+        return ok({**row, 'uuid': entry.get('id', ''), 'subId': entry.get('subId', '')})
+
+    # v3.1+ routes (panel/api/clients/*)
+
+    @staticmethod
+    def _bind_json(body):
+        """Bind like ShouldBindJSON: JSON whatever the Content-Type; return (data, error reply)."""
+        if not body:
+            return None, fail('Something went wrong (EOF)')
+        try:
+            return json.loads(body), None
+        except ValueError:
+            return None, fail(f"Something went wrong (invalid character {body[:1].decode()!r} looking for "
+                              f"beginning of value)")
+
+    def _check_names(self, email, sub_id):
+        for name, value in (('email', email), ('subId', sub_id)):
+            if value and BAD_CHARS.search(value):
+                return fail(f'Something went wrong (client {name} contains an invalid character: {value}\n)')
+        return None
+
+    def _v3_add(self, body, headers):
+        data, error = self._bind_json(body)
+        if error:
+            return error
+        client = data.get('client') if isinstance(data, dict) else None
+        if not isinstance(client, dict):
+            return fail('Something went wrong (client email is required\n)')
+        problem = type_error(client, 'Client.client')
+        if problem:
+            return fail(f'Something went wrong ({problem})')
+        email, sub_id = str(client.get('email') or '').strip(), client.get('subId') or ''
+        if not email:
+            return fail('Something went wrong (client email is required\n)')
+        error = self._check_names(email, sub_id)
+        if error:
+            return error
+        inbound_ids = data.get('inboundIds') or []
+        if not inbound_ids:
+            return fail('Something went wrong (at least one inbound is required\n)')
+        record = self.records.get(email)
+        if record is not None and sub_id != record['subId']:
+            return fail(f'Something went wrong (email already in use: {email}\n)')
+        if sub_id and any(r['subId'] == sub_id and r['email'] != email for r in self.records.values()):
+            return fail(f'Something went wrong (subId already in use: {sub_id}\n)')
+        for inbound_id in inbound_ids:
+            inbound = self.inbounds.get(inbound_id)
+            if inbound is None:
+                return fail('Something went wrong (record not found)')
+            if inbound_id in self.links.get(email, ()):
+                continue
+            if self._email_clash(email, owner=email):
+                return fail(f'Something went wrong (Duplicate email: {email}\n)')
+            if record is None:
+                keyed = dict(client)
+                if not any(keyed.get(f) for f in ('id', 'password', 'auth')):
+                    keyed.update(mint_key(inbound['protocol'], inbound['settings']))
+                keyed.update(email=email, subId=sub_id or str(uuid.uuid4()), enable=True)
+                record = self._record(keyed, max([r['id'] for r in self.records.values()], default=0) + 1, now_ms())
+                self.records[email] = record
+            inbound['settings']['clients'].append(self._entry(record, inbound['protocol']))
+            self.links.setdefault(email, set()).add(inbound_id)
+            if email not in self.traffic:
+                self._new_traffic(self._entry(record, inbound['protocol']), inbound_id)
+        return ok(msg='Inbound client(s) have been added.')
+
+    def _v3_update(self, email, body, headers):
+        client, error = self._bind_json(body)
+        if error:
+            return error
+        if not isinstance(client, dict):
+            return fail(f'Something went wrong (json: cannot unmarshal {go_kind(client)} into Go value of type '
+                        'model.Client)')
+        problem = type_error(client, 'Client')
+        if problem:
+            return fail(f'Something went wrong ({problem})')
+        record = self.records.get(email)
+        if record is None:
+            return fail('Something went wrong (record not found)')
+        new_email = str(client.get('email') or '').strip()
+        if not new_email:
+            return fail('Something went wrong (client email is required\n)')
+        sub_id = client.get('subId') or record['subId']
+        error = self._check_names(new_email, sub_id)
+        if error:
+            return error
+        if new_email != email and (new_email in self.records or self._email_clash(new_email, owner=email)):
+            return fail(f'Something went wrong (Duplicate email: {new_email}\n)')
+        if any(r['subId'] == sub_id and r['email'] != email for r in self.records.values()):
+            return fail(f'Something went wrong (Duplicate subId: {sub_id}\n)')
+        keyed = {**client, 'email': new_email, 'subId': sub_id}
+        for field, current in (('id', record['uuid']), ('password', record['password']), ('auth', record['auth'])):
+            if not keyed.get(field) and current:
+                # v3.1.0 - v3.3.0 mint a new key when the update leaves it out
+                keyed[field] = current if self.keeps_key_on_update else (
+                    str(uuid.uuid4()) if field == 'id' else secrets.token_hex(16))
+        new = self._record(keyed, record['id'], record['createdAt'])
+        del self.records[email]
+        self.records[new_email] = new
+        self.links[new_email] = self.links.pop(email)
+        for inbound_id in self.links[new_email]:
+            inbound = self.inbounds[inbound_id]
+            clients = inbound['settings']['clients']
+            for i, entry in enumerate(clients):
+                if entry.get('email') == email:
+                    clients[i] = self._entry(new, inbound['protocol'])
+        self._update_traffic(email, new)
+        return ok(msg='Inbound client has been updated.')
+
+    def _v3_delete(self, email, body, headers):
+        if email not in self.records:
+            return fail(f'Something went wrong (client "{email}" not found in any inbound or client record\n)')
+        for inbound in self.inbounds.values():
+            inbound['settings']['clients'] = [c for c in inbound['settings']['clients'] if c.get('email') != email]
+        del self.records[email]
+        self.links.pop(email, None)
+        self.traffic.pop(email, None)
+        return ok(msg='Inbound client has been deleted.')
+
+    def _v3_get(self, email, body, headers):
+        record = self.records.get(email)
+        if record is None:
+            return fail(' (record not found)')  # v3.1 - v3.5 ask for a missing i18n key: empty prefix
+        return ok({'client': dict(record), 'inboundIds': sorted(self.links.get(email, ()))})
+
+    def _v3_traffic(self, email, body, headers):
+        row = self.traffic.get(email)
+        if row is None:
+            if self.traffic_unknown_null:
+                return ok(None)
+            return fail(f'Error getting traffic. (Inbound Not Found For Email: {email}\n)')
+        record = self.records.get(email, {})
+        return ok({**row, 'uuid': record.get('uuid', ''), 'subId': record.get('subId', '')})
+
+    def _v3_list(self, body, headers):
+        result = []
+        for record in sorted(self.records.values(), key=lambda r: r['id']):
+            item = {**record, 'inboundIds': sorted(self.links.get(record['email'], ())) or None}
+            if record['email'] in self.traffic:
+                item['traffic'] = {**self.traffic[record['email']], 'uuid': '', 'subId': ''}
+            result.append(item)
+        return ok(result)
+
+
+def handler_for(panel):
+    """Make a request handler class bound to one FakePanel."""
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            panel._serve(self)
+
+        do_POST = do_PUT = do_DELETE = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    return Handler
+
+
+@contextlib.contextmanager
+def running_panel(**kwargs):
+    """Run a FakePanel for the duration of a with block."""
+    with FakePanel(**kwargs) as panel:
+        yield panel

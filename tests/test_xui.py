@@ -1,0 +1,551 @@
+"""The 3x-ui client against the loopback fake panel, in every API generation and with its failures."""
+import copy
+import threading
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import requests
+
+from fake_xui import running_panel
+from xui import XuiClient, XuiError
+
+PASSWORD = 'panel-pass-Zq81'
+TOKEN = 'api-token-Xk27sQ'
+SECRET_PATH = '/hidden-b4se-path/'
+GIB = 1024 ** 3
+EXPIRY = datetime(2031, 5, 17, 12, 30, 15, tzinfo=timezone.utc)
+FLAVOURS = {
+    'v2': dict(generation='legacy', csrf=False),
+    'v2.8.3': dict(generation='legacy', csrf=False, redirect_unauthenticated=True),
+    'v3.0': dict(generation='legacy', csrf=True),
+    'v3.0-token': dict(generation='legacy', csrf=True, api_token=TOKEN),
+    'v3.1': dict(generation='v3'),
+    'v3.1-token': dict(generation='v3', api_token=TOKEN),
+    'v3-secret-path': dict(generation='v3', base_path=SECRET_PATH),
+    'v2-secret-path': dict(generation='legacy', csrf=False, base_path=SECRET_PATH),
+}
+SESSION_FLAVOURS = [name for name, kw in FLAVOURS.items() if 'api_token' not in kw]
+
+
+def make_client(panel, **overrides):
+    """Build a client for the fake with short timeouts and tiny backoffs."""
+    kwargs = dict(base_url=panel.url, inbound_id=panel.inbound_id, sub_url='https://sub.example.com:2096/sub/',
+                  timeout=(1, 1), retries=2, backoff=0.01)
+    if panel.api_token:
+        kwargs['api_token'] = panel.api_token
+    else:
+        kwargs.update(username=panel.username, password=panel.password)
+    kwargs.update(overrides)
+    return XuiClient(**kwargs)
+
+
+def assert_no_secrets(error):
+    """Check an XuiError's message names no password, token or secret path."""
+    text = str(error)
+    for secret in (PASSWORD, TOKEN, SECRET_PATH.strip('/'), 'wrong-pass', 'bad-token'):
+        assert secret not in text
+
+
+@pytest.fixture(params=list(FLAVOURS))
+def panel(request):
+    """Run the fake panel in each flavour (overrides conftest's v3-only `panel` in this module)."""
+    with running_panel(password=PASSWORD, **FLAVOURS[request.param]) as fake:
+        yield fake
+
+
+@pytest.fixture
+def xui(panel):
+    return make_client(panel)
+
+
+def ensure(xui, email='u100@spn', expiry=EXPIRY, sub_id='sub100abc', tg_id=100, **kwargs):
+    return xui.ensure_client(email, expiry, sub_id, tg_id, **kwargs)
+
+
+# creating, renewing, reading, deleting
+
+def test_create_stores_full_enabled_client(panel, xui):
+    made = ensure(xui, total_bytes=10 * GIB, limit_ip=2)
+    stored = panel.clients['u100@spn']
+    assert stored['expiryTime'] == 1936787415000  # calendar.timegm of 2031-05-17 12:30:15
+    assert (stored['enable'], stored['subId'], stored['tgId']) == (True, 'sub100abc', 100)
+    assert (stored['totalGB'], stored['limitIp']) == (10 * GIB, 2)
+    assert uuid.UUID(stored['id']).version == 4
+    assert made == {'email': 'u100@spn', 'uuid': stored['id'], 'sub_id': 'sub100abc', 'expiry': EXPIRY,
+                    'enable': True, 'total_bytes': 10 * GIB, 'tg_id': 100}
+    assert xui.get_client('u100@spn') == made
+    assert panel.traffic['u100@spn']['enable'] is True
+
+
+def test_renewal_keeps_key_and_link_and_sets_absolute_expiry(panel, xui):
+    first = ensure(xui)
+    panel.disable('u100@spn')
+    later = EXPIRY + timedelta(days=90)
+    renewed = ensure(xui, expiry=later, total_bytes=GIB)
+    stored = panel.clients['u100@spn']
+    assert renewed['uuid'] == first['uuid'] == stored['id']
+    assert stored['subId'] == 'sub100abc' and stored['enable'] is True
+    assert stored['expiryTime'] == int(later.timestamp() * 1000) and stored['totalGB'] == GIB
+    assert panel.traffic['u100@spn']['enable'] is True
+    snapshot = copy.deepcopy(stored)
+    assert ensure(xui, expiry=later, total_bytes=GIB) == renewed
+    again = panel.clients['u100@spn']
+    assert {k: v for k, v in again.items() if k != 'updated_at'} == \
+        {k: v for k, v in snapshot.items() if k != 'updated_at'}
+    assert len(panel.clients) == 1
+
+
+def test_renewal_keeps_fields_the_bot_does_not_manage(panel, xui):
+    ensure(xui)
+    panel.clients['u100@spn']['flow'] = 'xtls-rprx-vision'
+    if panel.records:
+        panel.records['u100@spn']['flow'] = 'xtls-rprx-vision'
+    ensure(xui, expiry=EXPIRY + timedelta(days=1))
+    assert panel.clients['u100@spn']['flow'] == 'xtls-rprx-vision'
+
+
+def test_never_expiring_and_naive_utc(panel, xui):
+    assert ensure(xui, expiry=None)['expiry'] is None
+    assert panel.clients['u100@spn']['expiryTime'] == 0
+    ensure(xui, expiry=EXPIRY.replace(tzinfo=None))
+    assert xui.get_client('u100@spn')['expiry'] == EXPIRY
+
+
+def test_get_unknown_client_is_none(panel, xui):
+    assert xui.get_client('nobody@spn') is None
+    assert xui.get_client('Taken@example.com') is None  # another inbound's client is not ours
+
+
+def test_traffic(panel, xui):
+    ensure(xui, total_bytes=5 * GIB)
+    panel.traffic['u100@spn'].update(up=1500, down=2 * GIB)
+    assert xui.get_traffic('u100@spn') == {'up': 1500, 'down': 2 * GIB, 'total': 5 * GIB, 'expiry': EXPIRY,
+                                           'enable': True}
+    assert xui.get_traffic('nobody@spn') is None
+
+
+@pytest.mark.parametrize('generation', ['legacy', 'v3'])
+def test_traffic_unknown_as_null(generation):
+    with running_panel(generation=generation, traffic_unknown_null=True) as panel:
+        assert make_client(panel).get_traffic('nobody@spn') is None
+
+
+def test_traffic_refusal_for_a_known_client_is_an_error(panel, xui):
+    ensure(xui)
+    panel.success_false_next(1, 'Error getting traffic. (database is locked\n)', route='GET panel/api/')
+    with pytest.raises(XuiError, match='database is locked'):
+        xui.get_traffic('u100@spn')
+
+
+def test_delete(panel, xui):
+    ensure(xui)
+    ensure(xui, email='u200@spn', sub_id='sub200abc', tg_id=200)
+    xui.delete_client('u100@spn')
+    assert xui.get_client('u100@spn') is None
+    assert 'u100@spn' not in panel.clients and 'u100@spn' not in panel.traffic
+    assert [c['email'] for c in xui.list_clients()] == ['u200@spn']
+    xui.delete_client('u100@spn')  # already gone: nothing to do
+    xui.delete_client('Taken@example.com')  # not ours: left alone
+    assert 'Taken@example.com' in panel.traffic
+
+
+@pytest.mark.parametrize('generation, allowed', [('legacy', False), ('v3', True)])
+def test_delete_last_client(generation, allowed):
+    with running_panel(generation=generation) as panel:
+        xui = make_client(panel)
+        ensure(xui)
+        if allowed:
+            xui.delete_client('u100@spn')
+            assert panel.clients == {}
+        else:
+            with pytest.raises(XuiError, match='no client remained in Inbound'):
+                xui.delete_client('u100@spn')
+
+
+def test_list_clients_of_our_inbound_only(panel, xui):
+    assert xui.list_clients() == []
+    made = [ensure(xui, email=f'u{n}@spn', sub_id=f'sub{n}abc', tg_id=n) for n in (1, 2, 3)]
+    assert sorted(xui.list_clients(), key=lambda c: c['email']) == made
+
+
+@pytest.mark.parametrize('protocol', ['vmess', 'trojan', 'shadowsocks'])
+@pytest.mark.parametrize('generation', ['legacy', 'v3'])
+def test_other_protocols_keep_their_key(protocol, generation):
+    with running_panel(generation=generation, protocol=protocol) as panel:
+        xui = make_client(panel)
+        first = ensure(xui)
+        key = panel.clients['u100@spn']['id' if protocol == 'vmess' else 'password']
+        assert first['uuid'] == key and key
+        panel.disable('u100@spn')
+        assert ensure(xui, expiry=EXPIRY + timedelta(days=30))['uuid'] == key
+        assert panel.clients['u100@spn']['enable'] is True
+        assert xui.check()['protocol'] == protocol
+        ensure(xui, email='u200@spn', sub_id='sub200abc', tg_id=200)
+        xui.delete_client('u100@spn')
+        assert set(panel.clients) == {'u200@spn'}
+
+
+@pytest.mark.parametrize('sub_url', ['https://sub.example.com:2096/sub', 'https://sub.example.com:2096/sub/'])
+def test_subscription_link(sub_url):
+    xui = XuiClient('http://127.0.0.1:9/', 1, sub_url, api_token=TOKEN)
+    assert xui.subscription_link('k3j5h2g8f9d0s1a2') == 'https://sub.example.com:2096/sub/k3j5h2g8f9d0s1a2'
+
+
+@pytest.mark.parametrize('base', ['{url}', '{url}/'])
+def test_base_url_with_or_without_slash(base):
+    with running_panel(generation='v3', base_path=SECRET_PATH, password=PASSWORD) as panel:
+        xui = make_client(panel, base_url=base.format(url=panel.url))
+        assert ensure(xui)['email'] == 'u100@spn'
+
+
+# duplicate emails
+
+@pytest.mark.parametrize('email', ['Taken@example.com', 'taken@example.com'])
+def test_email_of_another_inbound_is_refused(panel, xui, email):
+    with pytest.raises(XuiError, match=r'(?i)taken@example\.com') as caught:
+        ensure(xui, email=email)
+    assert '\n' not in str(caught.value)
+    assert panel.clients == {}
+
+
+# sessions and logins
+
+@pytest.mark.parametrize('flavour', SESSION_FLAVOURS)
+def test_expired_session_costs_one_login(flavour):
+    with running_panel(password=PASSWORD, **FLAVOURS[flavour]) as panel:
+        xui = make_client(panel)
+        ensure(xui)
+        assert panel.count('POST login') == 1
+        panel.expire_sessions()
+        ensure(xui, expiry=EXPIRY + timedelta(days=1))
+        assert panel.count('POST login') == 2
+        assert xui.get_client('u100@spn')['expiry'] == EXPIRY + timedelta(days=1)
+        assert panel.count('POST login') == 2
+
+
+def test_old_session_renewed_before_it_expires():
+    with running_panel(generation='v3', password=PASSWORD) as panel:
+        xui = make_client(panel)
+        xui.get_client('u100@spn')
+        xui._logged_in_at -= 6 * 3600  # six hours later
+        xui.get_client('u100@spn')
+        assert panel.count('POST login') == 2 and panel.count('GET panel/api/clients/get') == 3
+
+
+@pytest.mark.parametrize('flavour', ['v2', 'v3.0', 'v3.1'])
+def test_wrong_password_one_login_per_call(flavour):
+    with running_panel(password=PASSWORD, **FLAVOURS[flavour]) as panel:
+        xui = make_client(panel, password='wrong-pass-Hj3')
+        for calls in (1, 2):
+            with pytest.raises(XuiError, match='wrong username or password') as caught:
+                ensure(xui)
+            assert_no_secrets(caught.value)
+            assert panel.count('POST login') == calls
+        assert panel.count('GET panel/api/') == 0
+
+
+def test_login_rate_limit_blocks_even_the_right_password():
+    with running_panel(generation='v3', password=PASSWORD) as panel:
+        wrong = make_client(panel, password='wrong-pass-Hj3')
+        for _ in range(5):
+            with pytest.raises(XuiError):
+                wrong.check()
+        with pytest.raises(XuiError, match='wrong username or password'):
+            make_client(panel).check()
+        assert panel.count('POST login') == 6
+
+
+def test_api_token_needs_no_login():
+    with running_panel(generation='v3', api_token=TOKEN) as panel:
+        xui = make_client(panel)
+        ensure(xui)
+        assert xui.check()['generation'] == 'v3'
+        assert panel.count('POST login') == 0 and panel.count('GET csrf-token') == 0
+
+
+@pytest.mark.parametrize('flavour', ['v3.0-token', 'v3.1-token'])
+def test_wrong_api_token(flavour):
+    with running_panel(**FLAVOURS[flavour]) as panel:
+        with pytest.raises(XuiError, match='API token') as caught:
+            ensure(make_client(panel, api_token='bad-token-77'))
+        assert_no_secrets(caught.value)
+        assert panel.clients == {}
+
+
+# failures
+
+def test_server_error_then_recovery(panel, xui):
+    ensure(xui)
+    before = panel.count('GET panel/api/')
+    panel.fail_next(2, route='GET panel/api/')
+    assert xui.get_client('u100@spn')['email'] == 'u100@spn'
+    assert panel.count('GET panel/api/') == before + 3
+
+
+def test_server_error_forever_gives_up_after_retries(panel, xui):
+    ensure(xui)
+    panel.fail_next(100, status=502)
+    before = panel.count('GET panel/api/')
+    with pytest.raises(XuiError, match='HTTP 502 3 times') as caught:
+        xui.get_client('u100@spn')
+    assert_no_secrets(caught.value)
+    assert panel.count('GET panel/api/') == before + 3
+
+
+@pytest.mark.parametrize('flavour', ['v2', 'v3.0', 'v3.1'])
+def test_hang_past_read_timeout(flavour):
+    with running_panel(password=PASSWORD, **FLAVOURS[flavour]) as panel:
+        xui = make_client(panel, timeout=(1, 0.3))
+        ensure(xui)
+        panel.hang_next(1, seconds=5)
+        before = panel.count('GET panel/api/')
+        with pytest.raises(XuiError, match='did not answer') as caught:
+            xui.get_client('u100@spn')
+        assert_no_secrets(caught.value)
+        assert panel.count('GET panel/api/') == before + 1  # a read timeout is not retried
+        assert xui.get_client('u100@spn')['email'] == 'u100@spn'
+
+
+@pytest.mark.parametrize('generation', ['legacy', 'v3'])
+def test_add_whose_answer_was_lost_converges(generation):
+    with running_panel(generation=generation) as panel:
+        xui = make_client(panel, timeout=(1, 0.3))
+        add = 'POST panel/api/clients/add' if generation == 'v3' else 'POST panel/api/inbounds/addClient'
+        panel.hang_next(1, seconds=5, route=add)
+        with pytest.raises(XuiError, match='did not answer'):
+            ensure(xui)
+        assert 'u100@spn' in panel.clients  # applied, answer lost
+        key = panel.clients['u100@spn']['id']
+        assert ensure(xui)['uuid'] == key and len(panel.clients) == 1
+
+
+@pytest.mark.parametrize('generation', ['legacy', 'v3'])
+def test_add_applied_but_connection_dropped_is_retried(generation):
+    with running_panel(generation=generation) as panel:
+        xui = make_client(panel)
+        add = 'POST panel/api/clients/add' if generation == 'v3' else 'POST panel/api/inbounds/addClient'
+        panel.drop_next(1, route=add)
+        made = ensure(xui)
+        assert panel.count(add) == 2 and len(panel.clients) == 1
+        assert made['uuid'] == panel.clients['u100@spn']['id'] and made['expiry'] == EXPIRY
+
+
+def test_redirect_to_login_page_is_not_followed():
+    with running_panel(generation='legacy', csrf=False, redirect_unauthenticated=True) as panel:
+        xui = make_client(panel)
+        ensure(xui)
+        panel.redirect_next(1)
+        assert xui.get_client('u100@spn')['email'] == 'u100@spn'
+        assert panel.hits['GET '] == 0 and panel.count('POST login') == 2
+
+
+@pytest.mark.parametrize('flavour', SESSION_FLAVOURS)
+def test_page_instead_of_json_means_log_in_again(flavour):
+    with running_panel(password=PASSWORD, **FLAVOURS[flavour]) as panel:
+        xui = make_client(panel)
+        ensure(xui)
+        panel.garbage_next(1)
+        assert xui.get_client('u100@spn')['email'] == 'u100@spn'
+        assert panel.count('POST login') == 2
+        panel.garbage_next(10)
+        with pytest.raises(XuiError, match='HTTP 200') as caught:
+            xui.get_client('u100@spn')
+        assert_no_secrets(caught.value)
+        assert panel.count('POST login') == 3
+
+
+def test_success_false_is_an_error_with_the_panel_message(panel, xui):
+    ensure(xui)
+    panel.success_false_next(1, 'Something went wrong (database is locked\n)', route='POST panel/api/')
+    with pytest.raises(XuiError) as caught:
+        ensure(xui, expiry=EXPIRY + timedelta(days=1))
+    assert str(caught.value).endswith('Something went wrong (database is locked)')
+    # a success-sounding message on success:false is still a failure
+    panel.success_false_next(1, 'Inbound has been successfully updated. (json: cannot unmarshal object into Go '
+                                'struct field Inbound.settings of type string)', route='POST panel/api/')
+    with pytest.raises(XuiError, match='cannot unmarshal'):
+        ensure(xui, expiry=EXPIRY + timedelta(days=1))
+    assert panel.clients['u100@spn']['expiryTime'] == int(EXPIRY.timestamp() * 1000)
+
+
+def test_refused_connection_then_back(panel, xui):
+    ensure(xui)
+    panel.refuse()
+    with pytest.raises(XuiError, match='cannot connect') as caught:
+        ensure(xui, expiry=EXPIRY + timedelta(days=1))
+    assert_no_secrets(caught.value)
+    panel.accept()
+    assert ensure(xui, expiry=EXPIRY + timedelta(days=1))['expiry'] == EXPIRY + timedelta(days=1)
+
+
+def test_nothing_listening():
+    with running_panel() as panel:
+        url = panel.url
+    xui = XuiClient(url, 1, 'https://s/sub', username='admin', password=PASSWORD, timeout=(0.5, 0.5),
+                    backoff=0.01)
+    with pytest.raises(XuiError, match='cannot connect'):
+        xui.check()
+
+
+# API generations
+
+@pytest.mark.parametrize('flavour', ['v2', 'v3.0', 'v3.0-token'])
+def test_upgrade_to_v3_is_detected(flavour):
+    with running_panel(password=PASSWORD, **FLAVOURS[flavour]) as panel:
+        xui = make_client(panel)
+        assert xui.generation == 'legacy'
+        key = ensure(xui)['uuid']
+        panel.set_generation('v3')
+        renewed = ensure(xui, expiry=EXPIRY + timedelta(days=30))
+        assert xui.generation == 'v3'
+        assert renewed['uuid'] == key == panel.records['u100@spn']['uuid']
+        assert panel.clients['u100@spn']['expiryTime'] == int((EXPIRY + timedelta(days=30)).timestamp() * 1000)
+        assert panel.count('POST login') <= 2
+
+
+def test_upgrade_to_v3_0_brings_csrf():
+    with running_panel(generation='legacy', csrf=False, password=PASSWORD) as panel:
+        xui = make_client(panel)
+        key = ensure(xui)['uuid']
+        panel.set_generation('legacy', csrf=True)  # the old session has no CSRF token: POSTs get 403
+        assert ensure(xui, expiry=EXPIRY + timedelta(days=30))['uuid'] == key
+        assert panel.count('POST login') == 2 and xui.generation == 'legacy'
+
+
+def test_downgrade_to_legacy_is_detected():
+    with running_panel(generation='v3', password=PASSWORD) as panel:
+        xui = make_client(panel)
+        key = ensure(xui)['uuid']
+        panel.set_generation('legacy')
+        assert xui.get_client('u100@spn')['uuid'] == key
+        assert xui.generation == 'legacy'
+
+
+def test_v3_update_without_key_would_rotate_it():
+    """Guard the fake's v3.1 - v3.3.0 quirk that ensure_client must defend against."""
+    with running_panel(generation='v3', password=PASSWORD) as panel:
+        key = ensure(make_client(panel))['uuid']
+        session = logged_in(panel)
+        record = session.get(panel.url + '/panel/api/clients/get/u100@spn').json()['obj']['client']
+        body = {k: record[k] for k in ('email', 'subId', 'expiryTime', 'tgId')}
+        answer = session.post(panel.url + '/panel/api/clients/update/u100@spn', json=body).json()
+        assert answer['success'] is True
+        stored = panel.clients['u100@spn']
+        assert stored['id'] != key and stored['enable'] is False  # omitted key minted anew, omitted enable false
+
+
+# the doctor
+
+def test_check(panel, xui):
+    assert xui.check() == {'generation': 'v3' if panel.generation == 'v3' else 'legacy',
+                           'inbound_id': 1, 'protocol': 'vless'}
+
+
+def test_check_unknown_inbound(panel):
+    with pytest.raises(XuiError, match='no inbound 99') as caught:
+        make_client(panel, inbound_id=99).check()
+    assert_no_secrets(caught.value)
+
+
+@pytest.mark.parametrize('flavour', ['v2-secret-path', 'v3-secret-path'])
+def test_check_without_the_secret_path(flavour):
+    with running_panel(password=PASSWORD, **FLAVOURS[flavour]) as panel:
+        with pytest.raises(XuiError, match='secret path') as caught:
+            make_client(panel, base_url=f'http://127.0.0.1:{panel.port}').check()
+        assert_no_secrets(caught.value)
+
+
+def test_check_unsupported_protocol():
+    with running_panel(generation='v3', protocol='wireguard') as panel:
+        with pytest.raises(XuiError, match="protocol 'wireguard' is not supported"):
+            make_client(panel).check()
+
+
+def test_missing_credentials():
+    with pytest.raises(XuiError, match='XUI_API_TOKEN'):
+        XuiClient('http://127.0.0.1:9', 1, 'https://s/sub', username='admin')
+
+
+# threads
+
+def test_threads_share_one_client_and_one_login():
+    with running_panel(generation='v3', password=PASSWORD) as panel:
+        xui = make_client(panel)
+        errors = []
+
+        def buy(n):
+            try:
+                ensure(xui, email=f'u{n}@spn', sub_id=f'sub{n}abc', tg_id=n)
+            except XuiError as exc:
+                errors.append(exc)
+        threads = [threading.Thread(target=buy, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == [] and len(panel.clients) == 8 and panel.count('POST login') == 1
+
+
+# the fake itself speaks the real protocol
+
+def logged_in(panel):
+    """Log a plain requests.Session in the way a browser would, with the CSRF handshake where needed."""
+    session = requests.Session()
+    if panel.csrf:
+        session.headers['X-CSRF-Token'] = session.get(panel.url + '/csrf-token').json()['obj']
+    answer = session.post(panel.url + '/login', data={'username': panel.username, 'password': panel.password})
+    assert answer.json()['success'] is True
+    return session
+
+
+def test_fake_cookie_lives_under_the_base_path():
+    with running_panel(generation='v3', base_path=SECRET_PATH) as panel:
+        session = logged_in(panel)
+        assert [(c.name, c.path) for c in session.cookies] == [('3x-ui', SECRET_PATH)]
+        outside = session.get(f'http://127.0.0.1:{panel.port}/panel/api/inbounds/list', allow_redirects=False)
+        assert outside.status_code == 404
+
+
+def test_fake_csrf_is_required_on_login_and_posts():
+    with running_panel(generation='v3') as panel:
+        bare = requests.post(panel.url + '/login', data={'username': 'admin', 'password': 'admin-pass'})
+        assert (bare.status_code, bare.content) == (403, b'')
+        session = logged_in(panel)
+        del session.headers['X-CSRF-Token']
+        assert session.post(panel.url + '/panel/api/clients/add', json={}).status_code == 403
+
+
+@pytest.mark.parametrize('flavour, xhr, status', [('v2', True, 404), ('v3.0', True, 404), ('v3.1', True, 401),
+                                                  ('v3.1', False, 404), ('v2.8.3', False, 307)])
+def test_fake_unauthenticated_answers(flavour, xhr, status):
+    with running_panel(**FLAVOURS[flavour]) as panel:
+        headers = {'X-Requested-With': 'XMLHttpRequest'} if xhr else {}
+        answer = requests.get(panel.url + '/panel/api/inbounds/list', headers=headers, allow_redirects=False)
+        assert answer.status_code == status
+
+
+def test_fake_removed_routes_and_string_settings():
+    with running_panel(generation='v3') as panel:
+        session = logged_in(panel)
+        assert session.post(panel.url + '/panel/api/inbounds/addClient', json={}).status_code == 404
+        assert isinstance(session.get(panel.url + '/panel/api/inbounds/get/1').json()['obj']['settings'], dict)
+    with running_panel(generation='legacy') as panel:
+        session = logged_in(panel)
+        assert isinstance(session.get(panel.url + '/panel/api/inbounds/get/1').json()['obj']['settings'], str)
+        assert session.get(panel.url + '/panel/api/clients/list').status_code == 404
+        answer = session.post(panel.url + '/panel/api/inbounds/addClient', json={'id': 1, 'settings': '{}'})
+        assert (answer.status_code, answer.content) == (500, b'')
+        answer = session.post(panel.url + '/panel/api/inbounds/addClient', json={'id': 1, 'settings': {}})
+        assert answer.json()['success'] is False and answer.json()['msg'].startswith('Inbound has been successfully')
+
+
+def test_fake_legacy_update_replaces_the_whole_client():
+    with running_panel(generation='legacy') as panel:
+        key = ensure(make_client(panel))['uuid']
+        session = logged_in(panel)
+        settings = '{"clients": [{"id": "%s", "email": "u100@spn"}]}' % key
+        answer = session.post(panel.url + f'/panel/api/inbounds/updateClient/{key}', json={'id': 1, 'settings': settings})
+        assert answer.json() == {'success': True, 'msg': 'Inbound client has been updated.', 'obj': None}
+        assert 'subId' not in panel.clients['u100@spn'] and panel.traffic['u100@spn']['enable'] is False
+
