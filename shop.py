@@ -5,6 +5,7 @@ who credits it; days only move through models.grant_days; the panel is derived f
 """
 import logging
 import re
+import threading
 from dataclasses import dataclass
 from datetime import timedelta, timezone
 
@@ -50,6 +51,9 @@ class Shop:
         self.settings = settings
         self.panel = panel
         self.cryptopay = cryptopay
+        # One push per user at a time in this process (two would race to create the same client);
+        # pushes from other processes are made safe by the expiry guard in _push_to_panel.
+        self._provision_locks = [threading.Lock() for _ in range(64)]
 
     # Users
 
@@ -183,6 +187,10 @@ class Shop:
         A push is guarded by the expiry it sent: if a grant landed meanwhile, push again, because
         our older value may have reached the panel after the newer one.
         """
+        with self._provision_locks[user_id % len(self._provision_locks)]:
+            return self._push_to_panel(user_id, now)
+
+    def _push_to_panel(self, user_id, now):
         stale = False
         for _ in range(5):
             user = User.get_by_id(user_id)

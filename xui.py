@@ -140,7 +140,8 @@ class XuiClient:
     Connection failures and 5xx answers are retried `retries` times with exponential backoff. A read
     timeout is not retried: a POST may have been applied, the caller is waiting, and ensure_client
     converges on the caller's next try. A lost session costs one new login per call, never more.
-    Calls are serialised, so threads sharing one client never race a login.
+    Threads share one client: requests run in parallel, while logging in is serialised and done once
+    for all the threads that found the session gone.
     """
 
     def __init__(self, base_url, inbound_id, sub_url, username=None, password=None, api_token=None,
@@ -162,10 +163,11 @@ class XuiClient:
         self._session.headers['X-Requested-With'] = 'XMLHttpRequest'
         if api_token:
             self._session.headers['Authorization'] = f'Bearer {api_token}'
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # guards logging in and detection; requests themselves run in parallel
+        self._local = threading.local()  # per call: whether it has logged in already
         self._adapter = None
         self._logged_in_at = None
-        self._login_tried = False
+        self._logins = 0
 
     @property
     def generation(self):
@@ -220,19 +222,22 @@ class XuiClient:
 
     def _call(self, operation):
         """Run operation(adapter), switching adapters once if the panel's API generation has changed."""
-        with self._lock:
-            self._login_tried = False
-            if self._adapter is None:
-                self._detect()
-            try:
-                return operation(self._adapter)
-            except _RouteMissing:
-                before = self._adapter.name
-                self._detect()
-                if self._adapter.name == before:
-                    raise
-                log.warning('3x-ui panel API changed from %s to %s', before, self._adapter.name)
-                return operation(self._adapter)
+        self._local.login_tried = False
+        if self._adapter is None:
+            with self._lock:
+                if self._adapter is None:
+                    self._detect()
+        adapter = self._adapter
+        try:
+            return operation(adapter)
+        except _RouteMissing:
+            with self._lock:
+                if self._adapter is adapter:  # no other thread has re-detected meanwhile
+                    self._detect()
+            if self._adapter.name == adapter.name:
+                raise
+            log.warning('3x-ui panel API changed from %s to %s', adapter.name, self._adapter.name)
+            return operation(self._adapter)
 
     def _detect(self):
         """Choose the adapter: the v3.1+ clients route exists (any envelope) or answers 404."""
@@ -266,16 +271,18 @@ class XuiClient:
     def _api(self, method, route, body=None):
         """Call {base}panel/api/{route} and return the envelope's obj, logging in as needed."""
         path = 'panel/api/' + route
+        logins = self._logins
         if not self._api_token and (self._logged_in_at is None
                                     or time.monotonic() - self._logged_in_at > SESSION_MAX_AGE):
-            self._login()
+            self._login_unless_done(logins)
+            logins = self._logins
         try:
             return self._exchange(method, path, json=body)
         except _NoEnvelope as exc:
-            if self._api_token or self._login_tried:
+            if self._api_token or getattr(self._local, 'login_tried', False):
                 raise self._lost(exc, method, path) from exc
         # the session is gone (cookie expired, panel restarted, password changed): log in once, retry once
-        self._login()
+        self._login_unless_done(logins)
         try:
             return self._exchange(method, path, json=body)
         except _NoEnvelope as exc:
@@ -292,9 +299,17 @@ class XuiClient:
         return XuiError(f'the panel at {self._where} answered {what} with HTTP {exc.status} '
                         f'even after logging in again')
 
+    def _login_unless_done(self, logins_seen):
+        """Log in, unless another thread has logged in since this one saw `logins_seen` logins."""
+        with self._lock:
+            if self._logins == logins_seen or self._logged_in_at is None:
+                self._login()
+            else:
+                self._local.login_tried = True  # that login counts as this call's one
+
     def _login(self):
         """Log in once: CSRF handshake where the panel has one (v3.x), then POST login."""
-        self._login_tried = True
+        self._local.login_tried = True
         self._logged_in_at = None
         self._session.cookies.clear()
         self._session.headers.pop('X-CSRF-Token', None)
@@ -316,6 +331,7 @@ class XuiClient:
             raise XuiError(f'panel login failed: the panel at {self._where} answered HTTP {exc.status}; '
                            f'is XUI_URL the panel address, with its secret path?') from exc
         self._logged_in_at = time.monotonic()
+        self._logins += 1
         log.info('logged in to the 3x-ui panel at %s', self._where)
 
     def _exchange(self, method, path, **kwargs):
