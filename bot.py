@@ -121,6 +121,8 @@ class ShopBot:
             try:
                 with models.db.connection_context():
                     return handler(update)
+            except ApiTelegramException as exc:  # e.g. the user blocked the bot mid-conversation
+                log.warning('telegram refused a reply user=%s: %s', update.from_user.id, exc.description)
             except (OperationalError, InterfaceError) as exc:
                 log.error('database unavailable user=%s: %s', update.from_user.id, type(exc).__name__)
                 chat = update.message.chat if hasattr(update, 'data') and update.message else update.chat
@@ -466,6 +468,14 @@ class ShopBot:
         self.reply(message.chat.id, jobs.reconcile(self.shop).text())
 
 
+class LogErrors(telebot.ExceptionHandler):
+    """Log an unexpected handler error with its traceback and keep polling (telebot would pause or stop)."""
+
+    def handle(self, exception):
+        log.error('update failed', exc_info=exception)
+        return True
+
+
 def make_bot(settings):
     """Create the TeleBot, pointed at TELEGRAM_API_URL, with explicit timeouts."""
     apihelper.API_URL = settings.telegram_api_url + '/bot{0}/{1}'
@@ -473,7 +483,7 @@ def make_bot(settings):
     apihelper.CONNECT_TIMEOUT = 10
     apihelper.READ_TIMEOUT = 30
     return telebot.TeleBot(settings.bot_token, threaded=True, num_threads=settings.worker_threads,
-                           skip_pending=False)
+                           skip_pending=False, exception_handler=LogErrors())
 
 
 def build_shop(settings):
