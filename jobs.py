@@ -21,7 +21,7 @@ from xui import XuiError
 log = logging.getLogger('jobs')
 
 POLL_BATCH = 1000  # getInvoices takes at most 1000 ids per call
-MISSING_GRACE = timedelta(minutes=10)  # a brand-new invoice may not be listed yet
+MISSING_GRACE = timedelta(minutes=10)  # Crypto Pay's clock and ours may differ a little
 ALERT_AFTER_FAILURES = 5
 REMINDERS = (  # kind, expiring no later than now + this, and later than now + the next step
     ('3', timedelta(days=3), timedelta(days=1)),
@@ -33,6 +33,9 @@ REMINDERS = (  # kind, expiring no later than now + this, and later than now + t
 def poll_payments(shop, messenger, now=None):
     """Ask Crypto Pay about every pending invoice, in batches; settle the paid, expire the dead."""
     now = now or utcnow()
+    # An invoice missing from an answer counts as gone only once it could no longer be paid anyway,
+    # so a partial answer never expires a payable invoice.
+    missing_before = now - timedelta(seconds=shop.settings.invoice_expires_seconds) - MISSING_GRACE
     after_id, settled = 0, 0
     while True:
         batch = list(Payment.select().where(Payment.status == PENDING, Payment.id > after_id)
@@ -44,7 +47,7 @@ def poll_payments(shop, messenger, now=None):
                     for invoice in shop.cryptopay.get_invoices([payment.invoice_id for payment in batch])}
         for payment in batch:
             invoice = invoices.get(payment.invoice_id)
-            if invoice is None and payment.created_at > now - MISSING_GRACE:
+            if invoice is None and payment.created_at > missing_before:
                 continue
             if shop.apply_invoice_state(payment, invoice, now=now):
                 settled += 1

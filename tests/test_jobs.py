@@ -65,7 +65,7 @@ def test_poller_batches_by_one_thousand(shop, cryptopay, telegram, messenger):
         Payment.create(invoice_id=10_000_000 + number, user=user, plan_days=30, amount=100, currency='RUB',
                        pay_url='x', created_at=NOW)
     calls_before = len(cryptopay.calls)
-    jobs.poll_payments(shop, messenger, now=NOW + timedelta(hours=1))
+    jobs.poll_payments(shop, messenger, now=NOW + timedelta(hours=2))
     polls = [params for method, params in cryptopay.calls[calls_before:] if method == 'getInvoices']
     assert len(polls) == 3
     assert sorted(len(str(params['invoice_ids']).split(',')) for params in polls) == [500, 1000, 1000]
@@ -73,13 +73,14 @@ def test_poller_batches_by_one_thousand(shop, cryptopay, telegram, messenger):
     assert Payment.select().where(Payment.status == EXPIRED).count() == 2500
 
 
-def test_poller_leaves_brand_new_unlisted_invoice_alone(shop, telegram, messenger):
+def test_poller_expires_an_unlisted_invoice_only_once_it_is_past_paying(shop, telegram, messenger, settings):
     user = customer(shop, telegram)
     Payment.create(invoice_id=424242, user=user, plan_days=30, amount=100, currency='RUB', pay_url='x',
                    created_at=NOW)
-    jobs.poll_payments(shop, messenger, now=NOW + timedelta(minutes=1))
+    payable_until = NOW + timedelta(seconds=settings.invoice_expires_seconds)
+    jobs.poll_payments(shop, messenger, now=payable_until)
     assert Payment.get().status == PENDING
-    jobs.poll_payments(shop, messenger, now=NOW + timedelta(minutes=11))
+    jobs.poll_payments(shop, messenger, now=payable_until + timedelta(minutes=11))
     assert Payment.get().status == EXPIRED
 
 
