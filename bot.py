@@ -5,6 +5,7 @@ Handlers decode the update, call a plain Shop method and format the reply.
 import functools
 import io
 import logging
+import re
 import signal
 import sys
 import threading
@@ -15,7 +16,7 @@ from peewee import IntegrityError, InterfaceError, OperationalError
 from qrcode.image.pure import PyPNGImage
 from telebot import apihelper
 from telebot.apihelper import ApiTelegramException
-from telebot.types import BotCommand, BotCommandScopeChat, BotCommandScopeDefault
+from telebot.types import BotCommand, BotCommandScopeChat, BotCommandScopeDefault, CallbackQuery
 
 import config
 import jobs
@@ -125,11 +126,14 @@ class ShopBot:
                 log.warning('telegram refused a reply user=%s: %s', update.from_user.id, exc.description)
             except (OperationalError, InterfaceError) as exc:
                 log.error('database unavailable user=%s: %s', update.from_user.id, type(exc).__name__)
-                chat = update.message.chat if hasattr(update, 'data') and update.message else update.chat
+                busy = t(shop_language(update.from_user.language_code), 'busy')
                 try:
-                    self.bot.send_message(chat.id, t(shop_language(update.from_user.language_code), 'busy'))
-                except ApiTelegramException:
-                    pass
+                    if isinstance(update, CallbackQuery):
+                        self.bot.answer_callback_query(update.id, busy)
+                    else:
+                        self.bot.send_message(update.chat.id, busy)
+                except ApiTelegramException as exc:
+                    log.warning('busy notice not sent user=%s: %s', update.from_user.id, exc.description)
         return wrapper
 
     def user_of(self, tg_user, invite_code=None):
@@ -388,7 +392,7 @@ class ShopBot:
         try:
             days = int(parts[0]) if len(parts) > 0 else 7
             uses = int(parts[1]) if len(parts) > 1 else 1
-        except ValueError:
+        except ValueError:  # int() takes only what a person would type as a number; '²' fails here
             days = uses = 0
         code = parts[2] if len(parts) > 2 else None
         if not (1 <= days <= 3650 and 1 <= uses <= 1_000_000) or len(parts) > 3 or \
@@ -425,7 +429,7 @@ class ShopBot:
     def admin_give(self, message, user, argument):
         parts = argument.split()
         customer = self.shop.find_user(parts[0]) if len(parts) == 2 else None
-        days = int(parts[1]) if len(parts) == 2 and parts[1].isdigit() else 0
+        days = int(parts[1]) if len(parts) == 2 and re.fullmatch('[0-9]{1,4}', parts[1]) else 0
         if customer is None or not 1 <= days <= 3650:
             self.reply(message.chat.id, 'Usage: /give &lt;id|@username&gt; &lt;days 1..3650&gt; (the user must have started the bot)')
             return

@@ -91,7 +91,8 @@ def retry_provisioning(shop, messenger, now=None):
                                       User.panel_retry_at.is_null() | (User.panel_retry_at <= now))
            .order_by(User.panel_retry_at.asc(nulls='first')).limit(500))
     for user in due:
-        shop.provision(user.id, now=now)
+        if not shop.provision(user.id, now=now):
+            break  # the panel is down: one failed call per run is enough to know it
     waiting = Payment.select().where(Payment.status == PAID, Payment.notified_at.is_null(),
                                      Payment.provisioned_at.is_null(False))
     delivered = sum(deliver_link(shop, messenger, payment, now) for payment in waiting)

@@ -17,7 +17,7 @@ def parse_callback(data):
     action, number = match['action'], match['number']
     if action in MENU_ACTIONS and number is None:
         return action, None
-    if action in ('plan', 'check') and number is not None:
+    if action in ('plan', 'check') and number is not None and int(number) < 2 ** 63:
         return action, int(number)
     return None, None
 

@@ -7,7 +7,8 @@ import secrets
 from datetime import datetime, timedelta, timezone
 
 from peewee import (SQL, BigIntegerField, BooleanField, CharField, DatabaseProxy, DateTimeField,
-                    DecimalField, ForeignKeyField, IntegerField, Model, SqliteDatabase, TextField)
+                    DecimalField, ForeignKeyField, IntegerField, InterfaceError, Model, OperationalError,
+                    SqliteDatabase, TextField)
 from playhouse import db_url
 from playhouse.migrate import PostgresqlMigrator, SqliteMigrator, migrate
 from playhouse.pool import PooledPostgresqlDatabase
@@ -175,7 +176,32 @@ MODELS = [User, Payment, PromoCode, Redemption, Referral, Gift, Grant, Reminder,
 MIGRATIONS = []
 
 class ReconnectingPostgresqlDatabase(ReconnectMixin, PooledPostgresqlDatabase):
-    """A pooled PostgreSQL database that reconnects once when the server dropped the connection."""
+    """A pooled PostgreSQL database that survives a server restart (or Neon dropping idle connections).
+
+    A statement outside a transaction that finds its connection dead is retried once on a new one;
+    the other idle connections of the pool died with it, so they are dropped at the same time.
+    """
+    reconnect_errors = (
+        (OperationalError, 'terminat'),  # terminating connection due to administrator command
+        (OperationalError, 'server closed the connection'),
+        (OperationalError, 'could not receive data'),
+        (OperationalError, 'ssl syscall error'),
+        (OperationalError, 'ssl connection has been closed'),
+        (InterfaceError, 'connection already closed'),
+    )
+
+    def _reconnect(self, func, *args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except (OperationalError, InterfaceError) as exc:
+            if self.in_transaction() or not any(
+                    isinstance(exc, kind) and fragment in str(exc).lower()
+                    for kind, fragment in self.reconnect_errors):
+                raise
+            self.close()
+            self.close_idle()
+            self.connect()
+            return func(*args, **kwargs)
 
 
 def connect_database(url, pool_size=20):

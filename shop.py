@@ -21,14 +21,20 @@ log = logging.getLogger('shop')
 
 RUSSIAN_REGION = {'ru', 'uk', 'be', 'kk', 'ky', 'uz', 'tg', 'tk', 'hy', 'az', 'ka'}
 PROMO_PATTERN = re.compile(r'^[A-Za-z0-9]{4,32}$')
+TELEGRAM_ID_PATTERN = re.compile(r'^-?[0-9]{1,18}$')  # fits a 64-bit column; '²'.isdigit() is True, this is not
 NOTIFY_LEASE = timedelta(minutes=2)  # a sender that crashed mid-send is replaced after this
-PANEL_BACKOFF_CAP = timedelta(minutes=30)
+PANEL_BACKOFF_CAP = timedelta(minutes=1)  # the link must follow within about a minute of the panel's return
 
 
 def language_for(language_code):
     """Pick 'ru' for Russian-region Telegram language codes, 'en' otherwise."""
     base = (language_code or '').split('-')[0].lower()
     return 'ru' if base in RUSSIAN_REGION else 'en'
+
+
+def without_nul(text):
+    """Drop U+0000, which PostgreSQL text cannot hold (Telegram lets users type it)."""
+    return text.replace('\x00', '') if text else text
 
 
 def as_aware(moment):
@@ -59,6 +65,7 @@ class Shop:
 
     def register(self, telegram_id, username, first_name, language_code, invite_code=None):
         """Return (user, created); record the inviter only for a brand-new user, never self-referral."""
+        username, first_name, invite_code = (without_nul(text) for text in (username, first_name, invite_code))
         user = User.get_or_none(User.telegram_id == telegram_id)
         language = language_for(language_code)
         if user is not None:
@@ -218,7 +225,7 @@ class Shop:
         return False
 
     def record_panel_failure(self, user, error, now):
-        """Count a failed panel push and schedule the next try with capped exponential backoff."""
+        """Count a failed panel push and schedule the next try (30 s, then every minute)."""
         delay = min(timedelta(seconds=30 * 2 ** min(user.panel_failures, 10)), PANEL_BACKOFF_CAP)
         User.update(panel_failures=User.panel_failures + 1, panel_retry_at=now + delay).where(
             User.id == user.id).execute()
@@ -312,8 +319,8 @@ class Shop:
 
     def find_user(self, query):
         """Find a user by Telegram id or @username (case-insensitive); None if absent."""
-        query = (query or '').strip()
-        if query.lstrip('-').isdigit():
+        query = without_nul(query or '').strip()
+        if TELEGRAM_ID_PATTERN.match(query):
             return User.get_or_none(User.telegram_id == int(query))
         name = query.lstrip('@').lower()
         return User.select().where(fn.LOWER(User.username) == name).first() if name else None
