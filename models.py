@@ -264,9 +264,10 @@ def grant_days(user_id, days, reason, reference, granted_by=None, now=None):
     :return: the new expiry.
     :raise IntegrityError: this (reason, reference) was granted before; nothing changes.
     """
-    now = (now or utcnow()).replace(microsecond=0)  # whole seconds: the panel keeps milliseconds
     with transaction():
         user = locked(User.select().where(User.id == user_id)).get()
+        # The clock is read under the lock, so grants are stamped in the order they are applied.
+        now = (now or utcnow()).replace(microsecond=0)  # whole seconds: the panel keeps milliseconds
         new_expiry = max(now, user.expires_at or now) + timedelta(days=days)
         Grant.create(user=user_id, days=days, reason=reason, reference=str(reference),
                      granted_by=granted_by, expires_before=user.expires_at,
@@ -277,9 +278,9 @@ def grant_days(user_id, days, reason, reference, granted_by=None, now=None):
 
 
 def derive_expiry(user_id):
-    """Re-derive a user's expiry from the ledger alone (for audits)."""
+    """Re-derive a user's expiry from the ledger alone (for audits), replaying grants in the order applied."""
     expiry = None
-    for grant in Grant.select().where(Grant.user == user_id).order_by(Grant.created_at, Grant.id):
+    for grant in Grant.select().where(Grant.user == user_id).order_by(Grant.id):
         start = max(grant.created_at, expiry or grant.created_at)
         expiry = start + timedelta(days=grant.days)
     return expiry

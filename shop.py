@@ -159,9 +159,8 @@ class Shop:
 
     def settle(self, invoice_id, paid_at=None, now=None):
         """Mark a paid invoice paid and grant its days, exactly once whoever calls; return True if this call did."""
-        now = now or utcnow()
         with transaction():
-            settled = (Payment.update(status=PAID, paid_at=paid_at or now)
+            settled = (Payment.update(status=PAID, paid_at=paid_at or now or utcnow())
                        .where(Payment.invoice_id == invoice_id, Payment.status.in_([PENDING, EXPIRED]))
                        .execute())
             if not settled:
@@ -174,7 +173,7 @@ class Shop:
 
     def reward_referral(self, invited_id, now):
         """Give the inviter their bonus once, at the invited user's first payment (inside settle's transaction)."""
-        rewarded = (Referral.update(rewarded_at=now)
+        rewarded = (Referral.update(rewarded_at=now or utcnow())
                     .where(Referral.invited == invited_id, Referral.rewarded_at.is_null()).execute())
         if rewarded:
             referral = Referral.get(Referral.invited == invited_id)
@@ -272,14 +271,13 @@ class Shop:
 
     def redeem_promo(self, user, text, now=None):
         """Redeem a promo code; return one of ok, invalid, unknown, expired, used_up, already (and the code)."""
-        now = now or utcnow()
         code = (text or '').strip().upper()
         if not PROMO_PATTERN.match(code):
             return 'invalid', None
         promo = PromoCode.get_or_none(PromoCode.code == code)
         if promo is None:
             return 'unknown', None
-        if promo.expires_at is not None and promo.expires_at <= now:
+        if promo.expires_at is not None and promo.expires_at <= (now or utcnow()):
             return 'expired', promo
         if Redemption.select().where(Redemption.promo == promo, Redemption.user == user).exists():
             return 'already', promo
@@ -289,7 +287,7 @@ class Shop:
                          .where(PromoCode.id == promo.id, PromoCode.used < PromoCode.max_uses).execute())
                 if not taken:
                     return 'used_up', promo
-                redemption = Redemption.create(promo=promo, user=user, created_at=now)
+                redemption = Redemption.create(promo=promo, user=user, created_at=now or utcnow())
                 grant_days(user.id, promo.days, 'promo', redemption.id, now=now)
         except IntegrityError:  # the same user redeemed it on another thread just now
             return 'already', promo
