@@ -47,14 +47,15 @@ def poll_payments(shop, messenger, now=None):
                     for invoice in shop.cryptopay.get_invoices([payment.invoice_id for payment in batch])}
         for payment in batch:
             invoice = invoices.get(payment.invoice_id)
-            if invoice is None and payment.created_at > missing_before:
-                continue
-            if shop.apply_invoice_state(payment, invoice, now=now):
-                settled += 1
-                shop.provision(payment.user_id, now=now)
-                deliver_link(shop, messenger, Payment.get_by_id(payment.id), now)
-            elif Payment.get_by_id(payment.id).status == models.EXPIRED:
-                tell_expired(messenger, payment)
+            if invoice is not None and invoice.get('status') == 'paid':
+                if shop.apply_invoice_state(payment, invoice, now=now):
+                    settled += 1
+                    shop.provision(payment.user_id, now=now)
+                    deliver_link(shop, messenger, Payment.get_by_id(payment.id), now)
+            elif invoice is not None and invoice.get('status') == 'expired' or (
+                    invoice is None and payment.created_at <= missing_before):
+                if shop.expire_payment(payment.invoice_id):
+                    tell_expired(messenger, payment)
     return settled
 
 
