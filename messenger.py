@@ -13,7 +13,7 @@ from models import User
 log = logging.getLogger('messenger')
 
 SENT, BLOCKED, FAILED = 'sent', 'blocked', 'failed'
-TELEGRAM_BROADCAST_RATE = 30  # messages per second: Telegram's documented ceiling for bulk sends
+TELEGRAM_BROADCAST_RATE = 29  # messages per second: just under Telegram's ceiling of 30 for bulk sends
 BLOCKED_HINTS = ('bot was blocked', 'user is deactivated', 'bot was kicked', 'chat not found')
 
 

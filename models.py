@@ -3,6 +3,7 @@
 All times are naive UTC datetimes. The database itself refuses a double credit:
 every grant of days is a Grant row, unique per (reason, reference).
 """
+import contextlib
 import secrets
 from datetime import datetime, timedelta, timezone
 
@@ -219,6 +220,18 @@ def connect_database(url, pool_size=20):
         raise ValueError('DATABASE_URL must start with sqlite:/// or postgresql://')
     db.initialize(database)
     return database
+
+
+def connection():
+    """Hold a connection for one unit of work: from the pool on PostgreSQL; on SQLite the thread's own.
+
+    A SQLite connection is cheap to keep and costs about a millisecond to open (with its pragmas),
+    so each handler thread keeps one open for its life instead.
+    """
+    if is_sqlite():
+        db.connect(reuse_if_open=True)
+        return contextlib.nullcontext()
+    return db.connection_context()
 
 
 def is_sqlite():

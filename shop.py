@@ -96,8 +96,9 @@ class Shop:
 
     def set_awaiting(self, user, what):
         """Remember (or with None, forget) which text input the user is expected to send next."""
-        User.update(awaiting=what).where(User.id == user.id).execute()
-        user.awaiting = what
+        if user.awaiting != what:  # most presses change nothing: spare the write (and SQLite's write lock)
+            User.update(awaiting=what).where(User.id == user.id).execute()
+            user.awaiting = what
 
     def subscription_link(self, user):
         return self.panel.subscription_link(user.panel_sub_id)
