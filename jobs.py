@@ -172,9 +172,7 @@ def reconcile(shop, now=None):
     except XuiError as exc:
         report.error = str(exc)
         return report
-    known = set()
     for user in User.select().where(User.expires_at > now).iterator():
-        known.add(user.panel_email.lower())
         report.checked += 1
         client = clients.get(user.panel_email.lower())
         if client is None:
@@ -194,8 +192,7 @@ def reconcile(shop, now=None):
             report.fixed += 1
         else:
             report.failed += 1
-    emails = User.select(User.panel_email)
-    ours = known | {email.lower() for (email,) in emails.tuples()}
+    ours = {email.lower() for (email,) in User.select(User.panel_email).tuples()}
     report.unknown = sorted(email for email in clients if email not in ours)
     log.info('reconcile checked=%s fixed=%s failed=%s unknown=%s', report.checked, report.fixed,
              report.failed, len(report.unknown))
