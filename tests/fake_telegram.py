@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
-DEFAULT_TOKEN = "123456789:AAHfakeLoopbackTokenForTests0000000"
+DEFAULT_TOKEN = "123456789:fake-loopback-token"
 DEFAULT_USERNAME = "spn_test_bot"
 
 MAX_TEXT = 4096  # UTF-16 units after entity parsing, as Telegram counts them
