@@ -157,6 +157,12 @@ def row(name, runs, failed, outcomes, clock):
     return f'| {name} | {runs} | {failed} | {payments} | {lost} | {double} | {recovery} |'
 
 
+def code_version():
+    """Name the commit the soak runs, and whether the working tree differs from it."""
+    describe = subprocess.run(['git', 'describe', '--always', '--dirty'], cwd=ROOT, capture_output=True, text=True)
+    return describe.stdout.strip() or 'unknown (not a git checkout)'
+
+
 @contextlib.contextmanager
 def throwaway_postgres():
     """Run a PostgreSQL server in a temp dir on 127.0.0.1 as an unprivileged user, as scripts/test.sh does."""
@@ -213,7 +219,8 @@ def main(argv=None):
         models.connect_database(url, pool_size=60)
         models.create_schema()
         sqlite = models.is_sqlite()
-        lines = [f'Database: {"SQLite" if sqlite else "PostgreSQL"}; {args.runs} run(s) of each scenario.', '',
+        lines = [f'Database: {"SQLite" if sqlite else "PostgreSQL"}; code: {code_version()}; '
+                 f'{args.runs} run(s) of each scenario.', '',
                  '| Scenario | Runs | Failed runs | Paid invoices | Lost | Double credits | Longest recovery |',
                  '|---|---|---|---|---|---|---|']
         for name, scenario, clock, postgres_only in SCENARIOS:

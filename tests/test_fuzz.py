@@ -135,7 +135,7 @@ def test_admin_commands_from_anyone_else_get_the_unknown_answer(chat, person, na
 
 
 @FUZZ
-@given(name=st.sampled_from(tuple(set(ADMIN_COMMANDS) - {'broadcast'})), argument=arguments)
+@given(name=st.sampled_from([name for name in ADMIN_COMMANDS if name != 'broadcast']), argument=arguments)
 def test_admin_commands_with_any_arguments_answer_the_admin(chat, name, argument):
     admin = {'id': ADMIN_ID, 'first_name': 'Boss', 'username': 'boss', 'language_code': 'en'}
     since = len(chat.telegram.sent)
