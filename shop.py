@@ -12,7 +12,7 @@ from datetime import timedelta, timezone
 from peewee import IntegrityError, fn
 
 import models
-from cryptobot import CryptoPayError, parse_time
+from cryptobot import parse_time
 from models import (EXPIRED, PAID, PENDING, Gift, Grant, Payment, PromoCode, Redemption, Referral,
                     User, grant_days, transaction, utcnow)
 from xui import XuiError

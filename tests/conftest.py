@@ -4,6 +4,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import telebot
+from telebot import apihelper
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -13,6 +15,8 @@ import config  # noqa: E402
 import models  # noqa: E402
 from cryptobot import CryptoPayClient  # noqa: E402
 from fake_cryptopay import FakeCryptoPay  # noqa: E402
+from fake_telegram import FakeTelegram  # noqa: E402
+from messenger import Messenger  # noqa: E402
 from fake_xui import FakePanel  # noqa: E402
 from shop import Shop  # noqa: E402
 from xui import XuiClient  # noqa: E402
@@ -60,6 +64,19 @@ def database(tmp_path):
 def panel():
     with FakePanel(generation='v3', username=PANEL_USER, password=PANEL_PASSWORD) as fake:
         yield fake
+
+
+@pytest.fixture
+def telegram():
+    with FakeTelegram(token=BOT_TOKEN) as fake:
+        yield fake
+
+
+@pytest.fixture
+def messenger(telegram):
+    """A Messenger over an in-process TeleBot that talks to the fake Telegram."""
+    apihelper.API_URL = telegram.url + '/bot{0}/{1}'
+    return Messenger(telebot.TeleBot(BOT_TOKEN, threaded=False))
 
 
 @pytest.fixture

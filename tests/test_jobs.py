@@ -3,30 +3,12 @@ import logging
 import threading
 from datetime import datetime, timedelta, timezone
 
-import pytest
-import telebot
-from telebot import apihelper
 
 import jobs
 import models
-from conftest import BOT_TOKEN
-from fake_telegram import FakeTelegram
-from messenger import Messenger
 from models import EXPIRED, PAID, PENDING, Payment, Reminder, User
 
 NOW = datetime(2026, 11, 26, 12, 0, 0)
-
-
-@pytest.fixture
-def telegram():
-    with FakeTelegram(token=BOT_TOKEN) as fake:
-        yield fake
-
-
-@pytest.fixture
-def messenger(telegram):
-    apihelper.API_URL = telegram.url + '/bot{0}/{1}'
-    return Messenger(telebot.TeleBot(BOT_TOKEN, threaded=False), sleep=lambda seconds: None)
 
 
 def customer(shop, telegram, telegram_id=1001, lang='en'):
@@ -157,7 +139,7 @@ def test_reminders_once_per_period_and_rearmed_by_renewal(shop, telegram, messen
 
 
 def test_reminders_skip_users_who_blocked_the_bot(shop, telegram, messenger):
-    user = customer(shop, telegram)
+    customer(shop, telegram)
     User.update(expires_at=NOW + timedelta(hours=12), blocked=True).execute()
     assert jobs.send_reminders(shop, messenger, now=NOW) == 0
 

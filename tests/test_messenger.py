@@ -1,24 +1,6 @@
 """Outgoing messages against the loopback Bot API: 429s waited out, blocked users marked, broadcasts paced."""
-import pytest
-import telebot
-from telebot import apihelper
-
-from conftest import BOT_TOKEN
-from fake_telegram import FakeTelegram
-from messenger import BLOCKED, FAILED, SENT, Messenger
+from messenger import BLOCKED, FAILED, SENT
 from models import User
-
-
-@pytest.fixture
-def telegram():
-    with FakeTelegram(token=BOT_TOKEN) as fake:
-        yield fake
-
-
-@pytest.fixture
-def messenger(telegram):
-    apihelper.API_URL = telegram.url + '/bot{0}/{1}'
-    return Messenger(telebot.TeleBot(BOT_TOKEN, threaded=False))
 
 
 def users(telegram, count, first_id=5000):

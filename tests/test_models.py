@@ -4,7 +4,6 @@ from decimal import Decimal
 
 import pytest
 from peewee import CharField, IntegrityError
-from playhouse.migrate import migrate as run_migration  # noqa: F401 (documents what apply_migrations uses)
 
 import models
 from models import Gift, Grant, Payment, PromoCode, Redemption, Referral, Reminder, User, grant_days
