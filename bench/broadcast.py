@@ -37,8 +37,9 @@ def scenario(url, panel, cryptopay, tmp, args, label, flood_every):
                                               '--flood-every', flood_every,
                                               '--flood-retry-after', args.flood_retry_after)
     env = common.bot_env(url, panel, cryptopay, tg_url, Path(tmp) / 'backups')
-    bot = common.start_bot(env, Path(tmp) / f'bot-broadcast-{flood_every}.log', tg_url)
+    bot = None
     try:
+        bot = common.start_bot(env, Path(tmp) / f'bot-broadcast-{flood_every}.log', tg_url)
         fake_post(tg_url, '/_bench/send', {'user': ADMIN, 'text': '/broadcast Hello from the benchmark'})
         began = time.monotonic()
         last, last_change = -1, time.monotonic()
@@ -51,7 +52,7 @@ def scenario(url, panel, cryptopay, tmp, args, label, flood_every):
             time.sleep(1)
         results = fake_get(tg_url, '/_bench/results', timeout=120)
     finally:
-        output = bot.stop()
+        output = bot.stop() if bot else ''
         tg.stop()
     sends = sorted(results['sends'])
     ok = [t for t, chat, status in sends if status == 200]

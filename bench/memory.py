@@ -37,8 +37,9 @@ def run_bot(url, panel, cryptopay, tmp, args, label, updates, users):
     tg, tg_url = common.start_telegram_server(*tg_args)
     env = common.bot_env(url, panel, cryptopay, tg_url, Path(tmp) / 'backups', WORKER_THREADS=args.threads,
                          DB_POOL_SIZE=args.threads + 4)
-    bot = common.start_bot(env, Path(tmp) / f'bot-mem-{label}.log', tg_url)
+    bot = None
     try:
+        bot = common.start_bot(env, Path(tmp) / f'bot-mem-{label}.log', tg_url)
         time.sleep(1)
         started_rss = status(bot.pid)[0]
         began = time.monotonic()
@@ -52,7 +53,8 @@ def run_bot(url, panel, cryptopay, tmp, args, label, updates, users):
         rss, peak = status(bot.pid)
         done = fake_get(tg_url, '/_bench/stats')['done'] if updates else 0
     finally:
-        bot.stop()
+        if bot:
+            bot.stop()
         tg.stop()
     line = f'  {label:34} RSS after start {started_rss:5.1f} MB'
     if updates:
