@@ -5,6 +5,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+import requests
 from telebot.apihelper import ApiException, ApiTelegramException
 
 import models
@@ -58,7 +59,7 @@ class Messenger:
                     return BLOCKED
                 log.warning('telegram refused %s user=%s: %s', method, chat_id, exc.description)
                 return FAILED
-            except ApiException as exc:  # transport trouble: try again shortly
+            except (ApiException, requests.RequestException) as exc:  # transport trouble: try again shortly
                 log.warning('telegram unreachable for %s user=%s (attempt %s): %s',
                             method, chat_id, attempt + 1, type(exc).__name__)
                 self.sleep(min(2 ** attempt, 10))

@@ -213,9 +213,10 @@ def connect_database(url, pool_size=20):
             params.pop('database'), max_connections=pool_size, stale_timeout=300, timeout=10,
             connect_timeout=10, **params)
     elif url.startswith('sqlite:'):
+        # 2 MB of page cache per connection: every handler thread keeps its own (see connection())
         database = db_url.connect(url, pragmas={
             'journal_mode': 'wal', 'synchronous': 'normal', 'foreign_keys': 1,
-            'busy_timeout': 15000, 'cache_size': -8000})
+            'busy_timeout': 15000, 'cache_size': -2000})
     else:
         raise ValueError('DATABASE_URL must start with sqlite:/// or postgresql://')
     db.initialize(database)

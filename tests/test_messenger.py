@@ -54,3 +54,10 @@ def test_broadcast_never_exceeds_its_rate(database, telegram, messenger):
     # in any one-second window at most `rate` sends started (plus the few already handed to senders)
     busiest = max(sum(1 for moment in times if start <= moment < start + 1) for start in times)
     assert busiest <= rate + 4
+
+
+def test_telegram_unreachable_is_a_failure_not_a_crash(database, telegram, messenger):
+    users(telegram, 1)
+    telegram.close()
+    messenger.sleep = lambda seconds: None
+    assert messenger.send(5000, 'hello') == FAILED
