@@ -97,6 +97,12 @@ def command_argument(text):
     return parts[1].strip() if len(parts) > 1 else ''
 
 
+def pressed_in_private(call):
+    """Tell whether a button press came from a message in the presser's own private chat with the bot."""
+    message = call.message
+    return message is not None and message.chat.type == 'private' and message.chat.id == call.from_user.id
+
+
 class ShopBot:
     """The Telegram side of the shop: registers handlers on a TeleBot and answers updates."""
 
@@ -106,13 +112,17 @@ class ShopBot:
         self.settings = settings
         self.messenger = Messenger(bot)
         self.username = None
-        bot.register_message_handler(self.guarded(self.on_command), content_types=['text'],
+        # The shop works only in private chats: in a group a reply (a link, a QR code, a customer's data)
+        # would be seen by every member, so group messages get no handler and register nobody.
+        private = ['private']
+        bot.register_message_handler(self.guarded(self.on_command), content_types=['text'], chat_types=private,
                                      func=lambda message: (message.text or '').startswith('/'))
-        bot.register_message_handler(self.guarded(self.on_text), content_types=['text'])
-        bot.register_message_handler(self.guarded(self.on_other), content_types=[
+        bot.register_message_handler(self.guarded(self.on_text), content_types=['text'], chat_types=private)
+        bot.register_message_handler(self.guarded(self.on_other), chat_types=private, content_types=[
             'audio', 'photo', 'voice', 'video', 'document', 'location', 'contact', 'sticker', 'animation',
             'video_note', 'poll', 'dice', 'venue'])
-        bot.register_callback_query_handler(self.guarded(self.on_button), func=lambda call: True)
+        bot.register_callback_query_handler(self.guarded(self.on_button), func=pressed_in_private)
+        bot.register_callback_query_handler(self.on_button_elsewhere, func=lambda call: True)
 
     # Plumbing
 
@@ -262,6 +272,10 @@ class ShopBot:
         finally:
             self.answer(call, notice)
 
+    def on_button_elsewhere(self, call):
+        """Stop the spinner of a press outside the presser's private chat; show nothing, register nobody."""
+        self.answer(call, t(shop_language(call.from_user.language_code), 'private_only'))
+
     def answer(self, call, notice):
         try:
             self.bot.answer_callback_query(call.id, notice)
@@ -334,7 +348,7 @@ class ShopBot:
         lines += [t(lang, 'sub_link', link=link), t(lang, 'sub_howto')]
         self.show(call, '\n\n'.join(lines), keyboards.renew(lang) if not user.is_active() else
                   keyboards.back_to_menu(lang))
-        self.bot.send_photo(call.message.chat.id, qr_png(link), caption=t(lang, 'qr_caption'))
+        self.bot.send_photo(user.telegram_id, qr_png(link), caption=t(lang, 'qr_caption'))
         return None
 
     def button_gift(self, call, user, _):
