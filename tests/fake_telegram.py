@@ -67,8 +67,6 @@ HTML_TAGS = {
 NAMED_ENTITIES = {"lt": "<", "gt": ">", "amp": "&", "quot": '"'}
 HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 DEC_DIGITS = frozenset("0123456789")
-# the Bot API documents that every "&" outside an entity must be written &amp;
-COMPLETE_ENTITY_RE = re.compile(r"&(?:lt|gt|amp|quot|#[0-9]{1,7}|#x[0-9a-fA-F]{1,6});")
 TAG_NAME_RE = re.compile(r"[^\s>]*")
 ATTR_RE = re.compile(r"""([^\s=>/"']+)(?:\s*=\s*("[^"]*"|'[^']*'|[^\s>]*))?""")
 COMMAND_RE = re.compile(r"/[A-Za-z0-9_]{1,64}(?:@[A-Za-z0-9_]{3,32})?(?=\s|$)")
@@ -227,9 +225,9 @@ def parse_html(text, strict=True):
     while pos < len(text):
         char = text[pos]
         if char == "&":
-            if strict and not COMPLETE_ENTITY_RE.match(text, pos):
-                raise fail(f'Character "&" must be escaped as "&amp;" {at(pos)}')
             decoded, end = decode_entity(text, pos)
+            if strict and (decoded is None or text[end - 1] != ";"):
+                raise fail(f'Character "&" must be escaped as "&amp;" {at(pos)}')
             if decoded is not None:
                 plain.append(decoded)
                 emitted += utf16_len(decoded)
