@@ -149,18 +149,17 @@ class ReconcileReport:
     failed: int = 0
     error: str = ''
 
-    def text(self):
+    def text(self, lang='en'):
+        """The admins' report as Telegram HTML (panel emails and errors escaped by t())."""
         if self.error:
-            return f'Sync failed: {self.error}'
+            return t(lang, 'adm_sync_failed', error=self.error)
+
         def few(items):
-            return ', '.join(str(item) for item in items[:10]) + (' …' if len(items) > 10 else '')
-        lines = [f'Sync: {self.checked} active users checked, {self.fixed} fixed, {self.failed} not fixed.',
-                 f'Missing on the panel: {len(self.missing)} {few(self.missing)}'.rstrip(),
-                 f'Wrong expiry: {len(self.wrong_expiry)} {few(self.wrong_expiry)}'.rstrip(),
-                 f'Disabled while paid: {len(self.disabled)} {few(self.disabled)}'.rstrip(),
-                 f'Panel ahead of the ledger: {len(self.ahead)} {few(self.ahead)}'.rstrip(),
-                 f'Unknown panel clients (left alone): {len(self.unknown)} {few(self.unknown)}'.rstrip()]
-        return '\n'.join(lines)
+            shown = ', '.join(str(item) for item in items[:10]) + (' …' if len(items) > 10 else '')
+            return f'{len(items)} {shown}'.rstrip()
+        return t(lang, 'adm_sync', checked=self.checked, fixed=self.fixed, failed=self.failed,
+                 missing=few(self.missing), wrong_expiry=few(self.wrong_expiry), disabled=few(self.disabled),
+                 ahead=few(self.ahead), unknown=few(self.unknown))
 
 
 def reconcile(shop, now=None):
@@ -203,7 +202,8 @@ def report_reconcile(shop, messenger, now=None):
     """Run the reconciliation and send its report to the admins."""
     report = reconcile(shop, now)
     for admin_id in shop.settings.admin_ids:
-        messenger.send(admin_id, report.text())
+        admin = User.get_or_none(User.telegram_id == admin_id)
+        messenger.send(admin_id, report.text(admin.language if admin else 'en'))
     return report
 
 
