@@ -13,6 +13,11 @@ at it with ``TELEGRAM_API_URL=fake.url``.
     fake.press(alice, menu, "buy")
     fake.close()
 
+HTML is checked as Telegram parses it (tdlib's rules and error texts), and stricter in one
+point the Bot API documents: a bare "&" is refused (``strict_html = False`` shows it, as
+Telegram does). Lengths are the visible text's UTF-16 units. Groups: ``add_chat(id,
+kind="supergroup")``, ``send_text(user, text, chat_id=id)``, ``post_as_bot(id, text, markup)``.
+
 Run it alone for benchmarks: ``python tests/fake_telegram.py --port 0 [--synthetic N]``
 prints its URL, serves until SIGTERM, then prints a JSON summary; ``GET /_fake/stats``
 returns the same summary while it runs.
