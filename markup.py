@@ -98,6 +98,8 @@ def check_html(markup):
             open_tags.pop()
         elif name not in TAGS:
             return f'{tag} is not a tag Telegram knows'
+        elif name == 'span' and not re.search(r'class\s*=\s*["\']?tg-spoiler', tag):
+            return '<span> needs class="tg-spoiler"'
         else:
             open_tags.append(name)
     return f'<{open_tags[-1]}> is not closed' if open_tags else ''

@@ -223,7 +223,11 @@ def _template_problem(text, allowed):
     if unknown:
         return (f'unknown placeholder {{{unknown[0]}}} (it may use '
                 f'{", ".join("{" + name + "}" for name in sorted(allowed))})')
-    return check_html(text.format_map({name: 'x' for name in names}))
+    try:
+        sample = text.format_map({name: 'x' for name in names})
+    except (ValueError, KeyError, IndexError, AttributeError) as exc:
+        return f'bad placeholder ({exc})'
+    return check_html(sample)
 
 
 def plan_name(lang, days):

@@ -263,6 +263,9 @@ def test_the_texts_file_overrides_texts_per_language(telegram, panel, cryptopay,
     ('[en]\nwelcome = "Hi & bye"\n', "TEXTS_FILE: [en] welcome: write & as &amp; (and < as &lt;, > as &gt;)"),
     ('[en]\nwelcome = "<br>"\n', "TEXTS_FILE: [en] welcome: <br> is not a tag Telegram knows"),
     ('[en]\nwelcome = 5\n', "TEXTS_FILE: [en] welcome must be a string"),
+    ('[en]\nsub_active = "until {expiry} ({days:.2f} days)"\n',
+     "TEXTS_FILE: [en] sub_active: bad placeholder (Unknown format code 'f' for object of type 'str')"),
+    ('[en]\nwelcome = "<span>{name}</span>"\n', 'TEXTS_FILE: [en] welcome: <span> needs class="tg-spoiler"'),
     ('[en\nwelcome = "x"\n', "TEXTS_FILE: not valid TOML: "),
 ])
 def test_a_bad_texts_file_is_one_clear_line(panel, cryptopay, database, tmp_path, body, expected):
