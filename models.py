@@ -163,6 +163,27 @@ class Reminder(BaseModel):
         indexes = ((('user', 'kind', 'period_end'), True),)
 
 
+class PromoAttempt(BaseModel):
+    """A promo code a user tried that did not give days (rows in flight count too, so threads cannot race past)."""
+    user = ForeignKeyField(User, backref='promo_attempts', on_delete='CASCADE')
+    created_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = 'promo_attempts'
+        indexes = ((('user', 'created_at'), False),)
+
+
+class InvoiceMismatch(BaseModel):
+    """A 'paid' answer from Crypto Pay that did not match our payment row: nothing was settled for it."""
+    payment = ForeignKeyField(Payment, unique=True, backref='mismatch', on_delete='CASCADE')
+    detail = TextField()  # which fields differed, e.g. "amount '0.01' (ours 900.00)"
+    created_at = DateTimeField(default=utcnow)
+    alerted_at = DateTimeField(null=True)  # when the admins were told; they are told once
+
+    class Meta:
+        table_name = 'invoice_mismatches'
+
+
 class SchemaVersion(BaseModel):
     version = IntegerField(primary_key=True)
     applied_at = DateTimeField(default=utcnow)
@@ -171,7 +192,8 @@ class SchemaVersion(BaseModel):
         table_name = 'schema_versions'
 
 
-MODELS = [User, Payment, PromoCode, Redemption, Referral, Gift, Grant, Reminder, SchemaVersion]
+MODELS = [User, Payment, PromoCode, Redemption, Referral, Gift, Grant, Reminder, PromoAttempt, InvoiceMismatch,
+          SchemaVersion]
 
 # Schema changes after the first release: (version, function(migrator) -> list of operations).
 MIGRATIONS = []
