@@ -413,10 +413,12 @@ def forged_answers(cryptopay, payment):
         'payload': dict(payload='user:666:days:365'),
         'no_payload': dict(payload=None),
         'crypto': dict(currency_type='crypto', asset='USDT', fiat=None),
+        'hostile_payload': dict(payload='</code><a href="tg://user?id=1">&amp'),
     }
 
 
-@pytest.mark.parametrize('forgery', ['other_invoice', 'fiat', 'amount', 'payload', 'no_payload', 'crypto'])
+@pytest.mark.parametrize('forgery', ['other_invoice', 'fiat', 'amount', 'payload', 'no_payload', 'crypto',
+                                     'hostile_payload'])
 @pytest.mark.parametrize('path', ['check', 'poller'])
 def test_a_paid_answer_that_does_not_match_our_invoice_settles_nothing(shop, cryptopay, telegram, messenger,
                                                                        forgery, path, caplog):
