@@ -44,13 +44,15 @@ def poll_payments(shop, messenger, now=None):
         if not batch:
             break
         after_id = batch[-1].id
-        answer = shop.cryptopay.get_invoices([payment.invoice_id for payment in batch])
+        asked = {payment.invoice_id for payment in batch}
+        answer = shop.cryptopay.get_invoices(sorted(asked))
         invoices = {invoice.get('invoice_id'): invoice for invoice in answer}
+        # a paid invoice we did not ask for that carries one of our payloads is judged as that payment's answer
         strangers = {invoice.get('payload'): invoice for invoice in answer
-                     if invoice.get('invoice_id') not in {payment.invoice_id for payment in batch}}
+                     if invoice.get('invoice_id') not in asked and invoice.get('status') == 'paid'}
         for payment in batch:
             invoice = invoices.get(payment.invoice_id)
-            if invoice is None and strangers:  # an answer about an invoice we did not ask for, carrying our payload
+            if invoice is None and strangers:
                 invoice = strangers.get(invoice_payload(payment.user.telegram_id, payment.plan_days))
             if invoice is not None and invoice.get('status') == 'paid':
                 if shop.apply_invoice_state(payment, invoice, now=now):

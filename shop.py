@@ -32,10 +32,12 @@ NOTIFY_LEASE = timedelta(minutes=2)  # a sender that crashed mid-send is replace
 PANEL_BACKOFF_CAP = timedelta(minutes=1)  # the link must follow within about a minute of the panel's return
 
 
-# One push (and one invoice creation) per user at a time in this process, across the Shop instances of the
-# handlers and of the jobs; other processes are made safe by the guards in the database.
+# One push per user at a time in this process, across the Shop instances of the handlers and of the jobs;
+# pushes from other processes are made safe by the expiry guard in _push_to_panel.
 _PROVISION_LOCKS = [threading.Lock() for _ in range(64)]
-_INVOICE_LOCKS = [threading.Lock() for _ in range(64)]
+# The users whose invoice is being created in this process right now (one creation per buyer at a time).
+_CREATING = set()
+_CREATING_LOCK = threading.Lock()
 
 
 class TooManyInvoices(Exception):
@@ -166,9 +168,10 @@ class Shop:
         plan = self.settings.plan(plan_days)
         if plan is None:
             raise KeyError(plan_days)
-        lock = _INVOICE_LOCKS[user.id % len(_INVOICE_LOCKS)]
-        if not lock.acquire(blocking=False):
-            raise InvoiceInProgress(user.telegram_id)
+        with _CREATING_LOCK:
+            if user.id in _CREATING:
+                raise InvoiceInProgress(user.telegram_id)
+            _CREATING.add(user.id)
         try:
             now = now or utcnow()
             fresh_after = now - timedelta(seconds=self.settings.invoice_expires_seconds) + FRESH_MARGIN
@@ -190,7 +193,8 @@ class Shop:
                                      amount=plan.price, currency=self.settings.currency,
                                      pay_url=invoice['bot_invoice_url'], created_at=now)
         finally:
-            lock.release()
+            with _CREATING_LOCK:
+                _CREATING.discard(user.id)
         log.info('invoice created user=%s invoice=%s days=%s', user.telegram_id, payment.invoice_id, plan.days)
         return payment
 

@@ -486,3 +486,29 @@ def test_plan_prices_with_allowed_decimals_kept_exact(panel, cryptopay, database
     from conftest import settings_env
     settings = config.load(settings_env(panel, cryptopay, database, PLANS='30:99.99,90:270.5,180:500'))
     assert [str(plan.price) for plan in settings.plans] == ['99.99', '270.5', '500']
+
+
+def test_one_invoice_creation_per_buyer_at_a_time(shop, cryptopay, settings):
+    from conftest import make_shop
+    from shop import InvoiceInProgress
+    first, second = register(shop, 1), register(shop, 2)
+    for n in range(3, 66):  # so that user ids 1 and 65 exist: a lock shared by ids would show here
+        register(shop, n)
+    neighbour = User.get_by_id(first.id + 64)
+    cryptopay.hang_next(1, seconds=1)
+    created = []
+
+    def slow():
+        with models.db.connection_context():
+            created.append(make_shop(settings).create_invoice(first, 30))
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    while not any(method == 'createInvoice' for method, _ in cryptopay.calls):
+        time.sleep(0.01)
+    with pytest.raises(InvoiceInProgress):
+        shop.create_invoice(first, 90)
+    assert shop.create_invoice(second, 30).status == PENDING  # other buyers are not held up
+    assert shop.create_invoice(neighbour, 30).status == PENDING
+    thread.join()
+    assert created and shop.create_invoice(first, 30).invoice_id == created[0].invoice_id
