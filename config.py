@@ -80,8 +80,10 @@ def parse_plans(text, currency='RUB'):
         days, price = int(days), Decimal(price.strip())
         if days <= 0 or price <= 0 or days in plans:
             raise SettingError(PLANS_FORMAT)
-        if -price.as_tuple().exponent > places and price != price.quantize(Decimal(1).scaleb(-places)):
-            raise SettingError(f'PLANS price {price} has more decimals than {currency} has ({places})')
+        if -price.as_tuple().exponent > places:
+            if price != price.quantize(Decimal(1).scaleb(-places)):
+                raise SettingError(f'PLANS price {price} has more decimals than {currency} has ({places})')
+            price = price.quantize(Decimal(1).scaleb(-places))  # 99.990 is 99.99
         plans[days] = Plan(days, price)
     return tuple(sorted(plans.values(), key=lambda plan: plan.days))
 

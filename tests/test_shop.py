@@ -484,8 +484,8 @@ def test_plan_prices_limited_to_the_currency_minor_units(panel, cryptopay, datab
 def test_plan_prices_with_allowed_decimals_kept_exact(panel, cryptopay, database):
     import config
     from conftest import settings_env
-    settings = config.load(settings_env(panel, cryptopay, database, PLANS='30:99.99,90:270.5,180:500'))
-    assert [str(plan.price) for plan in settings.plans] == ['99.99', '270.5', '500']
+    settings = config.load(settings_env(panel, cryptopay, database, PLANS='30:99.99,90:270.5,180:500,365:899.990'))
+    assert [str(plan.price) for plan in settings.plans] == ['99.99', '270.5', '500', '899.99']
 
 
 def test_one_invoice_creation_per_buyer_at_a_time(shop, cryptopay, settings):
