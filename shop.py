@@ -174,7 +174,8 @@ class Shop:
             _CREATING.add(user.id)
         try:
             now = now or utcnow()
-            fresh_after = now - timedelta(seconds=self.settings.invoice_expires_seconds) + FRESH_MARGIN
+            lifetime = timedelta(seconds=self.settings.invoice_expires_seconds)
+            fresh_after = now - lifetime + min(FRESH_MARGIN, lifetime / 2)
             pending = list(Payment.select().where(Payment.user == user.id, Payment.status == PENDING,
                                                   Payment.created_at > fresh_after).order_by(Payment.id.desc()))
             for payment in pending:

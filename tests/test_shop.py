@@ -512,3 +512,16 @@ def test_one_invoice_creation_per_buyer_at_a_time(shop, cryptopay, settings):
     assert shop.create_invoice(neighbour, 30).status == PENDING
     thread.join()
     assert created and shop.create_invoice(first, 30).invoice_id == created[0].invoice_id
+
+
+def test_limits_hold_with_short_invoice_lifetimes(panel, cryptopay, database):
+    import config
+    from conftest import make_shop, settings_env
+    from shop import TooManyInvoices
+    quick = make_shop(config.load(settings_env(panel, cryptopay, database, INVOICE_EXPIRES_SECONDS=60)))
+    user = register(quick)
+    assert quick.create_invoice(user, 30).invoice_id == quick.create_invoice(user, 30).invoice_id
+    for days in (90, 180):
+        quick.create_invoice(user, days)
+    with pytest.raises(TooManyInvoices):
+        quick.create_invoice(user, 365)
