@@ -16,7 +16,7 @@ import models
 from cryptobot import CryptoPayError
 from models import PAID, PENDING, Grant, Payment, Reminder, User, utcnow
 from shop import invoice_payload
-from texts import html, show_date, t
+from texts import show_date, t
 from xui import XuiError
 
 log = logging.getLogger('jobs')
@@ -72,10 +72,8 @@ def alert_mismatches(shop, messenger, now=None):
     alerts = shop.claim_mismatch_alerts(now)
     for mismatch in alerts:
         payment = mismatch.payment
-        text = (f'⚠️ Crypto Pay called invoice {payment.invoice_id} (user {payment.user.telegram_id}, '
-                f'{payment.plan_days} days, {payment.amount} {payment.currency}) paid, but its answer does not '
-                f'match what we created: {html(mismatch.detail)}. Nothing was settled. Check the invoice in '
-                '@CryptoBot and CRYPTOPAY_URL.')
+        text = t('en', 'adm_invoice_mismatch', invoice=payment.invoice_id, user=payment.user.telegram_id,
+                 days=payment.plan_days, amount=payment.amount, currency=payment.currency, detail=mismatch.detail)
         for admin_id in shop.settings.admin_ids:
             messenger.send(admin_id, text)
     return len(alerts)
