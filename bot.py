@@ -22,6 +22,7 @@ import config
 import jobs
 import keyboards
 import models
+import tgsender
 from cryptobot import CryptoPayClient, CryptoPayError
 from messenger import Messenger
 from shop import InvoiceInProgress, Shop, TooManyInvoices, language_for as shop_language
@@ -519,6 +520,7 @@ def make_bot(settings):
     apihelper.FILE_URL = settings.telegram_api_url + '/file/bot{0}/{1}'
     apihelper.CONNECT_TIMEOUT = 10
     apihelper.READ_TIMEOUT = 30
+    apihelper.CUSTOM_REQUEST_SENDER = tgsender.RequestSender()  # urllib3, kept-alive; telebot's errors
     return telebot.TeleBot(settings.bot_token, threaded=True, num_threads=settings.worker_threads,
                            skip_pending=False, exception_handler=LogErrors())
 
