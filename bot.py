@@ -10,10 +10,10 @@ import signal
 import sys
 import threading
 
-import qrcode
 import telebot
+import zxingcpp
 from peewee import IntegrityError, InterfaceError, OperationalError
-from qrcode.image.pure import PyPNGImage
+from PIL import Image
 from telebot import apihelper
 from telebot.apihelper import ApiTelegramException
 from telebot.types import BotCommand, BotCommandScopeChat, BotCommandScopeDefault, CallbackQuery
@@ -84,11 +84,18 @@ def secrets_of(settings):
             password, settings.bot_token.partition(':')[2]]
 
 
-@functools.lru_cache(maxsize=1024)
-def qr_png(link):
-    """Render a link as a PNG QR code (cached: a buyer's link never changes, rendering takes ~12 ms)."""
+def qr_png(link, scale=8):
+    """Render a link as a black-and-white PNG QR code: error correction M, 4-module quiet zone, scale px a module.
+
+    zxing-cpp encodes (C++, ~0.4 ms), Pillow writes the PNG (~1 ms); qrcode + pypng took ~25 ms.
+    """
+    code = zxingcpp.create_barcode(link, zxingcpp.BarcodeFormat.QRCode, ec_level='M')
+    modules = code.to_image(scale=1, add_quiet_zones=True)  # 8-bit grey, one pixel a module
+    height, width = modules.shape
+    image = Image.frombuffer('L', (width, height), bytes(modules), 'raw', 'L', 0, 1)
+    image = image.convert('1', dither=Image.Dither.NONE).resize((width * scale, height * scale), Image.NEAREST)
     buffer = io.BytesIO()
-    qrcode.make(link, image_factory=PyPNGImage, box_size=8).save(buffer)
+    image.save(buffer, 'PNG')
     return buffer.getvalue()
 
 
@@ -373,8 +380,25 @@ class ShopBot:
         lines += [t(lang, 'sub_link', link=link), t(lang, 'sub_howto')]
         self.show(call, '\n\n'.join(lines), keyboards.renew(lang) if not user.is_active() else
                   keyboards.back_to_menu(lang))
-        self.bot.send_photo(user.telegram_id, qr_png(link), caption=clip_plain(plain(lang, 'qr_caption'), MAX_CAPTION))
+        self.send_qr(user.telegram_id, user, link, clip_plain(plain(lang, 'qr_caption'), MAX_CAPTION))
         return None
+
+    def send_qr(self, chat_id, user, link, caption):
+        """Send the QR code of link: by Telegram's file_id when this link was uploaded before, else as a PNG."""
+        known = models.QrPhoto.get_or_none(models.QrPhoto.user == user.id)
+        if known is not None and known.link == link:
+            try:
+                self.bot.send_photo(chat_id, known.file_id, caption=caption)
+                return
+            except ApiTelegramException as exc:  # e.g. the file_id of another bot token: upload anew
+                if exc.error_code != 400:
+                    raise
+                log.info('stored QR photo refused user=%s: %s', user.telegram_id, exc.description)
+        sent = self.bot.send_photo(chat_id, qr_png(link), caption=caption)
+        file_id = sent.photo[-1].file_id
+        models.QrPhoto.insert(user=user.id, link=link, file_id=file_id).on_conflict(
+            conflict_target=[models.QrPhoto.user],
+            update={models.QrPhoto.link: link, models.QrPhoto.file_id: file_id}).execute()
 
     def button_gift(self, call, user, _):
         lang, settings = user.language, self.settings

@@ -184,6 +184,16 @@ class InvoiceMismatch(BaseModel):
         table_name = 'invoice_mismatches'
 
 
+class QrPhoto(BaseModel):
+    """A buyer's QR code as Telegram keeps it: uploaded once as a PNG, then sent by file_id while the link holds."""
+    user = ForeignKeyField(User, primary_key=True, on_delete='CASCADE')
+    link = TextField()  # the subscription link the code encodes; another link means a new upload
+    file_id = TextField()  # Telegram's id of the uploaded photo (largest size)
+
+    class Meta:
+        table_name = 'qr_photos'
+
+
 class SchemaVersion(BaseModel):
     version = IntegerField(primary_key=True)
     applied_at = DateTimeField(default=utcnow)
@@ -193,7 +203,7 @@ class SchemaVersion(BaseModel):
 
 
 MODELS = [User, Payment, PromoCode, Redemption, Referral, Gift, Grant, Reminder, PromoAttempt, InvoiceMismatch,
-          SchemaVersion]
+          QrPhoto, SchemaVersion]
 
 # Schema changes after the first release: (version, function(migrator) -> list of operations).
 MIGRATIONS = []
