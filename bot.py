@@ -385,20 +385,17 @@ class ShopBot:
 
     def send_qr(self, chat_id, user, link, caption):
         """Send the QR code of link: by Telegram's file_id when this link was uploaded before, else as a PNG."""
-        known = models.QrPhoto.get_or_none(models.QrPhoto.user == user.id)
-        if known is not None and known.link == link:
+        if user.qr_file_id and user.qr_link == link:
             try:
-                self.bot.send_photo(chat_id, known.file_id, caption=caption)
+                self.bot.send_photo(chat_id, user.qr_file_id, caption=caption)
                 return
             except ApiTelegramException as exc:  # e.g. the file_id of another bot token: upload anew
                 if exc.error_code != 400:
                     raise
                 log.info('stored QR photo refused user=%s: %s', user.telegram_id, exc.description)
         sent = self.bot.send_photo(chat_id, qr_png(link), caption=caption)
-        file_id = sent.photo[-1].file_id
-        models.QrPhoto.insert(user=user.id, link=link, file_id=file_id).on_conflict(
-            conflict_target=[models.QrPhoto.user],
-            update={models.QrPhoto.link: link, models.QrPhoto.file_id: file_id}).execute()
+        models.User.update(qr_link=link, qr_file_id=sent.photo[-1].file_id).where(
+            models.User.id == user.id).execute()
 
     def button_gift(self, call, user, _):
         lang, settings = user.language, self.settings

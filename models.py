@@ -55,6 +55,9 @@ class User(BaseModel):
     panel_retry_at = DateTimeField(null=True)
     panel_alerted = BooleanField(default=False)
     created_at = DateTimeField(default=utcnow, index=True)
+    # The QR code of the link, once uploaded: Telegram's file_id of the photo and the link it encodes.
+    qr_link = TextField(null=True)
+    qr_file_id = TextField(null=True)
 
     def is_active(self, now=None):
         """Tell whether the subscription runs now."""
@@ -184,16 +187,6 @@ class InvoiceMismatch(BaseModel):
         table_name = 'invoice_mismatches'
 
 
-class QrPhoto(BaseModel):
-    """A buyer's QR code as Telegram keeps it: uploaded once as a PNG, then sent by file_id while the link holds."""
-    user = ForeignKeyField(User, primary_key=True, on_delete='CASCADE')
-    link = TextField()  # the subscription link the code encodes; another link means a new upload
-    file_id = TextField()  # Telegram's id of the uploaded photo (largest size)
-
-    class Meta:
-        table_name = 'qr_photos'
-
-
 class SchemaVersion(BaseModel):
     version = IntegerField(primary_key=True)
     applied_at = DateTimeField(default=utcnow)
@@ -203,10 +196,16 @@ class SchemaVersion(BaseModel):
 
 
 MODELS = [User, Payment, PromoCode, Redemption, Referral, Gift, Grant, Reminder, PromoAttempt, InvoiceMismatch,
-          QrPhoto, SchemaVersion]
+          SchemaVersion]
 
 # Schema changes after the first release: (version, function(migrator) -> list of operations).
-MIGRATIONS = []
+def add_qr_columns(migrator):
+    """20: users.qr_link and users.qr_file_id, the QR photo Telegram keeps for the link."""
+    return [migrator.add_column('users', 'qr_link', User.qr_link),
+            migrator.add_column('users', 'qr_file_id', User.qr_file_id)]
+
+
+MIGRATIONS = [(20, add_qr_columns)]
 
 class ReconnectingPostgresqlDatabase(ReconnectMixin, PooledPostgresqlDatabase):
     """A pooled PostgreSQL database that survives a server restart (or Neon dropping idle connections).

@@ -95,8 +95,8 @@ def run_point(kind, url, pg, panel, cryptopay, tmp, args, threads, latency, run,
     code = f'BENCH{run:04d}'
     with models.db.connection_context():
         models.PromoCode.create(code=code, days=7, max_uses=10 ** 9)
-        if hasattr(models, 'QrPhoto'):  # every point renders first-time QR codes: comparable repeats
-            models.QrPhoto.delete().execute()
+        if hasattr(models.User, 'qr_file_id'):  # every point renders first-time QR codes: comparable repeats
+            models.User.update(qr_file_id=None, qr_link=None).where(models.User.qr_file_id.is_null(False)).execute()
     tg_args = ['--latency', latency, '--mix', args.mix, '--users', args.users, '--offset', run * 5000,
                '--promo', code, '--window', args.window, '--batch', args.batch]
     if paced:

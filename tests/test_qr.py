@@ -1,4 +1,4 @@
-"""QR codes: the PNG scans back to the link, and each buyer's code is uploaded once, then sent by file_id."""
+"""QR codes: the PNG scans back to the link, and each buyer's code is uploaded once, then sent by file_id (users.qr_file_id)."""
 import io
 
 import pytest
@@ -67,7 +67,7 @@ def chat(telegram, shop, monkeypatch):
 
 
 def stored():
-    return {(row.user_id, row.link, row.file_id) for row in models.QrPhoto.select()}
+    return {(row.id, row.qr_link, row.qr_file_id) for row in models.User.select() if row.qr_file_id}
 
 
 def test_qr_is_uploaded_once_then_sent_by_file_id(chat, telegram, shop):
@@ -102,10 +102,27 @@ def test_a_new_link_is_uploaded_again(chat, telegram, shop):
 
 def test_a_refused_file_id_is_replaced_by_an_upload(chat, telegram, shop):
     chat()
-    models.QrPhoto.update(file_id='AgACAgIAAxkDAAI-not-ours').execute()  # e.g. stored under another bot token
+    models.User.update(qr_file_id='AgACAgIAAxkDAAI-not-ours').execute()  # e.g. stored under another bot token
     again = chat()
     refused = [call for call in telegram.sent if call.method == 'sendPhoto' and not call.ok]
     assert [call.params['photo'] for call in refused] == ['AgACAgIAAxkDAAI-not-ours']
     assert set(again.files) == {'photo'} and again.ok
     assert stored() == {(shop.get_user(ALICE['id']).id, shop.subscription_link(shop.get_user(ALICE['id'])),
                          telegram.messages_to(ALICE['id'])[-1]['photo'][-1]['file_id'])}
+
+
+def test_wave_one_database_gains_the_qr_columns(database):
+    """Migration 20 on a database made before it: the columns appear, rows keep their data, once."""
+    migrator = models.SqliteMigrator(models.db.obj) if models.is_sqlite() else models.PostgresqlMigrator(models.db.obj)
+    user = models.User.create(telegram_id=55, panel_email='spn-55', first_name='Old')
+    models.migrate(migrator.drop_column('users', 'qr_link'), migrator.drop_column('users', 'qr_file_id'))
+    models.SchemaVersion.delete().where(models.SchemaVersion.version == 20).execute()
+    columns = {column.name for column in models.db.get_columns('users')}
+    assert 'qr_link' not in columns and 'qr_file_id' not in columns  # as wave 1 left it
+
+    models.create_schema()
+    models.create_schema()
+    assert {'qr_link', 'qr_file_id'} <= {column.name for column in models.db.get_columns('users')}
+    again = models.User.get_by_id(user.id)
+    assert (again.first_name, again.qr_link, again.qr_file_id) == ('Old', None, None)
+    assert models.SchemaVersion.select().where(models.SchemaVersion.version == 20).count() == 1
