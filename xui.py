@@ -26,6 +26,21 @@ SESSION_MAX_AGE = 5 * 3600
 # The field that holds a client's key, per inbound protocol; legacy routes address clients by it.
 KEY_FIELDS = {'vless': 'id', 'vmess': 'id', 'trojan': 'password', 'shadowsocks': 'email',
               'hysteria': 'auth', 'hysteria2': 'auth'}
+# The fields of 3x-ui's `type Client` with their JSON types: every write body is decoded into that struct by
+# Go's encoding/json, which refuses a value of the wrong type (e.g. the comma-separated string allowedIPs
+# that a v3.4.2+ ClientRecord carries, where Client has []string). The union of v2.9.4 - v3.6.0 and the
+# unreleased HEAD (resetDay, resetMax, trafficReset, trafficResetDay); a version ignores the keys it lacks.
+# Source: model.go `type Client` at each tag (internal/database/model/model.go from v3.3.1).
+CLIENT_FIELDS = {
+    'id': str, 'security': str, 'password': str, 'flow': str, 'reverse': 'reverse', 'auth': str,
+    'privateKey': str, 'publicKey': str, 'allowedIPs': list, 'preSharedKey': str, 'keepAlive': int,
+    'secret': str, 'adTag': str, 'email': str, 'limitIp': int, 'totalGB': int, 'expiryTime': int,
+    'enable': bool, 'tgId': int, 'subId': str, 'group': str, 'comment': str, 'reset': int,
+    'resetDay': int, 'resetMax': int, 'trafficReset': str, 'trafficResetDay': int,
+}
+# Legacy panels store a settings entry as sent; their web page also keeps a shadowsocks client's `method` there
+# (web/assets/js/model/inbound.js, Shadowsocks.toJson), which xray reads.
+LEGACY_FIELDS = {**CLIENT_FIELDS, 'method': str}
 # Asked for during detection; only whether the route exists matters.
 PROBE_EMAIL = 'spn-generation-probe'
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -106,13 +121,49 @@ def _traffic_view(row):
             'enable': row.get('enable') is True}
 
 
+def _as_type(value, kind):
+    """Convert one value read from the panel to the JSON type `kind` that Client has for it."""
+    if kind is str:
+        return value if isinstance(value, str) else ''
+    if kind is bool:
+        return value is True
+    if kind is int:
+        if isinstance(value, bool):
+            return 0
+        if isinstance(value, (int, float)):
+            return int(value)
+        try:
+            return int(str(value).strip())
+        except ValueError:
+            return 0
+    if kind is list:
+        # ClientRecord joins Client's []string with commas (ToRecord); ToClient splits and trims them again
+        parts = value if isinstance(value, list) else str(value or '').split(',')
+        return [str(part).strip() for part in parts if isinstance(part, str) and part.strip()]
+    # reverse: an object {"tag": ...} in Client; the record shows it as an object, null, or a raw string
+    tag = value.get('tag') if isinstance(value, dict) else None
+    return {'tag': tag} if isinstance(tag, str) and tag.strip() else None
+
+
+def _client_body(client, fields=CLIENT_FIELDS):
+    """Build a write body from the panel's Client fields only, each converted to its Client type.
+
+    What the panel sent is never echoed: keys not in `fields` are dropped, empty optional ones left out.
+    """
+    body = {}
+    for key, kind in fields.items():
+        if key in client:
+            value = _as_type(client[key], kind)
+            if value is not None and value != []:
+                body[key] = value
+    return body
+
+
 def _record_to_client(record):
-    """Turn a v3.1+ ClientRecord (int `id`, key in `uuid`) into the client object the API accepts."""
-    client = {key: value for key, value in record.items()
-              if key not in ('id', 'uuid', 'inboundIds', 'traffic', 'createdAt', 'updatedAt')}
-    if record.get('uuid'):
-        client['id'] = record['uuid']
-    return client
+    """Turn a v3.1+ ClientRecord (int `id`, key in `uuid`) into a Client body, as the panel's ToClient does."""
+    client = {key: value for key, value in record.items() if key not in ('id', 'uuid')}
+    client['id'] = record.get('uuid') or ''
+    return _client_body(client)
 
 
 def _key_field(protocol):
@@ -409,7 +460,7 @@ class _Legacy:
     def ensure(self, fields):
         protocol, settings, client = self._find(fields['email'])
         if client is None:
-            new = {**_new_key(protocol, settings), 'flow': '', 'comment': '', 'reset': 0, **fields}
+            new = _client_body({**_new_key(protocol, settings), 'flow': '', 'comment': '', 'reset': 0, **fields})
             try:
                 self._send('inbounds/addClient', new)
                 return _client_view(new)
@@ -419,7 +470,7 @@ class _Legacy:
                 if client is None:
                     raise
         # updateClient replaces the whole stored client: send every field back, with the same key
-        new = {**client, **fields}
+        new = {**_client_body(client, LEGACY_FIELDS), **fields}
         self._send('inbounds/updateClient/' + quote(str(client.get(_key_field(protocol), '')), safe=''), new)
         return _client_view(new)
 
@@ -481,7 +532,7 @@ class _V3:
         found = self._found(email)
         if found is None:
             protocol, settings = self._xui._inbound()
-            new = {**_new_key(protocol, settings), 'flow': '', 'comment': '', 'reset': 0, **fields}
+            new = _client_body({**_new_key(protocol, settings), 'flow': '', 'comment': '', 'reset': 0, **fields})
             # adding it again (a retry after a lost answer) only re-attaches it: no error
             self._xui._api('POST', 'clients/add', {'client': new, 'inboundIds': [self._xui.inbound_id]})
             return self._stored(email)
