@@ -197,8 +197,9 @@ class FakePanel:
 
     # test knobs and state
 
-    def fail_next(self, n=1, status=500, route=None):
-        self._knobs.append({'kind': 'fail', 'n': n, 'status': status, 'route': route})
+    def fail_next(self, n=1, status=500, route=None, msg=None):
+        """Answer the next n API calls with this status: an empty body, or an envelope with msg."""
+        self._knobs.append({'kind': 'fail', 'n': n, 'status': status, 'route': route, 'msg': msg})
 
     def hang_next(self, n=1, seconds=1.0, route=None):
         """Apply the next n API calls but answer them only after `seconds`."""
@@ -535,7 +536,7 @@ class FakePanel:
     def _api(self, method, rel, headers, body, session):
         knob = self._knob(method, rel)
         if knob and knob['kind'] == 'fail':
-            return Reply(knob['status'])
+            return Reply(knob['status'], knob['msg'] and {'success': False, 'msg': knob['msg'], 'obj': None})
         if knob and knob['kind'] == 'garbage':
             return Reply(200, LOGIN_PAGE)
         if knob and knob['kind'] == 'refuse':

@@ -1,15 +1,17 @@
 """The 3x-ui client against the loopback fake panel, in every API generation and with its failures."""
 import copy
 import json
+import re
 import threading
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
 import requests
 
-from fake_xui import running_panel
-from xui import XuiClient, XuiError
+from fake_xui import LOGIN_BAD, running_panel
+from xui import XuiClient, XuiError, XuiLoginError
 
 PASSWORD = 'panel-pass-Zq81'
 TOKEN = 'api-token-Xk27sQ'
@@ -277,21 +279,23 @@ def test_expired_session_costs_one_login(flavour):
         assert panel.count('POST login') == 2
 
 
-def test_old_session_renewed_before_it_expires():
-    with running_panel(generation='v3', password=PASSWORD) as panel:
+def test_session_cookie_dropped_by_the_jar_means_log_in_first():
+    """The panel's cookie lives Max-Age seconds and is never refreshed: once it is gone, log in before calling."""
+    with running_panel(generation='v3', password=PASSWORD, cookie_max_age=3) as panel:
         xui = make_client(panel)
         xui.get_client('u100@spn')
-        xui._logged_in_at -= 6 * 3600  # six hours later
+        time.sleep(3.1)  # the jar drops the cookie (not a timing assertion: only its lifetime has to pass)
         xui.get_client('u100@spn')
+        # probe + two lookups, none of them refused for want of a session
         assert panel.count('POST login') == 2 and panel.count('GET panel/api/clients/get') == 3
 
 
-@pytest.mark.parametrize('flavour', ['v2', 'v3.0', 'v3.1'])
+@pytest.mark.parametrize('flavour', ['v2', 'v3.0', 'v3.1', 'v3.6'])
 def test_wrong_password_one_login_per_call(flavour):
     with running_panel(password=PASSWORD, **FLAVOURS[flavour]) as panel:
         xui = make_client(panel, password='wrong-pass-Hj3')
         for calls in (1, 2):
-            with pytest.raises(XuiError, match='wrong username or password') as caught:
+            with pytest.raises(XuiLoginError, match=re.escape(LOGIN_BAD)) as caught:
                 ensure(xui)
             assert_no_secrets(caught.value)
             assert panel.count('POST login') == calls
@@ -304,9 +308,45 @@ def test_login_rate_limit_blocks_even_the_right_password():
         for _ in range(5):
             with pytest.raises(XuiError):
                 wrong.check()
-        with pytest.raises(XuiError, match='wrong username or password'):
+        with pytest.raises(XuiLoginError, match=re.escape(LOGIN_BAD)):
             make_client(panel).check()
         assert panel.count('POST login') == 6
+
+
+@pytest.mark.parametrize('flavour', ['v2', 'v3.0', 'v3.6'])
+def test_two_factor_login_keeps_the_panels_words_and_the_panel_says_why(flavour):
+    with running_panel(password=PASSWORD, two_factor=True, **FLAVOURS[flavour]) as panel:
+        xui = make_client(panel)
+        with pytest.raises(XuiLoginError) as caught:
+            xui.check()
+        assert 'Invalid username or password or two-factor code.' in str(caught.value)
+        assert 'XUI_API_TOKEN' in str(caught.value) and 'wrong username or password' not in str(caught.value)
+        assert_no_secrets(caught.value)
+        assert make_client(panel).two_factor_enabled() is True
+        assert panel.count('POST getTwoFactorEnable') == 1
+    with running_panel(password=PASSWORD, **FLAVOURS[flavour]) as panel:
+        xui = make_client(panel)
+        xui.check()
+        assert xui.two_factor_enabled() is False
+        assert xui.get_client('u100@spn') is None and panel.count('POST login') == 1  # the session is kept
+
+
+def test_inbound_refusal_keeps_the_panels_reason():
+    with running_panel(generation='v3', password=PASSWORD) as panel:
+        xui = make_client(panel)
+        panel.success_false_next(1, 'Obtain (database is locked\n)', route='GET panel/api/inbounds/get')
+        with pytest.raises(XuiError) as caught:
+            xui.check()
+        assert 'Obtain (database is locked)' in str(caught.value) and 'no inbound' not in str(caught.value)
+
+
+def test_server_error_with_an_envelope_keeps_its_message():
+    with running_panel(generation='v3', password=PASSWORD) as panel:
+        xui = make_client(panel)
+        xui.check()
+        panel.fail_next(3, status=500, msg='Something went wrong (disk I/O error)')
+        with pytest.raises(XuiError, match=re.escape('HTTP 500: Something went wrong (disk I/O error)')):
+            xui.get_client('u100@spn')
 
 
 def test_api_token_needs_no_login():
