@@ -10,7 +10,10 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import requests
 
+import config
+from conftest import PANEL_PASSWORD, PANEL_USER, make_shop, settings_env
 from fake_xui import LOGIN_BAD, running_panel
+from models import User
 from xui import XuiClient, XuiError, XuiLoginError
 
 PASSWORD = 'panel-pass-Zq81'
@@ -115,6 +118,10 @@ def test_renewal_keeps_fields_the_bot_does_not_manage(panel, xui):
 WIREGUARD_IPS = '10.0.0.2/32, fd00::2/128'  # as ClientRecord stores them: Client's []string joined by commas
 
 
+def _datetime_ms(naive_utc):
+    return int(naive_utc.replace(tzinfo=timezone.utc).timestamp() * 1000)
+
+
 def made_on_the_panel(panel, allowed_ips=''):
     """Give the panel a client of our inbound as its own web page would: key, flow, comment, group, reverse,
     and (3.4.2+) wireguard fields on the record; return its key."""
@@ -158,6 +165,29 @@ def test_renewing_a_client_the_panel_made_on_every_record_shape(version, allowed
             assert (record['privateKey'], record['keepAlive']) == ('wg-private', 25)
             assert record['allowedIPs'] == allowed_ips.replace(' ', '')
         assert panel.traffic['u100@spn']['enable'] is True
+
+
+@pytest.mark.parametrize('allowed_ips', ['', WIREGUARD_IPS])
+@pytest.mark.parametrize('version', ['2.9.4', '3.0.1', '3.1.0', '3.3.0', '3.6.0'])
+def test_a_buyer_who_has_a_client_gets_more_days_on_the_panel(database, cryptopay, version, allowed_ips):
+    """Renewal through the shop on the real database: the panel follows the ledger on every record shape."""
+    legacy = version in ('2.9.4', '3.0.1')
+    with running_panel(generation='legacy' if legacy else 'v3', csrf=version != '2.9.4', version=version,
+                       username=PANEL_USER, password=PANEL_PASSWORD) as panel:
+        shop = make_shop(config.load(settings_env(panel, cryptopay, database)))
+        user, _ = shop.register(4242, 'buyer', 'Buyer', 'en')
+        shop.admin_give(900, user, 30, 'first')
+        assert shop.provision(user.id)
+        user = User.get_by_id(user.id)
+        if panel.generation == 'v3' and panel.since('3.4.2'):
+            panel.records[user.panel_email]['allowedIPs'] = allowed_ips  # also on a wireguard inbound, say
+        key = panel.clients[user.panel_email]['id']
+        shop.admin_give(900, user, 10, 'second')  # a renewal, promo, referral bonus or /give: the same push
+        assert shop.provision(user.id)
+        user = User.get_by_id(user.id)
+        stored = panel.clients[user.panel_email]
+        assert stored['expiryTime'] == _datetime_ms(user.expires_at) and stored['enable'] is True
+        assert (stored['id'], stored['subId']) == (key, user.panel_sub_id) and not user.panel_dirty
 
 
 def test_never_expiring_and_naive_utc(panel, xui):
