@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from fake_xui_types import (INBOUND, client_struct, create_payload_struct, decode, json_kind, parse,
+from fake_xui_types import (INBOUND, LOGIN_FORM, client_struct, create_payload_struct, decode, json_kind, parse,
                             record_fields, unmarshal, version_tuple)
 
 COOKIE = '3x-ui'
@@ -465,21 +465,18 @@ class FakePanel:
         return Reply(200, {'success': True, 'obj': token}, cookie=cookie)
 
     def _login(self, headers, body, session):
-        ctype = headers.get('Content-Type', '')
-        if 'application/json' in ctype:
-            try:
-                form = json.loads(body or b'null')
-            except ValueError:
-                form = None
-            if not isinstance(form, dict):
-                return fail('The Input data format is invalid.' if self.generation == 'legacy'
-                            else 'The input data format is invalid.')
-        else:
-            form = {k: v[0] for k, v in parse_qs(body.decode()).items()}
-        if self.csrf:
+        json_body = 'application/json' in headers.get('Content-Type', '')
+        form = {} if json_body else {k: v[0] for k, v in parse_qs(body.decode()).items()}
+        if self.csrf:  # the CSRF middleware runs before the handler binds anything
             sent = headers.get('X-CSRF-Token') or form.get('_csrf')
             if session is None or not sent or sent != session['csrf']:
                 return Reply(403)
+        if json_body:  # LoginForm: username, password, twoFactorCode, all strings
+            form, problem = unmarshal(body, LOGIN_FORM)
+            form = form or {}  # null decodes into the zero LoginForm
+            if problem:
+                return fail('The Input data format is invalid.' if self.generation == 'legacy'
+                            else 'The input data format is invalid.')
         username, password = str(form.get('username') or ''), str(form.get('password') or '')
         if not username:
             return fail('Username is required')

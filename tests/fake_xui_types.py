@@ -190,6 +190,9 @@ def create_payload_struct(version):
     return Struct('service.ClientCreatePayload', {'client': client_struct(version), 'inboundIds': ('slice', 'int')})
 
 
+# POST login's LoginForm (web/controller/index.go)
+LOGIN_FORM = Struct('controller.LoginForm', {'username': 'string', 'password': 'string', 'twoFactorCode': 'string'})
+
 # the fields of model.Inbound a client call sends (the rest are ignored by a seller and typed alike)
 INBOUND = Struct('model.Inbound', {'id': 'int', 'up': 'int64', 'down': 'int64', 'total': 'int64',
                                    'remark': 'string', 'enable': 'bool', 'expiryTime': 'int64', 'listen': 'string',

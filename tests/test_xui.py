@@ -784,3 +784,15 @@ def test_fake_record_shape_per_version(version, keys):
         assert list(record)[-1] == 'reverse' and isinstance(record['id'], int)
         if 'allowedIPs' in record:
             assert record['allowedIPs'] == '' and record['reverse'] is None
+
+
+@pytest.mark.parametrize('body, msg', [
+    ({'username': 'admin', 'password': 12345}, 'The input data format is invalid.'),
+    (None, 'Username is required'),
+    ({'username': 'admin', 'password': 'admin-pass', 'twoFactorCode': 284913}, 'The input data format is invalid.'),
+])
+def test_fake_login_decodes_a_json_form_as_go_does(body, msg):
+    with running_panel(generation='v3', version='3.6.0') as panel:
+        session = requests.Session()
+        session.headers['X-CSRF-Token'] = session.get(panel.url + '/csrf-token').json()['obj']
+        assert session.post(panel.url + '/login', json=body).json() == {'success': False, 'msg': msg, 'obj': None}
