@@ -1,10 +1,10 @@
 """A loopback fake of a 3x-ui panel that speaks its HTTP API, quirks included (shared/reference/xui-api.md).
 
 Flavours:
-- generation='legacy', csrf=False: v2.8.4 - v2.9.4. Clients under panel/api/inbounds/*, settings as JSON
+- generation='legacy', csrf=False: v2.8.4 - v2.9.4 (version 2.9.4). Clients under panel/api/inbounds/*, settings as JSON
   strings, 404 with an empty body for unauthenticated API calls, no csrf-token route.
   redirect_unauthenticated=True gives the <= v2.8.3 answer instead (401 JSON for XHR, else 307).
-- generation='legacy', csrf=True: v3.0.0 - v3.0.1. Adds the CSRF handshake, the Bearer API token and the
+- generation='legacy', csrf=True: v3.0.0 - v3.0.1 (version 3.0.1). Adds the CSRF handshake, the Bearer API token and the
   login rate limit.
 - generation='v3': v3.1+. Clients under panel/api/clients/*, the legacy client routes gone (404 even
   when logged in), settings as objects, 401 for unauthenticated XHR calls. `version` picks the release
@@ -19,9 +19,11 @@ Flavours:
 
 Knobs for tests (each applies to API calls only; most take a `route` prefix such as
 'POST panel/api/clients/add'): fail_next, hang_next, drop_next, garbage_next, success_false_next,
-redirect_next; also expire_sessions,
-refuse/accept, disable, set_generation. State: clients (our inbound's entries by email), traffic (rows
-by email), records (v3), inbounds, hits (requests per 'METHOD path-below-base').
+redirect_next; also expire_sessions, cookie_max_age (the session cookie's Max-Age: a client's cookie jar
+drops it after that), refuse/accept, disable, set_generation. State: clients (our inbound's entries by
+email, as stored), traffic (rows by email), records (v3, as stored: allowedIPs a comma-separated string,
+reverse a dict or None; every field of the newest shape, shown per version), inbounds, hits (requests per
+'METHOD path-below-base').
 """
 import base64
 import contextlib
