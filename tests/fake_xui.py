@@ -269,12 +269,20 @@ class FakePanel:
             return self._traffic_unknown_null
         return self.generation == 'v3' and self.since('3.2.8')
 
+    @traffic_unknown_null.setter
+    def traffic_unknown_null(self, value):
+        self._traffic_unknown_null = value
+
     @property
     def keeps_key_on_update(self):
         """Whether an update that omits the key keeps it (v3.3.1+) rather than minting a new one."""
         if self._keeps_key_on_update is not None:
             return self._keeps_key_on_update
         return self.since('3.3.1')
+
+    @keeps_key_on_update.setter
+    def keeps_key_on_update(self, value):
+        self._keeps_key_on_update = value
 
     @property
     def client_type(self):
