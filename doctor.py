@@ -19,7 +19,7 @@ from telebot.apihelper import ApiException, ApiTelegramException
 
 import models
 from cryptobot import CryptoPayClient, CryptoPayError
-from xui import XuiClient, XuiError
+from xui import XuiClient, XuiError, XuiLoginError
 
 # Seconds each check may take before it counts as failed; they add up to well under a minute.
 BUDGETS = {'database': 12, 'backups': 3, 'panel': 12, 'crypto pay': 8, 'telegram': 8, 'channel': 8}
@@ -171,10 +171,24 @@ def check_panel(settings):
                        api_token=settings.xui_api_token or None, timeout=TIMEOUT, retries=1, backoff=0.5)
     try:
         found = client.check()
+    except XuiLoginError as exc:
+        raise Failure(str(exc), login_fix(client)) from exc
     except XuiError as exc:
         raise Failure(str(exc), panel_fix(str(exc), settings)) from exc
     api = 'v3.1+ clients API' if found['generation'] == 'v3' else 'inbounds API (panel up to v3.0)'
     return f'{host_of(settings.xui_url)}: {api}, inbound {found["inbound_id"]} ({found["protocol"]})'
+
+
+def login_fix(client):
+    """Pick the fix for a refused login: ask the panel whether two-factor login is on (getTwoFactorEnable)."""
+    try:
+        two_factor = client.two_factor_enabled()
+    except XuiError:
+        two_factor = None
+    if two_factor:
+        return ('the panel has two-factor login on, which a bot cannot pass: set XUI_API_TOKEN (panel v3.0+: '
+                'Settings → Security → API token) or turn two-factor login off')
+    return 'set XUI_USERNAME and XUI_PASSWORD to the login you use on the panel\'s web page'
 
 
 def panel_fix(message, settings):
@@ -182,8 +196,6 @@ def panel_fix(message, settings):
     if 'API token' in message:
         return ("set XUI_API_TOKEN to the token from the panel's Settings → Security → API token "
                 '(or leave it empty and use XUI_USERNAME and XUI_PASSWORD)')
-    if 'login failed: wrong' in message:
-        return 'set XUI_USERNAME and XUI_PASSWORD to the login you use on the panel\'s web page'
     if 'inbound' in message:
         return f'set XUI_INBOUND_ID to the id of the inbound for buyers (the panel\'s Inbounds list; now {settings.xui_inbound_id})'
     if 'secret path' in message or 'no route' in message:

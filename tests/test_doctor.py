@@ -90,10 +90,21 @@ def test_wrong_panel_password(check):
     code, output = check(XUI_PASSWORD=WRONG_PASSWORD)
 
     assert code == 1
-    assert line(output, 'panel').startswith('FAIL') and 'wrong username or password' in line(output, 'panel')
+    assert line(output, 'panel').startswith('FAIL')
+    assert 'Invalid username or password or two-factor code.' in line(output, 'panel')  # the panel's own words
     assert 'XUI_USERNAME and XUI_PASSWORD' in fix(output, 'panel')
     assert line(output, 'crypto pay').startswith('OK') and line(output, 'telegram').startswith('OK')
     assert '1 of 7 checks failed.' in output
+
+
+def test_two_factor_panel_login_names_the_way_out(check):
+    with FakePanel(generation='v3', username=PANEL_USER, password=PANEL_PASSWORD, two_factor=True) as panel:
+        code, output = check(panel=panel)
+
+    assert code == 1
+    assert 'Invalid username or password or two-factor code.' in line(output, 'panel')
+    assert 'two-factor login on' in fix(output, 'panel') and 'XUI_API_TOKEN' in fix(output, 'panel')
+    assert panel.count('POST getTwoFactorEnable') == 1
 
 
 def test_wrong_panel_api_token(check):
