@@ -301,11 +301,13 @@ def load(environ=None):
     api_token_value = read('XUI_API_TOKEN', optional(api_token), '')
     # With an API token the panel login is not needed.
     login_default = '' if api_token_value else None
+    database = read('DATABASE_URL', database_url, f'sqlite:///{HERE / "bot.db"}')
+    check_database_file(database)
     return Settings(
         bot_token=read('BOT_TOKEN', token('123456789:AAHfake-token_from-BotFather', 'that @BotFather gave you')),
         telegram_api_url=read('TELEGRAM_API_URL', http_url('https://api.telegram.org'), 'https://api.telegram.org'),
         admin_ids=read('ADMIN_IDS', parse_ids, ''),
-        database_url=read('DATABASE_URL', database_url, f'sqlite:///{HERE / "bot.db"}'),
+        database_url=database,
         xui_url=read('XUI_URL', http_url('https://vpn.example.com:2053/secretpath')),
         xui_username=read('XUI_USERNAME', default=login_default),
         xui_password=read('XUI_PASSWORD', default=login_default),
@@ -373,33 +375,22 @@ def check_database_file(url):
     path = sqlite_path(url)
     if path is None:
         return
-    user = pwd.getpwuid(os.geteuid()).pw_name if os.geteuid() in {e.pw_uid for e in pwd.getpwall()} else os.geteuid()
-    for name in ('', '-wal', '-shm', '-journal'):
-        part = path.with_name(path.name + name)
-        if part.exists() and not os.access(part, os.R_OK | os.W_OK):
-            raise SettingError(f'DATABASE_URL: the SQLite file {part} belongs to {owner_name(part)} '
-                               f'(mode {part.stat().st_mode & 0o777:04o}) and this bot runs as {user}, so it cannot '
-                               f'write it; fix: chown {user}: {path}*')
-    if path.parent.is_dir() and not os.access(path.parent, os.W_OK | os.X_OK):
-        raise SettingError(f'DATABASE_URL: the folder {path.parent} belongs to {owner_name(path.parent)} and this bot '
-                           f'runs as {user}, so it cannot create its SQLite files there; fix: chown {user}: '
-                           f'{path.parent}')
-
-
-def main():
-    """Check the settings' form and that none is a placeholder; return 0, or 2 after one line."""
     try:
-        load()
-    except SettingError as exc:
-        print(f'error: {exc}', file=sys.stderr)
-        return 2
-    left = placeholders()
-    if left:
-        print(f'error: fill in .env: {", ".join(left)} still hold{"s" if len(left) == 1 else ""} the example\'s '
-              'placeholder (see .env.example for where each comes from)', file=sys.stderr)
-        return 2
-    return 0
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = f'uid {os.geteuid()}'
+    try:
+        for name in ('', '-wal', '-shm', '-journal'):
+            part = path.with_name(path.name + name)
+            if part.exists() and not os.access(part, os.R_OK | os.W_OK):
+                raise SettingError(f'DATABASE_URL: the SQLite file {part} belongs to {owner_name(part)} (mode '
+                                   f'{part.stat().st_mode & 0o777:04o}) and this bot runs as {user}, so it cannot '
+                                   f'write it; fix: chown {user}: {path}*')
+        if path.parent.is_dir() and not os.access(path.parent, os.W_OK | os.X_OK):
+            raise SettingError(f'DATABASE_URL: the folder {path.parent} belongs to {owner_name(path.parent)} and this '
+                               f'bot runs as {user}, so it cannot make its SQLite files there; fix: chown {user}: '
+                               f'{path.parent}')
+    except OSError:
+        return  # a path the system refuses to look at: the database check will say what it is
 
 
-if __name__ == '__main__':
-    sys.exit(main())
