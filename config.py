@@ -394,3 +394,22 @@ def check_database_file(url):
         return  # a path the system refuses to look at: the database check will say what it is
 
 
+
+def main():
+    """Check the settings' form and that none is a placeholder; return 0, or 2 after one line."""
+    try:
+        load()
+    except SettingError as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        return 2
+    left = placeholders()
+    if left:
+        print(f'error: fill in .env: {", ".join(left)} still hold{"s" if len(left) == 1 else ""} the example\'s '
+              'placeholder (.env.example says where each comes from; empty the optional ones you do not use)',
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -147,3 +147,73 @@ def test_no_value_of_any_setting_crashes(name, value):
     for url in [settings.xui_url, settings.xui_sub_url, settings.cryptopay_url, settings.telegram_api_url]:
         doctor.host_of(url)
     config.check_database_file(settings.database_url)
+
+
+# scripts/run.sh (issue 10, item 1)
+
+RUN_FILES = ['bot.py', 'config.py', 'backup.py', 'cryptobot.py', 'doctor.py', 'jobs.py', 'keyboards.py', 'messenger.py',
+             'models.py', 'shop.py', 'texts.py', 'xui.py', 'requirements.txt', 'requirements.lock', '.env.example',
+             'scripts/run.sh']
+
+
+@pytest.fixture
+def checkout(tmp_path):
+    """A checkout of the project that shares this venv (run.sh keeps an existing one)."""
+    import shutil
+    folder = tmp_path / 'checkout'
+    (folder / 'scripts').mkdir(parents=True)
+    for name in RUN_FILES:
+        shutil.copy2(ROOT / name, folder / name)
+    (folder / '.venv').symlink_to(ROOT / '.venv')
+    return folder
+
+
+def run_sh(folder, timeout=120, **env):
+    clean = {key: value for key, value in os.environ.items() if key not in SETTINGS}
+    return subprocess.run(['bash', 'scripts/run.sh'], cwd=folder, env={**clean, **env}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_run_sh_makes_env_and_stops_with_the_next_step(checkout):
+    try:
+        done = run_sh(checkout, timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail('run.sh ran the bot on the placeholders')
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert len(done.stderr.splitlines()) == 1 and 'Traceback' not in done.stderr, done.stderr
+    assert 'Created .env' in done.stderr and 'scripts/run.sh' in done.stderr
+    assert (checkout / '.env').read_text() == (ROOT / '.env.example').read_text()
+    assert (checkout / '.env').stat().st_mode & 0o777 == 0o600
+
+
+def test_run_sh_refuses_placeholders_and_bad_settings(checkout):
+    (checkout / '.env').write_text((ROOT / '.env.example').read_text())
+    done = run_sh(checkout, timeout=90)
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert 'BOT_TOKEN' in done.stderr and 'placeholder' in done.stderr
+
+    (checkout / '.env').write_text('BOT_TOKEN=12345 6:abc\n')
+    done = run_sh(checkout, timeout=90)
+    assert done.returncode == 2 and done.stderr.startswith('error: BOT_TOKEN '), done.stderr
+
+
+def test_run_sh_runs_a_filled_env(checkout, panel, cryptopay, telegram, tmp_path):
+    import time
+    from conftest import settings_env
+    env = settings_env(panel, cryptopay, f'sqlite:///{tmp_path}/bot.db', TELEGRAM_API_URL=telegram.url,
+                       BACKUP_DIR=tmp_path / 'backups')
+    (checkout / '.env').write_text(''.join(f'{name}={value}\n' for name, value in env.items()))
+    clean = {key: value for key, value in os.environ.items() if key not in SETTINGS}
+    process = subprocess.Popen(['bash', 'scripts/run.sh'], cwd=checkout, env=clean, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while telegram.counts.get('getUpdates', 0) == 0 and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert telegram.counts.get('getUpdates', 0) > 0, output
