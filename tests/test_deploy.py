@@ -525,3 +525,11 @@ def test_update_rolls_back_when_telegram_does_not_answer(server, telegram):
     assert done.returncode == 1
     assert git(app, 'rev-parse', 'HEAD') == old
     assert 'FAIL  telegram' in done.stderr
+
+
+@pytest.mark.skipif(not shutil.which('systemd-analyze'), reason='systemd-analyze is not installed')
+def test_unit_exposure_is_at_most_1_5():
+    done = subprocess.run(['systemd-analyze', 'security', '--offline=true', '--no-pager', 'vpn-bot.service'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    [score] = re.findall(r'Overall exposure level for vpn-bot.service: ([0-9.]+)', done.stdout)
+    assert float(score) <= 1.5, done.stdout
