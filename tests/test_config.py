@@ -217,3 +217,49 @@ def test_run_sh_runs_a_filled_env(checkout, panel, cryptopay, telegram, tmp_path
         process.terminate()
         output = process.communicate(timeout=30)[0]
     assert telegram.counts.get('getUpdates', 0) > 0, output
+
+
+# operator docs (issue 10, item 14): the reference names every command and setting the code has, and no other
+
+REFERENCES = ['docs/COMMANDS_REFERENCE.md', 'docs/COMMANDS_REFERENCE.en.md']
+
+
+def code_settings():
+    import re
+    return set(re.findall(r"read\('([A-Z_]+)'", (ROOT / 'config.py').read_text()))
+
+
+def code_commands():
+    """Every /command bot.py answers: the buyer's (in on_command) and the admins' (ADMIN_COMMANDS)."""
+    import inspect
+    import re
+    source = inspect.getsource(bot.ShopBot.on_command)
+    buyer = set(re.findall(r"command == '(\w+)'", source))
+    for group in re.findall(r"command in \(([^)]*)\)", source):
+        buyer |= set(re.findall(r"'(\w+)'", group))
+    return buyer | set(bot.ADMIN_COMMANDS)
+
+
+@pytest.mark.parametrize('path', REFERENCES)
+def test_the_reference_lists_every_setting_and_command(path):
+    import re
+    text = (ROOT / path).read_text()
+    settings = set(re.findall(r'^\| `([A-Z][A-Z0-9_]+)`', text, re.MULTILINE))
+    commands = set(re.findall(r'^\| `/(\w+)', text, re.MULTILINE))
+
+    assert settings == code_settings(), (f'{path}: add {sorted(code_settings() - settings)}, '
+                                         f'drop {sorted(settings - code_settings())}')
+    assert commands == code_commands(), (f'{path}: add {sorted(code_commands() - commands)}, '
+                                         f'drop {sorted(commands - code_commands())}')
+
+
+def test_operator_docs_come_in_russian_and_english():
+    import re
+    for name in ['QUICK_START', 'HOSTING', 'COMMANDS_REFERENCE']:
+        russian, english = (ROOT / f'docs/{name}.md').read_text(), (ROOT / f'docs/{name}.en.md').read_text()
+        assert re.search('[а-яА-Я]{20,}', russian.replace(' ', '')) and f'{name}.en.md' in russian
+        assert not re.search('[а-яА-Я]', english.replace('[Русская версия]', '')) and f'({name}.md)' in english
+    for text in [(ROOT / 'README.md').read_text()] + [path.read_text() for path in (ROOT / 'docs').rglob('*.md')]:
+        for link in re.findall(r'\]\(([^)#]+\.md)', text):
+            assert link.startswith('http') or any((folder / link).exists() for folder in [ROOT, ROOT / 'docs',
+                                                                                         ROOT / 'docs' / 'dev']), link
