@@ -1,4 +1,4 @@
-"""Soak: run every fault scenario N times against the real bot and print the table of docs/RELIABILITY.md.
+"""Soak: run every fault scenario N times against the real bot and print the table of docs/dev/RELIABILITY.md.
 
     .venv/bin/python soak/run.py                       # SQLite, 3 runs of each scenario
     .venv/bin/python soak/run.py --postgres --runs 5   # on a throwaway PostgreSQL, as scripts/test.sh makes

@@ -2,7 +2,7 @@
 
 Each scenario is a plain function over a Rig (the database, the three loopback fakes, a scratch directory)
 that drives the bot, then audits money and links and returns an Outcome. The tests assert on it;
-soak/run.py runs the same scenarios many times to fill docs/RELIABILITY.md. Nothing of ours is mocked:
+soak/run.py runs the same scenarios many times to fill docs/dev/RELIABILITY.md. Nothing of ours is mocked:
 bot.py runs as a subprocess (or its handlers on an unthreaded TeleBot), the fakes hold it at a precise
 step of settlement, and SIGKILL ends it there.
 """
