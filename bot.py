@@ -24,6 +24,7 @@ import jobs
 import keyboards
 import models
 import tgsender
+import web
 from cryptobot import CryptoPayClient, CryptoPayError
 from messenger import Messenger
 from shop import InvoiceInProgress, Shop, TooManyInvoices, language_for as shop_language
@@ -37,8 +38,6 @@ log = logging.getLogger('bot')
 
 MEMBER_STATUSES = ('member', 'administrator', 'creator')
 ADMIN_COMMANDS = ('stats', 'newcode', 'user', 'give', 'broadcast', 'sync')
-# Telegram holds getUpdates open this long; the read timeout must exceed it.
-LONG_POLL_SECONDS = 25
 # A button press must be answered within ~15 s (Telegram then refuses the answer): inside handlers each
 # outside call is tried once, with these timeouts; only the jobs retry with backoff.
 HANDLER_TIMEOUT = (3.05, 5)
@@ -572,9 +571,9 @@ def run(settings):
     shop = build_shop(settings)
     bot = make_bot(settings)
     shop_bot = ShopBot(bot, shop, settings)
+    server = web.start(settings, shop, shop_bot)
     try:
         shop_bot.username = bot.get_me().username
-        bot.delete_webhook()
         shop_bot.set_commands()
     except apihelper.ApiException as exc:
         log.error('Telegram refused to start the bot (check BOT_TOKEN and TELEGRAM_API_URL): %s', exc)
@@ -589,9 +588,7 @@ def run(settings):
 
     signal.signal(signal.SIGTERM, stop)
     log.info('bot @%s started', shop_bot.username)
-    bot.infinity_polling(timeout=LONG_POLL_SECONDS, long_polling_timeout=LONG_POLL_SECONDS,
-                         logger_level=logging.WARNING)
-    return 0
+    return web.receive_updates(bot, settings, server)
 
 
 def main(argv):

@@ -5,6 +5,8 @@ example; it never repeats the value (tokens, passwords and the panel's path are 
 `python config.py` checks the settings and that none still holds .env.example's placeholder
 (scripts/run.sh runs it before the bot): exit 0, or 2 with one line.
 """
+import hashlib
+import ipaddress
 import os
 import pwd
 import re
@@ -75,6 +77,10 @@ class Settings:
     timezone: ZoneInfo
     worker_threads: int
     db_pool_size: int
+    http_host: str
+    http_port: int
+    webhook_url: str
+    webhook_secret: str
     shop_name: str = texts.DEFAULT_SHOP_NAME
     texts: dict = field(default_factory=dict, hash=False, compare=False)  # the operator's TEXTS_FILE
 
@@ -232,6 +238,44 @@ def timezone(text):
         raise Invalid(expected) from None
 
 
+def port(text):
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(text)
+    return value
+
+
+def webhook_url(text):
+    """Accept an https URL, or http only for a loopback host (a self-hosted Bot API server beside the bot)."""
+    parts = urlsplit(text)
+    if parts.scheme not in ('http', 'https') or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError(text)
+    if parts.scheme == 'http' and not is_loopback(parts.hostname):
+        raise ValueError(text)
+    return text.rstrip('/')
+
+
+def is_loopback(host):
+    if host == 'localhost':
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def webhook_secret(text):
+    """Telegram's secret_token: 1-256 characters of A-Z a-z 0-9 _ - (Bot API, setWebhook)."""
+    if not re.fullmatch(r'[A-Za-z0-9_-]{1,256}', text):
+        raise ValueError(text)
+    return text
+
+
+def derived_secret(bot_token):
+    """The default WEBHOOK_SECRET: a stable hash of BOT_TOKEN that does not reveal it."""
+    return hashlib.sha256(b'spn-webhook-secret:' + bot_token.encode()).hexdigest()
+
+
 def clock_time(text):
     match = re.fullmatch(r'([0-9]{1,2}):([0-9]{2})', text)
     if not match or not (0 <= int(match[1]) < 24 and 0 <= int(match[2]) < 60):
@@ -303,8 +347,9 @@ def load(environ=None):
     login_default = '' if api_token_value else None
     database = read('DATABASE_URL', database_url, f'sqlite:///{HERE / "bot.db"}')
     check_database_file(database)
+    bot_token = read('BOT_TOKEN', token('123456789:AAHfake-token_from-BotFather', 'that @BotFather gave you'))
     return Settings(
-        bot_token=read('BOT_TOKEN', token('123456789:AAHfake-token_from-BotFather', 'that @BotFather gave you')),
+        bot_token=bot_token,
         telegram_api_url=read('TELEGRAM_API_URL', http_url('https://api.telegram.org'), 'https://api.telegram.org'),
         admin_ids=read('ADMIN_IDS', parse_ids, ''),
         database_url=database,
@@ -333,6 +378,11 @@ def load(environ=None):
         timezone=read('TIMEZONE', timezone, 'Europe/Moscow'),
         worker_threads=read('WORKER_THREADS', number(1, 256), '16'),
         db_pool_size=read('DB_POOL_SIZE', number(1, 1000), '20'),
+        http_host=read('HTTP_HOST', default='127.0.0.1'),
+        http_port=read('HTTP_PORT', port, '8080'),
+        webhook_url=read('WEBHOOK_URL', webhook_url, '') if lookup('WEBHOOK_URL', '').strip() else '',
+        webhook_secret=read('WEBHOOK_SECRET', webhook_secret, '') if lookup('WEBHOOK_SECRET', '').strip()
+        else derived_secret(bot_token),
         shop_name=read('SHOP_NAME', shop_name, texts.DEFAULT_SHOP_NAME),
         texts=texts_file(str(lookup('TEXTS_FILE', '') or '').strip()),
     )

@@ -12,6 +12,8 @@ from peewee import IntegrityError, fn
 
 import backup
 import keyboards
+import leases
+import metrics
 import models
 from cryptobot import CryptoPayError
 from models import PAID, PENDING, Grant, Payment, Reminder, User, utcnow
@@ -55,10 +57,7 @@ def poll_payments(shop, messenger, now=None):
             if invoice is None and strangers:
                 invoice = strangers.get(invoice_payload(payment.user.telegram_id, payment.plan_days))
             if invoice is not None and invoice.get('status') == 'paid':
-                if shop.apply_invoice_state(payment, invoice, now=now):
-                    settled += 1
-                    shop.provision(payment.user_id, now=now)
-                    deliver_link(shop, messenger, Payment.get_by_id(payment.id), now)
+                settled += settle_paid(shop, messenger, payment, invoice, 'poller', now)
             elif invoice is not None and invoice.get('status') == 'expired' or (
                     invoice is None and payment.created_at <= missing_before):
                 if shop.expire_payment(payment.invoice_id):
@@ -77,6 +76,21 @@ def alert_mismatches(shop, messenger, now=None):
         for admin_id in shop.settings.admin_ids:
             messenger.send(admin_id, text)
     return len(alerts)
+
+
+def settle_paid(shop, messenger, payment, invoice, path, now=None):
+    """Settle a payment whose Crypto Pay invoice says paid, push the days to the panel, send the link.
+
+    The one path of the poller and the Crypto Pay webhook (the Check button settles through the same
+    shop.apply_invoice_state): whoever comes first credits it; the others change nothing.
+    :param path: 'poller' or 'webhook', for the metrics. :return: True if this call settled it.
+    """
+    if not shop.apply_invoice_state(payment, invoice, now=now):
+        return False
+    metrics.settled(path)
+    shop.provision(payment.user_id, now=now)
+    deliver_link(shop, messenger, Payment.get_by_id(payment.id), now)
+    return True
 
 
 def tell_expired(messenger, payment):
@@ -245,12 +259,21 @@ def report_reconcile(shop, messenger, now=None):
     return report
 
 
-def guarded(job):
-    """Run a job with its own database connection; log any failure with its traceback and carry on."""
+def guarded(job, lease=None):
+    """Run a job with its own database connection, only where this process holds its lease (if given).
+
+    Any failure is logged with its traceback and the job runs again next time; a run that ends without
+    an exception is recorded in the lease row (GET /healthz reads the payment poll's).
+    """
     def run(*args, **kwargs):
+        if lease is not None and not lease.owns(job.__name__):
+            return None
         try:
             with models.db.connection_context():
-                return job(*args, **kwargs)
+                result = job(*args, **kwargs)
+                if lease is not None:
+                    lease.record_run(job.__name__)
+                return result
         except (CryptoPayError, XuiError) as exc:
             log.warning('job %s: outside service failed: %s', job.__name__, exc)
         except Exception:  # noqa: BLE001 — a job must never kill the jobs thread; it runs again next time
@@ -259,21 +282,26 @@ def guarded(job):
     return run
 
 
-def build_scheduler(shop, messenger, settings):
-    """Return a Scheduler with every job registered."""
+JOB_NAMES = ('poll_payments', 'retry_provisioning', 'send_reminders', 'backup_database', 'report_reconcile')
+
+
+def build_scheduler(shop, messenger, settings, lease=None):
+    """Return a Scheduler with every job registered (each run only where lease says this process owns it)."""
     scheduler = schedule.Scheduler()
-    scheduler.every(settings.payment_poll_seconds).seconds.do(guarded(poll_payments), shop, messenger)
-    scheduler.every(20).seconds.do(guarded(retry_provisioning), shop, messenger)
-    scheduler.every(5).minutes.do(guarded(send_reminders), shop, messenger)
-    scheduler.every().day.at(settings.backup_time).do(guarded(backup_database), settings)
-    scheduler.every().day.at('03:30').do(guarded(report_reconcile), shop, messenger)
+    scheduler.every(settings.payment_poll_seconds).seconds.do(guarded(poll_payments, lease), shop, messenger)
+    scheduler.every(20).seconds.do(guarded(retry_provisioning, lease), shop, messenger)
+    scheduler.every(5).minutes.do(guarded(send_reminders, lease), shop, messenger)
+    scheduler.every().day.at(settings.backup_time).do(guarded(backup_database, lease), settings)
+    scheduler.every().day.at('03:30').do(guarded(report_reconcile, lease), shop, messenger)
     return scheduler
 
 
 def start(shop, messenger, settings):
-    """Start the jobs thread; return the Event that stops it."""
-    scheduler = build_scheduler(shop, messenger, settings)
+    """Start the jobs thread and the thread that keeps this process's job leases; return the Event that stops them."""
     stop = threading.Event()
+    lease = leases.JobLeases(JOB_NAMES)
+    lease.start(stop)
+    scheduler = build_scheduler(shop, messenger, settings, lease)
 
     def loop():
         while not stop.is_set():

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import requests
 from telebot.apihelper import ApiException, ApiTelegramException
 
+import metrics
 import models
 from models import User
 from markup import clip_html
@@ -59,11 +60,13 @@ class Messenger:
                     log.info('user blocked the bot user=%s', chat_id)
                     return BLOCKED
                 log.warning('telegram refused %s user=%s: %s', method, chat_id, exc.description)
+                metrics.SEND_FAILURES.inc()
                 return FAILED
             except (ApiException, requests.RequestException) as exc:  # transport trouble: try again shortly
                 log.warning('telegram unreachable for %s user=%s (attempt %s): %s',
                             method, chat_id, attempt + 1, type(exc).__name__)
                 self.sleep(min(2 ** attempt, 10))
+        metrics.SEND_FAILURES.inc()
         return FAILED
 
     def send(self, chat_id, text, reply_markup=None):

@@ -187,6 +187,17 @@ class InvoiceMismatch(BaseModel):
         table_name = 'invoice_mismatches'
 
 
+class JobLease(BaseModel):
+    """Which process runs a scheduled job now (leases.py): held until expires_at, renewed while alive."""
+    name = CharField(max_length=64, primary_key=True)
+    holder = CharField(max_length=128, default='')
+    expires_at = DateTimeField(default=datetime(1970, 1, 1))
+    ran_at = DateTimeField(null=True)  # the end of the last run that raised nothing
+
+    class Meta:
+        table_name = 'job_leases'
+
+
 class SchemaVersion(BaseModel):
     version = IntegerField(primary_key=True)
     applied_at = DateTimeField(default=utcnow)
@@ -196,7 +207,7 @@ class SchemaVersion(BaseModel):
 
 
 MODELS = [User, Payment, PromoCode, Redemption, Referral, Gift, Grant, Reminder, PromoAttempt, InvoiceMismatch,
-          SchemaVersion]
+          JobLease, SchemaVersion]
 
 # Schema changes after the first release: (version, function(migrator) -> list of operations).
 def add_qr_columns(migrator):

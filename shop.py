@@ -12,6 +12,7 @@ from decimal import Decimal
 
 from peewee import IntegrityError, fn
 
+import metrics
 import models
 from cryptobot import parse_amount, parse_time
 from models import (EXPIRED, PAID, PENDING, Gift, Grant, InvoiceMismatch, Payment, PromoAttempt, PromoCode,
@@ -216,7 +217,8 @@ class Shop:
             invoices = self.cryptopay.get_invoices([payment.invoice_id])
             ours = [invoice for invoice in invoices if invoice.get('invoice_id') == payment.invoice_id]
             # an answer about another invoice is judged as ours, so it is caught as a mismatch
-            self.apply_invoice_state(payment, (ours or invoices or [None])[0], telegram_id=telegram_id)
+            if self.apply_invoice_state(payment, (ours or invoices or [None])[0], telegram_id=telegram_id):
+                metrics.settled('button')
             payment = Payment.get_by_id(payment.id)
         if payment.status == PENDING and InvoiceMismatch.select().where(InvoiceMismatch.payment == payment).exists():
             return CheckResult('mismatch', payment)
@@ -339,6 +341,7 @@ class Shop:
         delay = min(timedelta(seconds=30 * 2 ** min(user.panel_failures, 10)), PANEL_BACKOFF_CAP)
         User.update(panel_failures=User.panel_failures + 1, panel_retry_at=now + delay).where(
             User.id == user.id).execute()
+        metrics.panel_failed(self.panel)
         log.warning('panel update failed user=%s failures=%s: %s', user.telegram_id, user.panel_failures + 1, error)
 
     def claim_notification(self, payment, now=None):

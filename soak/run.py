@@ -95,7 +95,7 @@ SCENARIOS = [
     ('race: 50 Check presses at once, 50 threads with their own Shop', race_checks_in_threads, 's', False),
     ('race: 50 Check presses queued at once to bot.py', race_presses_through_bot, 's', False),
     ('race: 2 pollers and 50 presses at once, 5 invoices', race_poller_and_presses, 's', False),
-    ('race: 2 bot.py processes polling 200 paid invoices (50 buyers)', race_two_bots, 's', False),
+    ('race: 2 bot.py processes polling 200 paid invoices (50 buyers)', race_two_bots, 's', True),
     *[(f'kill -9: {label}', functools.partial(crash, point=point, real_lease=True), 's', False)
       for point, label in zip(CRASH_POINTS, (
           'invoice paid, bot.py waiting on Crypto Pay', 'settled, before the panel call',

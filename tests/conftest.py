@@ -94,6 +94,7 @@ def settings_env(panel, cryptopay, database_url, **overrides):
         'CRYPTOPAY_TOKEN': CRYPTOPAY_TOKEN, 'CRYPTOPAY_URL': cryptopay.url,
         'DATABASE_URL': database_url, 'ADMIN_IDS': '900', 'CHANNEL_ID': '@spn_channel',
         'CHANNEL_URL': 'https://t.me/spn_channel', 'TIMEZONE': 'UTC',
+        'HTTP_PORT': '0',  # the HTTP side is off unless a test asks for it (tests run side by side)
     }
     env.update({key: str(value) for key, value in overrides.items()})
     return env

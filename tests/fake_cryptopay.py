@@ -21,6 +21,8 @@ from decimal import Decimal, InvalidOperation
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
+import requests
+
 DEFAULT_TOKEN = '12345:AAfakeCryptoPayTestToken0123456789'
 
 # accepted assets (aiosend's enum); JET exists on the testnet only
@@ -76,6 +78,9 @@ class FakeCryptoPay:
         self._wake = threading.Event()  # cuts hangs short on stop()
         self._next_id = 1
         self._next_update = 1
+        self.webhook_url = ''  # set by deliver_webhooks(): pay() POSTs invoice_paid there
+        self.webhook_attempts, self.webhook_pause = 17, 0.2
+        self.webhook_posts = []  # (invoice_id, HTTP status) of every webhook POST
         self._server = None
         self._thread = None
 
@@ -178,7 +183,10 @@ class FakeCryptoPay:
                            fee_in_usd=plain((fee * usd_price).quantize(EIGHT_PLACES)))
             if comment is not None:
                 invoice['comment'] = comment
-            return dict(invoice)
+            paid = dict(invoice)
+        if self.webhook_url:
+            threading.Thread(target=self._deliver, args=(invoice_id,), daemon=True, name='fake-cryptopay-webhook').start()
+        return paid
 
     def expire(self, invoice_id):
         """Mark an active invoice expired, as its deadline passing would."""
@@ -232,6 +240,32 @@ class FakeCryptoPay:
         raw = json.dumps(update, separators=(',', ':')).encode()
         key = hashlib.sha256(self.token.encode()).digest()
         return raw, hmac.new(key, raw, hashlib.sha256).hexdigest()
+
+    def post_webhook(self, url, invoice_id, timeout=10):
+        """POST the signed invoice_paid Update of a paid invoice to url, as Crypto Pay does; return the status.
+
+        Crypto Pay signs the exact bytes it sends (crypto-pay-api-signature header) and retries
+        anything but a 2xx; the caller decides whether to retry.
+        """
+        raw, signature = self.webhook_body(invoice_id)
+        reply = requests.post(url, data=raw, timeout=timeout,
+                              headers={'Content-Type': 'application/json', 'crypto-pay-api-signature': signature})
+        with self._lock:
+            self.webhook_posts.append((invoice_id, reply.status_code))
+        return reply.status_code
+
+    def deliver_webhooks(self, url, attempts=17, pause=0.2):
+        """From now on, pay() also POSTs the webhook to url on a thread, retried up to attempts times."""
+        self.webhook_url, self.webhook_attempts, self.webhook_pause = url, attempts, pause
+
+    def _deliver(self, invoice_id):
+        for _ in range(self.webhook_attempts):
+            try:
+                if 200 <= self.post_webhook(self.webhook_url, invoice_id) < 300:
+                    return
+            except requests.RequestException:
+                pass
+            self._wake.wait(self.webhook_pause)
 
     # the HTTP side
 

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
+import requests
+
 DEFAULT_TOKEN = "123456789:fake-loopback-token"
 DEFAULT_USERNAME = "spn_test_bot"
 
@@ -78,6 +80,7 @@ ATTR_RE = re.compile(r"""([^\s=>/"']+)(?:\s*=\s*("[^"]*"|'[^']*'|[^\s>]*))?""")
 COMMAND_RE = re.compile(r"/[A-Za-z0-9_]{1,64}(?:@[A-Za-z0-9_]{3,32})?(?=\s|$)")
 BOT_COMMAND_NAME_RE = re.compile(r"[a-z0-9_]{1,32}")
 PATH_RE = re.compile(r"/bot([^/]*)/([^/]*)")
+WEBHOOK_SECRET_RE = re.compile(r"[A-Za-z0-9_-]{1,256}")
 
 NOT_MODIFIED = (
     "message is not modified: specified new message content and reply markup are exactly "
@@ -462,7 +465,7 @@ class FakeTelegram:
     """A loopback Bot API server plus helpers that act as Telegram users and observe the bot."""
 
     def __init__(self, token=DEFAULT_TOKEN, username=DEFAULT_USERNAME, first_name="SPN Test Bot",
-                 port=0, clock=time.time, record=True, history=None, tls=None):
+                 port=0, clock=time.time, record=True, history=None, tls=None, local=True):
         self.token = token
         self.bot_user = {"id": int(token.split(":")[0]), "is_bot": True,
                          "first_name": first_name, "username": username}
@@ -478,6 +481,13 @@ class FakeTelegram:
         self.commands = {}  # (scope JSON, language_code) -> list of BotCommand dicts
         self.descriptions = {}  # ("description" or "short_description", language_code) -> text
         self.webhook_url = ""
+        self.webhook_secret = ""
+        self.webhook_error = ""  # getWebhookInfo's last_error_message
+        self.webhook_delivered = 0
+        self.webhook_failures = 0
+        self.webhook_senders = 8  # parallel deliveries at most (Telegram: max_connections, default 40)
+        self.webhook_retry_seconds = 0.2  # Telegram waits longer; tests should not
+        self.local = local  # a self-hosted Bot API server (--local) accepts http:// webhooks
         self.synthetic = None  # (batch, users, text, total) for benchmarks
         self.synthetic_made = 0
         self.confirmed = 0  # updates the bot confirmed through getUpdates' offset
@@ -496,6 +506,8 @@ class FakeTelegram:
         self._files = {}
         self._file_ids = itertools.count(1)
         self._allowed_updates = None
+        self._webhook_generation = 0
+        self._in_flight = set()  # update ids being POSTed to the webhook
         self._poll_generation = 0
         self._polling = 0
         self._limits = []
@@ -706,11 +718,16 @@ class FakeTelegram:
         """Wait until the bot is holding a long poll (it is up and reading updates)."""
         self._wait(lambda: self._polling or None, timeout, "the bot never long-polled")
 
+    def wait_webhook(self, timeout=10):
+        """Wait until the bot has set a webhook (it is up and taking updates by webhook); return its URL."""
+        return self._wait(lambda: self.webhook_url or None, timeout, "the bot never set a webhook")
+
     def stats(self):
         """Return call counts per method and update totals (also served at /_fake/stats)."""
         with self._cond:
             return {"calls": dict(self.counts), "synthetic_updates": self.synthetic_made,
-                    "confirmed_updates": self.confirmed, "pending_updates": len(self._updates)}
+                    "confirmed_updates": self.confirmed, "pending_updates": len(self._updates),
+                    "webhook_delivered": self.webhook_delivered, "webhook_failures": self.webhook_failures}
 
     def pending_updates(self):
         """Return how many updates the bot has not confirmed yet."""
@@ -974,20 +991,93 @@ class FakeTelegram:
         self.synthetic_made = max(stop, self.synthetic_made)
 
     def _delete_webhook(self, params, files):
+        self._webhook_generation += 1
+        self.webhook_secret = ""
         self.webhook_url = ""
         if _flag(params, "drop_pending_updates"):
             self._updates.clear()
         return True
 
     def _set_webhook(self, params, files):
-        self.webhook_url = str(params.get("url", ""))
+        url = str(params.get("url", "")).strip()
+        secret = str(params.get("secret_token", ""))
+        if url:
+            parts = urlsplit(url)
+            if parts.scheme != "https" and not (self.local and parts.scheme == "http"):
+                raise bad_request("bad webhook: HTTPS url must be provided for webhook")
+            if not parts.hostname:
+                raise bad_request("bad webhook: Wrong HTTP URL")
+            if "secret_token" in params and not WEBHOOK_SECRET_RE.fullmatch(secret):
+                raise bad_request("secret token contains unallowed characters")
+            connections = int(params.get("max_connections") or 40)
+            if not 1 <= connections <= 100:
+                raise bad_request("bad webhook: max_connections must be between 1 and 100")
+        if "allowed_updates" in params:
+            allowed = _decode_json(params["allowed_updates"])
+            self._allowed_updates = set(allowed) if allowed else None
         if _flag(params, "drop_pending_updates"):
             self._updates.clear()
+        self.webhook_url = url
+        self.webhook_secret = secret if url else ""
+        self._webhook_generation += 1
+        if url:  # Telegram starts POSTing the pending updates at once
+            for n in range(min(connections, self.webhook_senders)):
+                threading.Thread(target=self._deliver, args=(self._webhook_generation,), daemon=True,
+                                 name=f"fake-telegram-webhook-{n}").start()
+        self._cond.notify_all()
         return True
 
     def _get_webhook_info(self, params, files):
-        return {"url": self.webhook_url, "has_custom_certificate": False,
+        info = {"url": self.webhook_url, "has_custom_certificate": False,
                 "pending_update_count": len(self._updates)}
+        if self.webhook_error:
+            info["last_error_message"] = self.webhook_error
+        if self._allowed_updates is not None and self.webhook_url:
+            info["allowed_updates"] = sorted(self._allowed_updates)
+        return info
+
+    def _deliver(self, generation):
+        """POST pending updates to the webhook, one at a time per sender, until the webhook changes.
+
+        Like Telegram: the secret rides in X-Telegram-Bot-Api-Secret-Token, only a 2xx reply confirms an
+        update, anything else (or no reply) leaves it pending and is retried after a pause.
+        """
+        session = requests.Session()
+        while True:
+            with self._cond:
+                while True:
+                    if self._closing or generation != self._webhook_generation:
+                        return
+                    self._make_synthetic()
+                    self._drop_unwanted()
+                    update = next((u for u in self._updates if u["update_id"] not in self._in_flight), None)
+                    if update is not None:
+                        break
+                    self._cond.wait(0.5)
+                self._in_flight.add(update["update_id"])
+                url, secret = self.webhook_url, self.webhook_secret
+            headers = {"Content-Type": "application/json"}
+            if secret:
+                headers["X-Telegram-Bot-Api-Secret-Token"] = secret
+            try:
+                reply = session.post(url, data=json.dumps(update, ensure_ascii=False).encode(), headers=headers,
+                                     timeout=(2, 60))
+                error = None if 200 <= reply.status_code < 300 else f"Wrong response from the webhook: {reply.status_code} {reply.reason}"
+            except requests.RequestException as exc:
+                error = f"Connection failed: {type(exc).__name__}"
+            with self._cond:
+                self._in_flight.discard(update["update_id"])
+                if error is None:
+                    if update in self._updates:
+                        self._updates.remove(update)
+                        self.confirmed += 1
+                        self.webhook_delivered += 1
+                else:
+                    self.webhook_error = error
+                    self.webhook_failures += 1
+                self._cond.notify_all()
+            if error is not None:
+                time.sleep(self.webhook_retry_seconds)
 
     def _send_message(self, params, files):
         chat = self._writable_chat(params)

@@ -61,6 +61,7 @@ def fill_database():
     models.PromoAttempt.create(user=alice, created_at=NOW - timedelta(minutes=3))
     models.InvoiceMismatch.create(payment=models.Payment.get(models.Payment.invoice_id == 555003),
                                   detail="amount '0.01' (ours 270) <b>&", created_at=NOW, alerted_at=None)
+    models.JobLease.create(name='poll_payments', holder='host:42:a1b2c3', expires_at=NOW, ran_at=NOW)
 
 
 def every_row():
