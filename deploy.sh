@@ -6,12 +6,15 @@
 # Safe to run again: it never overwrites .env, the database or the backups, and it keeps the venv.
 # Settings (environment): APP_DIR (/opt/vpn-bot), APP_USER (vpnbot), SYSTEMD_DIR (/etc/systemd/system),
 # PYTHONS (the interpreters to try, first that APP_USER can run wins; python3.11 first).
+# INSTANCES (unset: one vpn-bot.service; "8081 8082": one vpn-bot@PORT each, for PostgreSQL + WEBHOOK_URL
+# behind nginx, see deploy/nginx.conf.example).
 set -euo pipefail
 
 SRC_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 APP_DIR=${APP_DIR:-/opt/vpn-bot}
 APP_USER=${APP_USER:-vpnbot}
 SYSTEMD_DIR=${SYSTEMD_DIR:-/etc/systemd/system}
+INSTANCES=${INSTANCES:-}
 SERVICE=vpn-bot
 PYTHONS=${PYTHONS:-python3.11 /usr/bin/python3.11 /usr/local/bin/python3.11 python3 /usr/bin/python3}
 
@@ -89,12 +92,29 @@ else
     env_created=no
 fi
 
-say "installing the systemd unit $SYSTEMD_DIR/$SERVICE.service"
-sed -e "s|/opt/vpn-bot|$APP_DIR|g" -e "s|^User=vpnbot$|User=$APP_USER|" -e "s|^Group=vpnbot$|Group=$APP_USER|" \
-    "$APP_DIR/$SERVICE.service" > "$SYSTEMD_DIR/$SERVICE.service"
-chmod 644 "$SYSTEMD_DIR/$SERVICE.service"
-systemctl daemon-reload
-systemctl enable "$SERVICE"
+install_unit() {  # install_unit NAME: copy NAME from the code, pointed at APP_DIR and APP_USER
+    say "installing the systemd unit $SYSTEMD_DIR/$1"
+    sed -e "s|/opt/vpn-bot|$APP_DIR|g" -e "s|^User=vpnbot$|User=$APP_USER|" -e "s|^Group=vpnbot$|Group=$APP_USER|" \
+        "$APP_DIR/$1" > "$SYSTEMD_DIR/$1"
+    chmod 644 "$SYSTEMD_DIR/$1"
+}
+if [[ -n $INSTANCES ]]; then
+    # several processes (PostgreSQL and WEBHOOK_URL only): one vpn-bot@PORT per port, nginx in front
+    for port in $INSTANCES; do
+        [[ $port =~ ^[0-9]+$ && $port -ge 1024 && $port -le 65535 ]] || fail "INSTANCES: $port is not a port 1024-65535"
+    done
+    install_unit "$SERVICE@.service"
+    systemctl daemon-reload
+    systemctl disable "$SERVICE" 2>/dev/null || true
+    for port in $INSTANCES; do
+        systemctl enable "$SERVICE@$port"
+    done
+    SERVICE="$SERVICE@${INSTANCES%% *}"
+else
+    install_unit "$SERVICE.service"
+    systemctl daemon-reload
+    systemctl enable "$SERVICE"
+fi
 
 # Check as the service user, with its own interpreter: the settings on a fresh .env, the doctor after.
 cd "$APP_DIR"

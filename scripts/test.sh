@@ -107,20 +107,55 @@ start_postgres() {
     echo "test.sh: PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') on 127.0.0.1:$PG_PORT as $(stat -c %U "$PG_DIR/data")"
 }
 
+# PgBouncer in transaction mode in front of the test server, as Neon's pooled endpoint is: the
+# several-process tests run through it too (TEST_PGBOUNCER_URL). It runs as the server's owner.
+# shellcheck disable=SC2317  # called from the EXIT trap
+stop_pgbouncer() {
+    [[ -n ${PGB_DIR:-} && -f $PGB_DIR/pgbouncer.pid ]] || return 0
+    kill "$(cat "$PGB_DIR/pgbouncer.pid")" 2>/dev/null || true
+}
+
+start_pgbouncer() {
+    if ! command -v pgbouncer >/dev/null; then
+        if [[ $EUID -ne 0 ]]; then
+            echo "test.sh: pgbouncer not found; the tests through it are skipped (apt-get install pgbouncer)" >&2
+            return 0
+        fi
+        apt_install pgbouncer
+    fi
+    PGB_DIR=$PG_DIR/pgbouncer
+    mkdir -p "$PGB_DIR"
+    PGB_PORT=$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    echo '"postgres" ""' >"$PGB_DIR/users.txt"
+    printf '%s\n' "[databases]" "$DB_NAME = host=127.0.0.1 port=$PG_PORT dbname=$DB_NAME" "[pgbouncer]" \
+        "listen_addr = 127.0.0.1" "listen_port = $PGB_PORT" "unix_socket_dir =" "auth_type = trust" \
+        "auth_file = $PGB_DIR/users.txt" "pool_mode = transaction" "max_client_conn = 1000" \
+        "default_pool_size = 20" "logfile = $PGB_DIR/pgbouncer.log" "pidfile = $PGB_DIR/pgbouncer.pid" \
+        >"$PGB_DIR/pgbouncer.ini"
+    if [[ $EUID -eq 0 ]]; then
+        chown -R "$(stat -c %U "$PG_DIR/data")" "$PGB_DIR"
+    fi
+    as_pg pgbouncer -d -q "$PGB_DIR/pgbouncer.ini" || { cat "$PGB_DIR/pgbouncer.log" >&2; die "PgBouncer did not start"; }
+    PGBOUNCER_URL="postgresql://postgres@127.0.0.1:$PGB_PORT/$DB_NAME"
+    echo "test.sh: PgBouncer (transaction mode) on 127.0.0.1:$PGB_PORT"
+}
+
 case $DB in
     all | sqlite | postgres) ;;
     *) die "DB must be sqlite or postgres (or unset for both), not '$DB'" ;;
 esac
 
-trap stop_postgres EXIT
+trap 'stop_pgbouncer; stop_postgres' EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
 [[ -x .venv/bin/python ]] || make_venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements-dev.lock
 
+PGBOUNCER_URL=
 if [[ $DB != sqlite ]]; then
     start_postgres
+    start_pgbouncer
 fi
 
 summary=()
@@ -143,6 +178,7 @@ if [[ $DB != postgres ]]; then
 fi
 if [[ $DB != sqlite ]]; then
     run_suite PostgreSQL env TEST_DATABASE_URL="postgresql://postgres@127.0.0.1:$PG_PORT/$DB_NAME" \
+        TEST_PGBOUNCER_URL="$PGBOUNCER_URL" \
         .venv/bin/python -m pytest "$@"
 fi
 
