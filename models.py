@@ -291,15 +291,26 @@ def locked(query):
     return query if is_sqlite() else query.for_update()
 
 
+SCHEMA_LOCK = 0x53504E01  # pg_advisory_xact_lock key: one process at a time changes the schema
+
+
 def create_schema():
-    """Create missing tables and apply pending migrations; safe to run on every start."""
+    """Create missing tables and apply pending migrations; safe to run on every start, by several processes at once.
+
+    On PostgreSQL it all happens in one transaction under a transaction-scoped advisory lock (PgBouncer's
+    transaction mode keeps those), so processes starting together wait for each other instead of racing
+    to create the same table (CREATE TABLE IF NOT EXISTS is not safe against a concurrent one).
+    """
     with db.connection_context():
-        fresh = not db.table_exists(SchemaVersion._meta.table_name)
-        db.create_tables(MODELS, safe=True)
-        if fresh:  # create_tables made the latest schema: nothing to migrate
-            for version, _ in MIGRATIONS:
-                SchemaVersion.create(version=version)
-        apply_migrations(MIGRATIONS)
+        with contextlib.nullcontext() if is_sqlite() else db.atomic():
+            if not is_sqlite():
+                db.execute_sql('SELECT pg_advisory_xact_lock(%s)', (SCHEMA_LOCK,))
+            fresh = not db.table_exists(SchemaVersion._meta.table_name)
+            db.create_tables(MODELS, safe=True)
+            if fresh:  # create_tables made the latest schema: nothing to migrate
+                for version, _ in MIGRATIONS:
+                    SchemaVersion.create(version=version)
+            apply_migrations(MIGRATIONS)
 
 
 def apply_migrations(migrations):

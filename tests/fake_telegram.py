@@ -1290,10 +1290,12 @@ def main(argv=None):
     parser.add_argument("--users", type=int, default=1000, help="distinct synthetic senders")
     parser.add_argument("--text", default="/start", help="text of synthetic messages")
     parser.add_argument("--total", type=int, default=0, help="stop after this many synthetic updates")
+    parser.add_argument("--webhook-senders", type=int, default=8, help="parallel webhook deliveries at most")
     args = parser.parse_args(argv)
     fake = FakeTelegram(token=args.token, username=args.username, port=args.port,
                         record=False, history=20)
     fake.latency = args.latency
+    fake.webhook_senders = args.webhook_senders
     if args.synthetic:
         fake.synthetic = (args.synthetic, max(args.users, 1), args.text, args.total)
     stop = threading.Event()

@@ -4,7 +4,6 @@ import signal
 import threading
 import time
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -17,6 +16,7 @@ from conftest import PG_URL
 PGBOUNCER_URL = os.environ.get('TEST_PGBOUNCER_URL', '')
 from models import PAID, Grant, JobLease, Payment, User, utcnow
 from test_deploy import source  # noqa: F401 (a fixture)
+from rrproxy import RoundRobin
 from test_e2e import RunningBot, buy, invoice_id_of, person
 from test_web import assert_no_secrets, bot_env, free_port
 
@@ -156,55 +156,6 @@ def test_a_second_polling_process_stops_on_409_conflict(bots, telegram, database
     assert telegram.wait_for_message(8001, contains='SPN', timeout=15)
 
 
-class RoundRobin:
-    """A loopback reverse proxy, like nginx's upstream: each request goes to the next backend that answers."""
-
-    def __init__(self, ports):
-        self.ports = list(ports)
-        self.next = 0
-        self.lock = threading.Lock()
-        self.served = {port: 0 for port in self.ports}
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = 'HTTP/1.1'
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get('Content-Length') or 0))
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ('host', 'content-length')}
-                status, data = proxy.forward(self.path, body, headers)
-                self.send_response(status)
-                self.send_header('Content-Length', str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(('127.0.0.1', 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f'http://127.0.0.1:{self.server.server_address[1]}'
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def forward(self, path, body, headers):
-        for _ in range(len(self.ports)):
-            with self.lock:
-                port = self.ports[self.next % len(self.ports)]
-                self.next += 1
-            try:
-                reply = requests.post(f'http://127.0.0.1:{port}{path}', data=body, headers=headers, timeout=30)
-            except requests.ConnectionError:  # that backend is down: nginx's proxy_next_upstream
-                continue
-            with self.lock:
-                self.served[port] += 1
-            return reply.status_code, reply.content
-        return 502, b'no backend'
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def wait_until(condition, timeout):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -308,3 +259,17 @@ def test_deploy_installs_one_template_instance_per_port(source, tmp_path):
         'systemctl enable vpn-bot@8082']
     bad = run(source / 'deploy.sh', stubs, {**env, 'INSTANCES': '8081 80'})
     assert bad.returncode == 1 and 'INSTANCES: 80 is not a port 1024-65535' in bad.stderr
+
+
+@pytest.mark.parametrize('via', ['direct', 'pgbouncer'])
+def test_processes_starting_at_once_on_an_empty_database_all_come_up(bots, telegram, database, via):
+    """Found by bench/webhook.py: two processes creating the tables at once, one died of a duplicate pg_type."""
+    database_url = database_for_bots(via)
+    models.db.drop_tables(models.MODELS, cascade=True)
+    ports = [free_port() for _ in range(3)]
+    # webhook mode: polling processes would stop each other with 409 Conflict
+    running = [bots(HTTP_PORT=port, DATABASE_URL=database_url, WEBHOOK_URL='http://127.0.0.1:9') for port in ports]
+    for port, bot in zip(ports, running):
+        assert wait_until(lambda: _healthy(port) or bot.process.poll() is not None, 30)
+        assert bot.process.poll() is None, bot.output()
+    assert models.SchemaVersion.table_exists() and User.select().count() == 0
