@@ -43,6 +43,7 @@ from test_faults import (BUSY, CRASH_POINTS, Outcome, audit, crash, crash_during
                          panel_session_expiry, postgres_restart, race_checks_in_threads, race_poller_and_presses,
                          race_presses_through_bot, race_two_bots, start_cryptopay_fault, start_panel_fault, told,
                          wait_until)
+from test_web import race_webhooks_and_the_poller  # noqa: E402
 
 FUZZ_PROPERTIES = 5  # the @given tests in tests/test_fuzz.py
 
@@ -96,6 +97,8 @@ SCENARIOS = [
     ('race: 50 Check presses queued at once to bot.py', race_presses_through_bot, 's', False),
     ('race: 2 pollers and 50 presses at once, 5 invoices', race_poller_and_presses, 's', False),
     ('race: 2 bot.py processes polling 200 paid invoices (50 buyers)', race_two_bots, 's', True),
+    ('race: Crypto Pay webhook x17 per invoice at once, poller on, 5 invoices', race_webhooks_and_the_poller, 's',
+     False),
     *[(f'kill -9: {label}', functools.partial(crash, point=point, real_lease=True), 's', False)
       for point, label in zip(CRASH_POINTS, (
           'invoice paid, bot.py waiting on Crypto Pay', 'settled, before the panel call',

@@ -23,7 +23,8 @@ import models
 import web
 from conftest import BOT_TOKEN, CRYPTOPAY_TOKEN, PANEL_PASSWORD, ROOT, settings_env
 from models import PAID, PENDING, Grant, Payment, User
-from test_e2e import RunningBot, ask, buy, current, eventually, invoice_id_of, person, press
+from test_e2e import RunningBot, buy, eventually, invoice_id_of, person
+from test_faults import rig  # noqa: F401 (a fixture)
 
 BUYER = {'id': 5001, 'first_name': 'Bob <&>', 'username': 'bob', 'language_code': 'en'}
 SECRETS = (BOT_TOKEN, CRYPTOPAY_TOKEN, PANEL_PASSWORD, BOT_TOKEN.partition(':')[2])
@@ -441,3 +442,40 @@ def test_switching_from_webhook_back_to_polling_loses_no_update(started, telegra
     telegram.send_text(buyer, '/start')  # arrives while no bot runs: Telegram holds it
     started(wait='polling')
     assert telegram.wait_for_message(buyer['id'], contains='SPN', timeout=15)
+
+
+# a soak scenario (soak/run.py) and its test
+
+def race_webhooks_and_the_poller(rig, buyers=5, replays=17):
+    """Crypto Pay's webhook, 17 deliveries per paid invoice all at once, while bot.py's poller also settles them."""
+    from test_faults import audit, told, wait_until as wait_for
+    shop = rig.shop()
+    invoice_ids = [rig.customer(shop, 2600 + n) for n in range(buyers)]
+    port = free_port()
+    rig.start_bot(HTTP_PORT=port, PAYMENT_POLL_SECONDS=1)
+    url = f'http://127.0.0.1:{port}/cryptopay'
+    statuses, start = [], threading.Barrier(buyers * replays)
+
+    def deliver(invoice_id):
+        start.wait()
+        statuses.append(rig.cryptopay.post_webhook(url, invoice_id, timeout=60))
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=deliver, args=(invoice_id,)) for invoice_id in invoice_ids
+               for _ in range(replays)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    for invoice_id in invoice_ids:
+        wait_for(lambda: told(invoice_id), 30, 'the buyer told')
+    outcome = audit(rig, invoice_ids, time.monotonic() - started)
+    if statuses != [200] * len(threads):
+        outcome.problems.append(f'webhook replies: {sorted(set(statuses))}, {len(statuses)} of {len(threads)}')
+    return outcome
+
+
+def test_webhooks_replayed_17_times_while_the_poller_runs_settle_once(rig):
+    outcome = race_webhooks_and_the_poller(rig)
+    assert (outcome.lost, outcome.double) == (0, 0) and not outcome.problems, outcome.problems
+    assert 'Traceback' not in rig.output()
