@@ -57,7 +57,7 @@ if [[ $SRC_DIR != "$(cd "$APP_DIR" && pwd)" ]]; then
     say "copying the code to $APP_DIR"
     # .git comes along, so update.sh can pull; the server's own files stay untouched.
     tar -C "$SRC_DIR" --exclude=./.venv --exclude=./.env --exclude=./data --exclude=./backups \
-        --exclude='*.db' --exclude='*.db-wal' --exclude='*.db-shm' --exclude=__pycache__ \
+        --exclude='*.db' --exclude='*.db-wal' --exclude='*.db-shm' --exclude='*.db.lock' --exclude=__pycache__ \
         --exclude=.pytest_cache --exclude=.hypothesis -cf - . \
         | tar -C "$APP_DIR" --no-same-owner -xf -
 fi
