@@ -189,7 +189,7 @@ class InvoiceMismatch(BaseModel):
 
 class JobLease(BaseModel):
     """Which process runs a scheduled job now (leases.py): held until expires_at, renewed while alive."""
-    name = CharField(max_length=64, primary_key=True)
+    name = CharField(max_length=64, unique=True)
     holder = CharField(max_length=128, default='')
     expires_at = DateTimeField(default=datetime(1970, 1, 1))
     ran_at = DateTimeField(null=True)  # the end of the last run that raised nothing
