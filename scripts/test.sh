@@ -106,6 +106,13 @@ start_postgres() {
     echo "test.sh: PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') on 127.0.0.1:$PG_PORT as $(stat -c %U "$PG_DIR/data")"
 }
 
+# The subscription page is tested in a real browser; its QR code is read back with zbar.
+install_browser() {
+    command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v zbarimg >/dev/null && return
+    [[ $EUID -eq 0 ]] || die "Chromium, chromedriver and zbarimg are needed: apt-get install chromium chromium-driver zbar-tools"
+    apt_install chromium chromium-driver zbar-tools
+}
+
 case $DB in
     all | sqlite | postgres) ;;
     *) die "DB must be sqlite or postgres (or unset for both), not '$DB'" ;;
@@ -117,6 +124,7 @@ trap 'exit 143' TERM
 
 [[ -x .venv/bin/python ]] || make_venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+install_browser
 
 if [[ $DB != sqlite ]]; then
     start_postgres
