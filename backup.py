@@ -194,6 +194,9 @@ def prune_backups(backup_dir, keep_days, now=None):
     return removed
 
 
+LEGACY_PANEL_COLUMNS = ('panel_uuid', 'panel_dirty', 'panel_failures', 'panel_retry_at', 'panel_alerted')
+
+
 def restore(path, force=False):
     """Load a backup into the database in one transaction and return {table: rows restored}.
 
@@ -213,10 +216,15 @@ def restore(path, force=False):
                                              'restore with --force to replace it')
                     for model in reversed(data_models()):
                         model.delete().execute()
-                counts = {}
+                counts, carried = {}, []
                 for model in data_models():
                     table = model._meta.table_name
-                    counts[table] = load_table(archive, model, manifest['tables'][table])
+                    if table not in manifest['tables'] and manifest['schema_version'] < current_version():
+                        continue  # a table newer than the backup (filled by upgrade_record below)
+                    counts[table] = load_table(archive, model, manifest['tables'][table], carried)
+                if carried:
+                    models.PanelClient.insert_many(carried).execute()
+                    counts[models.PanelClient._meta.table_name] = len(carried)
                 reset_sequences()
             return counts
     except RestoreRefused:
@@ -263,7 +271,30 @@ def has_data():
     return any(model.select().exists() for model in data_models())
 
 
-def load_table(archive, model, expected):
+def current_version():
+    """Return the schema version this bot's models describe."""
+    return max((version for version, _ in models.MIGRATIONS), default=0)
+
+
+def upgrade_record(model, record, carried):
+    """Bring a row of an older backup to this schema, in place.
+
+    Schema 50 moved each user's panel columns into a PanelClient row of the one panel, 'main'.
+    """
+    if model is models.User and 'panel_dirty' in record:
+        old = {name: record.pop(name, None) for name in LEGACY_PANEL_COLUMNS}
+        if record.get('expires_at') is not None:
+            fields = models.PanelClient._meta.columns
+            carried.append({'user': record['id'], 'panel': 'main', 'dirty': bool(old['panel_dirty']),
+                            'pushed_expiry': None if old['panel_dirty'] else decode(
+                                models.User.expires_at, record['expires_at']),
+                            'uuid': old['panel_uuid'], 'failures': old['panel_failures'] or 0,
+                            'retry_at': decode(fields['retry_at'], old['panel_retry_at']),
+                            'alerted': bool(old['panel_alerted'])})
+    return record
+
+
+def load_table(archive, model, expected, carried=None):
     """Insert one table's rows from the archive in batches; return the count.
 
     A row pointing at a later row of its own table (a referrer with a higher id) is inserted
@@ -277,7 +308,7 @@ def load_table(archive, model, expected):
         raise BackupError(f'{model._meta.table_name}.jsonl is missing')
     batch, pending_links, count, fields = [], [], 0, None
     for line in member:
-        record = json.loads(line)
+        record = upgrade_record(model, json.loads(line), carried if carried is not None else [])
         row = {columns[name]: decode(columns[name], value) for name, value in record.items()}
         for field in self_links:
             if row.get(field) is not None and row[field] >= row[key]:

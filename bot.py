@@ -91,6 +91,13 @@ def clip(text):
     return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 1] + '…'
 
 
+def pending_panels(user):
+    """Say which panels still wait for the user's days (' · panel update pending: Germany'), or ''."""
+    names = [name for (name,) in models.PanelClient.select(models.PanelClient.panel)
+             .where(models.PanelClient.user == user.id, models.PanelClient.dirty == True).tuples()]  # noqa: E712
+    return f' · panel update pending: {html(", ".join(sorted(names)))}' if names else ''
+
+
 def command_argument(text):
     """Return what follows the command word of a message ('' if nothing)."""
     parts = (text or '').split(maxsplit=1)
@@ -420,7 +427,7 @@ class ShopBot:
                  f'id <code>{customer.telegram_id}</code> lang {customer.language}',
                  f'Expires: {expiry}{" (active)" if customer.is_active() else ""}'
                  f'{" · blocked the bot" if customer.blocked else ""}'
-                 f'{" · panel update pending" if customer.panel_dirty else ""}',
+                 f'{pending_panels(customer)}',
                  f'Registered: {self.date(customer.created_at)} · invited: {customer.referrer_id is not None}',
                  'Payments: ' + (', '.join(f'#{p.invoice_id} {p.amount} {p.currency} {p.status}' for p in payments)
                                  or 'none'),
@@ -470,7 +477,7 @@ class ShopBot:
             log.info('progress not shown: %s', exc.description)
 
     def admin_sync(self, message, user, _):
-        self.reply(message.chat.id, jobs.reconcile(self.shop).text())
+        self.reply(message.chat.id, '\n\n'.join(report.text() for report in jobs.reconcile_all(self.shop)))
 
 
 class LogErrors(telebot.ExceptionHandler):

@@ -2,19 +2,23 @@
 
 Each job is a plain function that tests call directly with a chosen `now`.
 """
+import contextlib
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 import schedule
-from peewee import IntegrityError, fn
+from html import escape
+
+from peewee import IntegrityError, Value, fn
 
 import backup
 import keyboards
 import models
 from cryptobot import CryptoPayError
-from models import PAID, PENDING, Payment, Reminder, User, utcnow
+from models import PAID, PENDING, PanelClient, Payment, Reminder, User, utcnow
 from texts import show_date, t
 from xui import XuiError
 
@@ -23,6 +27,8 @@ log = logging.getLogger('jobs')
 POLL_BATCH = 1000  # getInvoices takes at most 1000 ids per call
 MISSING_GRACE = timedelta(minutes=10)  # Crypto Pay's clock and ours may differ a little
 ALERT_AFTER_FAILURES = 5
+PUSH_BATCH = 200  # clients pushed per panel per run (every 20 s)
+BACKFILL_PER_ROUND = 100  # buyers put onto a newly added panel per run: 5 a second, the panel is not flooded
 REMINDERS = (  # kind, expiring no later than now + this, and later than now + the next step
     ('3', timedelta(days=3), timedelta(days=1)),
     ('1', timedelta(days=1), timedelta(0)),
@@ -86,27 +92,78 @@ def deliver_link(shop, messenger, payment, now=None):
 
 
 def retry_provisioning(shop, messenger, now=None):
-    """Push every user whose panel update is due, tell waiting buyers, alert admins once about stuck ones."""
+    """Push every client whose panel update is due, each panel on its own thread; tell waiting buyers;
+    alert the admins once per stuck client, naming the panel and its reason."""
     now = now or utcnow()
-    due = (User.select(User.id).where(User.panel_dirty == True,  # noqa: E712 (SQL comparison)
-                                      User.panel_retry_at.is_null() | (User.panel_retry_at <= now))
-           .order_by(User.panel_retry_at.asc(nulls='first')).limit(500))
-    for user in due:
-        if not shop.provision(user.id, now=now):
-            break  # the panel is down: one failed call per run is enough to know it
+    panels = shop.enabled_panels
+    if len(panels) == 1:
+        retry_panel(shop, panels[0], now)
+    else:  # a panel that is down or slow delays only its own copies
+        with ThreadPoolExecutor(max_workers=len(panels), thread_name_prefix='panel-retry') as pool:
+            list(pool.map(lambda panel: retry_panel(shop, panel, now, own_connection=True), panels))
     waiting = Payment.select().where(Payment.status == PAID, Payment.notified_at.is_null(),
                                      Payment.provisioned_at.is_null(False))
     delivered = sum(deliver_link(shop, messenger, payment, now) for payment in waiting)
-    stuck = list(User.select().where(User.panel_dirty == True, User.panel_alerted == False,  # noqa: E712
-                                     User.panel_failures >= ALERT_AFTER_FAILURES))
-    if stuck:
-        User.update(panel_alerted=True).where(User.id.in_([user.id for user in stuck])).execute()
-        ids = ', '.join(str(user.telegram_id) for user in stuck[:20])
-        for admin_id in shop.settings.admin_ids:
-            messenger.send(admin_id, f'⚠️ The panel has refused updates for {len(stuck)} user(s) '
-                                     f'{ALERT_AFTER_FAILURES}+ times: {ids}. Their days are safe in the '
-                                     'database and will be pushed when the panel answers.')
+    alert_stuck(shop, messenger)
     return delivered
+
+
+def retry_panel(shop, panel, now, own_connection=False):
+    """Push the due clients of one panel, oldest first; stop at its first failure (it is down)."""
+    with models.connection() if own_connection else contextlib.nullcontext():
+        due = (PanelClient.select(PanelClient.user)
+               .where(PanelClient.panel == panel.name, PanelClient.dirty == True,  # noqa: E712
+                      PanelClient.retry_at.is_null() | (PanelClient.retry_at <= now))
+               .order_by(PanelClient.retry_at.asc(nulls='first'), PanelClient.id).limit(PUSH_BATCH))
+        for row in list(due):
+            if not shop.provision_on(panel, row.user_id, now=now):
+                break  # one failed call per run is enough to know the panel is down
+
+
+def alert_stuck(shop, messenger):
+    """Tell the admins once about clients a panel keeps refusing, grouped by panel, with the reason."""
+    stuck = list(PanelClient.select(PanelClient, User.telegram_id).join(User)
+                 .where(PanelClient.dirty == True, PanelClient.alerted == False,  # noqa: E712
+                        PanelClient.failures >= ALERT_AFTER_FAILURES).limit(1000))
+    if not stuck:
+        return
+    PanelClient.update(alerted=True).where(PanelClient.id.in_([row.id for row in stuck])).execute()
+    by_panel = {}
+    for row in stuck:
+        by_panel.setdefault(row.panel, []).append(row)
+    for name, rows in sorted(by_panel.items()):
+        ids = ', '.join(str(row.user.telegram_id) for row in rows[:20])
+        text = (f'⚠️ Panel {escape(name)} has refused updates for {len(rows)} user(s) '
+                f'{ALERT_AFTER_FAILURES}+ times: {ids}. Last reason: {escape(rows[0].last_error or "unknown")}. '
+                'Their days are safe in the database and will be pushed when the panel takes them.')
+        for admin_id in shop.settings.admin_ids:
+            messenger.send(admin_id, text)
+
+
+def backfill_panels(shop, now=None, per_round=BACKFILL_PER_ROUND):
+    """Put every active buyer onto each enabled panel that lacks them, a few per second (a panel just added).
+
+    Only rows are made here (dirty, so retry_provisioning pushes them); a disabled or removed panel is
+    never touched. :return: {panel name: rows added}
+    """
+    now = now or utcnow()
+    added = {}
+    for panel in shop.enabled_panels:
+        missing = (User.select(User.id, Value(panel.name), Value(True))
+                   .where(User.expires_at > now,
+                          ~fn.EXISTS(PanelClient.select(PanelClient.id)
+                                     .where(PanelClient.user == User.id, PanelClient.panel == panel.name)))
+                   .order_by(User.id).limit(per_round))
+        count = (PanelClient.insert_from(missing, [PanelClient.user, PanelClient.panel, PanelClient.dirty])
+                 .on_conflict_ignore().execute())
+        count = count if isinstance(count, int) else len(list(count or ()))
+        if count:
+            left = (User.select().where(User.expires_at > now, ~fn.EXISTS(
+                PanelClient.select(PanelClient.id).where(PanelClient.user == User.id,
+                                                         PanelClient.panel == panel.name))).count())
+            log.info('backfill panel=%s added=%s left=%s', panel.name, count, left)
+        added[panel.name] = count
+    return added
 
 
 def send_reminders(shop, messenger, now=None):
@@ -139,6 +196,7 @@ def backup_database(settings, now=None):
 
 @dataclass
 class ReconcileReport:
+    panel: str = ''
     checked: int = 0
     missing: list = field(default_factory=list)
     wrong_expiry: list = field(default_factory=list)
@@ -150,11 +208,14 @@ class ReconcileReport:
     error: str = ''
 
     def text(self):
+        """Describe the run as HTML-safe text (panel emails and errors are outside text)."""
+        where = f'Panel {escape(self.panel)}: ' if self.panel else ''
         if self.error:
-            return f'Sync failed: {self.error}'
+            return f'{where}Sync failed: {escape(self.error)}'
+
         def few(items):
-            return ', '.join(str(item) for item in items[:10]) + (' …' if len(items) > 10 else '')
-        lines = [f'Sync: {self.checked} active users checked, {self.fixed} fixed, {self.failed} not fixed.',
+            return escape(', '.join(str(item) for item in items[:10]) + (' …' if len(items) > 10 else ''))
+        lines = [f'{where}Sync: {self.checked} active users checked, {self.fixed} fixed, {self.failed} not fixed.',
                  f'Missing on the panel: {len(self.missing)} {few(self.missing)}'.rstrip(),
                  f'Wrong expiry: {len(self.wrong_expiry)} {few(self.wrong_expiry)}'.rstrip(),
                  f'Disabled while paid: {len(self.disabled)} {few(self.disabled)}'.rstrip(),
@@ -163,12 +224,14 @@ class ReconcileReport:
         return '\n'.join(lines)
 
 
-def reconcile(shop, now=None):
-    """Compare every active user's panel client with the ledger and repair only towards the ledger."""
+def reconcile(shop, now=None, panel=None):
+    """Compare every active user's client on one panel (the first enabled one by default) with the ledger,
+    and repair only towards the ledger; return its ReconcileReport."""
     now = now or utcnow()
-    report = ReconcileReport()
+    panel = panel or shop.enabled_panels[0]
+    report = ReconcileReport(panel=panel.name if len(shop.enabled_panels) > 1 else '')
     try:
-        clients = {client['email'].lower(): client for client in shop.panel.list_clients()}
+        clients = {client['email'].lower(): client for client in panel.client.list_clients()}
     except XuiError as exc:
         report.error = str(exc)
         return report
@@ -187,24 +250,32 @@ def reconcile(shop, now=None):
             report.disabled.append(user.telegram_id)
         else:
             continue
-        User.update(panel_dirty=True).where(User.id == user.id).execute()
-        if shop.provision(user.id, now=now):
+        (PanelClient.insert(user=user.id, panel=panel.name, dirty=True)
+         .on_conflict(conflict_target=[PanelClient.user, PanelClient.panel],
+                      update={PanelClient.dirty: True, PanelClient.retry_at: None}).execute())
+        if shop.provision_on(panel, user.id, now=now):
             report.fixed += 1
         else:
             report.failed += 1
     ours = {email.lower() for (email,) in User.select(User.panel_email).tuples()}
     report.unknown = sorted(email for email in clients if email not in ours)
-    log.info('reconcile checked=%s fixed=%s failed=%s unknown=%s', report.checked, report.fixed,
-             report.failed, len(report.unknown))
+    log.info('reconcile panel=%s checked=%s fixed=%s failed=%s unknown=%s', panel.name, report.checked,
+             report.fixed, report.failed, len(report.unknown))
     return report
+
+
+def reconcile_all(shop, now=None):
+    """Reconcile every enabled panel; return their reports in panel order."""
+    return [reconcile(shop, now, panel) for panel in shop.enabled_panels]
 
 
 def report_reconcile(shop, messenger, now=None):
-    """Run the reconciliation and send its report to the admins."""
-    report = reconcile(shop, now)
+    """Run the reconciliation of every panel and send its report to the admins."""
+    reports = reconcile_all(shop, now)
+    text = '\n\n'.join(report.text() for report in reports)
     for admin_id in shop.settings.admin_ids:
-        messenger.send(admin_id, report.text())
-    return report
+        messenger.send(admin_id, text)
+    return reports
 
 
 def guarded(job):
@@ -226,6 +297,7 @@ def build_scheduler(shop, messenger, settings):
     scheduler = schedule.Scheduler()
     scheduler.every(settings.payment_poll_seconds).seconds.do(guarded(poll_payments), shop, messenger)
     scheduler.every(20).seconds.do(guarded(retry_provisioning), shop, messenger)
+    scheduler.every(20).seconds.do(guarded(backfill_panels), shop)
     scheduler.every(5).minutes.do(guarded(send_reminders), shop, messenger)
     scheduler.every().day.at(settings.backup_time).do(guarded(backup_database), settings)
     scheduler.every().day.at('03:30').do(guarded(report_reconcile), shop, messenger)

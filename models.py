@@ -46,14 +46,9 @@ class User(BaseModel):
     blocked = BooleanField(default=False)  # the user blocked the bot
     awaiting = CharField(max_length=16, null=True)  # pending text input, e.g. 'promo'
     expires_at = DateTimeField(null=True, index=True)
-    # The panel client is derived from expires_at; panel_dirty says it must be pushed again.
+    # The buyer's client has this email and subId on every panel; its state per panel is a PanelClient.
     panel_email = CharField(max_length=64, unique=True)
     panel_sub_id = CharField(max_length=32, unique=True, default=lambda: random_code(16, 'abcdefghijklmnopqrstuvwxyz0123456789'))
-    panel_uuid = CharField(max_length=64, null=True)
-    panel_dirty = BooleanField(default=False, index=True)
-    panel_failures = IntegerField(default=0)
-    panel_retry_at = DateTimeField(null=True)
-    panel_alerted = BooleanField(default=False)
     created_at = DateTimeField(default=utcnow, index=True)
 
     def is_active(self, now=None):
@@ -163,6 +158,23 @@ class Reminder(BaseModel):
         indexes = ((('user', 'kind', 'period_end'), True),)
 
 
+class PanelClient(BaseModel):
+    """A buyer's client on one panel, derived from the ledger: dirty means the panel must be pushed again."""
+    user = ForeignKeyField(User, backref='panel_clients', on_delete='CASCADE')
+    panel = CharField(max_length=32)  # the panel's name (PANELS_FILE), 'main' for the XUI_* panel
+    dirty = BooleanField(default=True)
+    pushed_expiry = DateTimeField(null=True)  # the expiry the panel last confirmed
+    uuid = CharField(max_length=64, null=True)
+    failures = IntegerField(default=0)
+    retry_at = DateTimeField(null=True)
+    last_error = TextField(null=True)
+    alerted = BooleanField(default=False)
+
+    class Meta:
+        table_name = 'panel_clients'
+        indexes = ((('user', 'panel'), True), (('panel', 'dirty', 'retry_at'), False))
+
+
 class SchemaVersion(BaseModel):
     version = IntegerField(primary_key=True)
     applied_at = DateTimeField(default=utcnow)
@@ -171,10 +183,34 @@ class SchemaVersion(BaseModel):
         table_name = 'schema_versions'
 
 
-MODELS = [User, Payment, PromoCode, Redemption, Referral, Gift, Grant, Reminder, SchemaVersion]
+MODELS = [User, Payment, PromoCode, Redemption, Referral, Gift, Grant, Reminder, PanelClient, SchemaVersion]
+
+# The enabled panels' names: every grant marks the buyer's client dirty on each (use_panels sets them).
+panel_names = ('main',)
+
+
+def use_panels(names):
+    """Name the enabled panels that grants must reach."""
+    global panel_names
+    panel_names = tuple(names)
+
+
+def move_panel_state(migrator):
+    """Wave 1 → 2: move each buyer's panel columns into a PanelClient of the one panel, 'main'.
+
+    A client the panel already matched keeps pushed_expiry = expires_at; a dirty one is pushed again.
+    """
+    db.execute_sql(
+        'INSERT INTO panel_clients (user_id, panel, dirty, pushed_expiry, uuid, failures, retry_at, alerted) '
+        "SELECT id, 'main', panel_dirty, CASE WHEN panel_dirty THEN NULL ELSE expires_at END, panel_uuid, "
+        'panel_failures, panel_retry_at, panel_alerted FROM users WHERE expires_at IS NOT NULL')
+    return [migrator.drop_index('users', 'user_panel_dirty')] + [
+        migrator.drop_column('users', column) for column in
+        ('panel_uuid', 'panel_dirty', 'panel_failures', 'panel_retry_at', 'panel_alerted')]
+
 
 # Schema changes after the first release: (version, function(migrator) -> list of operations).
-MIGRATIONS = []
+MIGRATIONS = [(50, move_panel_state)]
 
 class ReconnectingPostgresqlDatabase(ReconnectMixin, PooledPostgresqlDatabase):
     """A pooled PostgreSQL database that survives a server restart (or Neon dropping idle connections).
@@ -286,9 +322,20 @@ def grant_days(user_id, days, reason, reference, granted_by=None, now=None):
         Grant.create(user=user_id, days=days, reason=reason, reference=str(reference),
                      granted_by=granted_by, expires_before=user.expires_at,
                      expires_after=new_expiry, created_at=now)
-        User.update(expires_at=new_expiry, panel_dirty=True, panel_failures=0,
-                    panel_retry_at=None).where(User.id == user_id).execute()
+        User.update(expires_at=new_expiry).where(User.id == user_id).execute()
+        mark_dirty(user_id)
     return new_expiry
+
+
+def mark_dirty(user_id):
+    """Say the buyer's client must be pushed again to every enabled panel, now."""
+    rows = [{'user': user_id, 'panel': name, 'dirty': True} for name in panel_names]
+    if rows:
+        (PanelClient.insert_many(rows)
+         .on_conflict(conflict_target=[PanelClient.user, PanelClient.panel],
+                      update={PanelClient.dirty: True, PanelClient.failures: 0, PanelClient.retry_at: None,
+                              PanelClient.alerted: False})
+         .execute())
 
 
 def derive_expiry(user_id):

@@ -42,6 +42,32 @@ class PanelConfig:
         return tuple(value for value in (self.password, self.api_token) if value)
 
 
+@dataclass(frozen=True)
+class Panel:
+    """A panel at run time: its settings and the XuiClient that talks to it."""
+    config: PanelConfig
+    client: object
+
+    @property
+    def name(self):
+        return self.config.name
+
+    @property
+    def enabled(self):
+        return self.config.enabled
+
+
+def single(client, name='main'):
+    """Wrap one XuiClient as the one enabled panel (the XUI_* settings, and tests)."""
+    return Panel(PanelConfig(name=name, url='', inbound_id=client.inbound_id, sub_url=client.subscription_link('')),
+                 client)
+
+
+def connect(configs, client_factory):
+    """Return a Panel per config, each with client_factory(config) as its client (made even if disabled)."""
+    return tuple(Panel(config, client_factory(config)) for config in configs)
+
+
 def from_settings(settings):
     """Describe the single panel of the XUI_* settings (used when PANELS_FILE is unset)."""
     return (PanelConfig(name='main', url=settings.xui_url, inbound_id=settings.xui_inbound_id,

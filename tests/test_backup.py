@@ -21,20 +21,24 @@ NOW = datetime(2025, 3, 14, 9, 26, 53, 589793)
 def fill_database():
     """Put realistic rows, with unicode, NULLs, big ids and exact decimals, into every data table."""
     alice = models.User.create(telegram_id=7_123_456_789, username='alice', first_name='Алиса 🦊', language='ru',
-                               panel_email='u7123456789', panel_uuid='0f8fad5b-d9cb-469f-a165-70867728950e',
-                               created_at=NOW - timedelta(days=40))
+                               panel_email='u7123456789', created_at=NOW - timedelta(days=40))
     # bob points at a referrer created after him, so restore must link rows of one table both ways
     bob = models.User.create(telegram_id=42, username=None, first_name='Bob "Bobby" O\'Neil', language='en',
                              panel_email='u42', blocked=True, awaiting='promo', created_at=NOW - timedelta(days=5))
     carol = models.User.create(telegram_id=-1001234567890, first_name='', panel_email='u-1001234567890',
-                               referrer=alice, panel_failures=3, panel_retry_at=NOW + timedelta(minutes=2),
-                               panel_alerted=True, created_at=NOW - timedelta(days=1))
+                               referrer=alice, created_at=NOW - timedelta(days=1))
     models.User.update(referrer=carol).where(models.User.id == bob.id).execute()
 
     models.grant_days(alice.id, 30, 'payment', 555001, now=NOW - timedelta(days=39))
     models.grant_days(alice.id, 3, 'gift', 'channel', now=NOW - timedelta(days=38, microseconds=17))
     models.grant_days(carol.id, 7, 'referral', f'invited:{bob.id}', now=NOW)
     models.grant_days(bob.id, 10, 'admin', 'give:1', granted_by=900, now=NOW)
+    models.PanelClient.update(dirty=False, pushed_expiry=NOW + timedelta(days=33), failures=0,
+                              uuid='0f8fad5b-d9cb-469f-a165-70867728950e').where(
+        models.PanelClient.user == alice.id).execute()
+    models.PanelClient.update(failures=3, retry_at=NOW + timedelta(minutes=2), alerted=True,
+                              last_error='Something went wrong (Duplicate email: u-1001234567890\n) «»').where(
+        models.PanelClient.user == carol.id).execute()
 
     models.Payment.create(invoice_id=555001, user=alice, plan_days=30, amount=Decimal('99.99'), currency='RUB',
                           status=models.PAID, pay_url='https://t.me/CryptoBot?start=IVabc', chat_id=7_123_456_789,
@@ -113,7 +117,7 @@ def test_archive_is_named_by_utc_time_and_is_portable_json_lines(database, tmp_p
     assert oct(path.stat().st_mode & 0o777) == oct(0o600)  # it holds personal data
     members = read_archive(path)
     manifest = json.loads(members['manifest.json'])
-    assert manifest['format'] == 'spn-vpn-bot-backup' and manifest['schema_version'] == 0
+    assert manifest['format'] == 'spn-vpn-bot-backup' and manifest['schema_version'] == max(v for v, _ in models.MIGRATIONS)
     assert set(manifest['tables']) == {model._meta.table_name for model in models.MODELS}
     for model in models.MODELS:
         lines = members[member(model)].decode().splitlines()
