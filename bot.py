@@ -22,6 +22,7 @@ import config
 import jobs
 import keyboards
 import models
+import panels
 from cryptobot import CryptoPayClient, CryptoPayError
 from messenger import Messenger
 from shop import Shop, language_for as shop_language
@@ -75,7 +76,8 @@ def secrets_of(settings):
     url = settings.database_url
     password = url.split('://', 1)[-1].split('@', 1)[0].partition(':')[2] if '@' in url else ''
     return [settings.bot_token, settings.xui_password, settings.xui_api_token, settings.cryptopay_token,
-            password, settings.bot_token.partition(':')[2]]
+            password, settings.bot_token.partition(':')[2]] + [
+        secret for panel in settings.panels for secret in panel.secrets]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -499,12 +501,15 @@ def make_bot(settings):
 
 
 def build_shop(settings):
-    """Create the Shop with its panel and Crypto Pay clients."""
-    panel = XuiClient(settings.xui_url, settings.xui_inbound_id, settings.xui_sub_url,
-                      username=settings.xui_username, password=settings.xui_password,
-                      api_token=settings.xui_api_token or None)
+    """Create the Shop with its panels' and Crypto Pay clients."""
     cryptopay = CryptoPayClient(settings.cryptopay_token, settings.cryptopay_url)
-    return Shop(settings, panel, cryptopay)
+    return Shop(settings, panels.connect(settings.panels, panel_client), cryptopay)
+
+
+def panel_client(config):
+    """Make the XuiClient of one panel."""
+    return XuiClient(config.url, config.inbound_id, config.sub_url, username=config.username or None,
+                     password=config.password or None, api_token=config.api_token or None)
 
 
 def run(settings):

@@ -1,10 +1,12 @@
 """Read every setting once, from the environment or .env, and check it."""
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from decouple import AutoConfig
+
+import panels as panels_file_reader
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_PLANS = '30:100,90:270,180:500,365:900'
@@ -49,6 +51,9 @@ class Settings:
     timezone: ZoneInfo
     worker_threads: int
     db_pool_size: int
+    panels_file: str = ''
+    public_url: str = ''
+    panels: tuple = ()  # PanelConfig of every panel, from PANELS_FILE or the XUI_* settings
 
     def plan(self, days):
         """Return the plan of that many days, or None."""
@@ -109,25 +114,32 @@ def load(environ=None):
         raw = lookup(name, default)
         if raw is None or raw.strip() == '' and default is None:
             raise SettingError(f'{name} is not set (see .env.example)')
+        if raw.strip() == '' and default == '':
+            return ''  # optional and unset
         try:
             return cast(raw.strip())
         except (ValueError, InvalidOperation, ZoneInfoNotFoundError):
             raise SettingError(f'{name} is malformed (see .env.example)') from None
 
+    panels_file = read('PANELS_FILE', default='')
+    if panels_file:
+        panels_file = str((HERE / panels_file).resolve())
+    # PANELS_FILE replaces the XUI_* settings
+    xui_default = '' if panels_file else None
     api_token = read('XUI_API_TOKEN', default='')
     # With an API token the panel login is not needed.
-    login_default = '' if api_token else None
-    return Settings(
+    login_default = '' if api_token or panels_file else None
+    settings = Settings(
         bot_token=read('BOT_TOKEN'),
         telegram_api_url=read('TELEGRAM_API_URL', http_url, 'https://api.telegram.org'),
         admin_ids=read('ADMIN_IDS', parse_ids, ''),
         database_url=read('DATABASE_URL', default=f'sqlite:///{HERE / "bot.db"}'),
-        xui_url=read('XUI_URL', http_url),
+        xui_url=read('XUI_URL', http_url, xui_default),
         xui_username=read('XUI_USERNAME', default=login_default),
         xui_password=read('XUI_PASSWORD', default=login_default),
         xui_api_token=api_token,
-        xui_inbound_id=read('XUI_INBOUND_ID', positive_int),
-        xui_sub_url=read('XUI_SUB_URL', http_url),
+        xui_inbound_id=0 if panels_file else read('XUI_INBOUND_ID', positive_int),
+        xui_sub_url=read('XUI_SUB_URL', http_url, xui_default),
         cryptopay_token=read('CRYPTOPAY_TOKEN'),
         cryptopay_url=read('CRYPTOPAY_URL', http_url, 'https://pay.crypt.bot'),
         channel_id=read('CHANNEL_ID', default=''),
@@ -145,4 +157,24 @@ def load(environ=None):
         timezone=read('TIMEZONE', ZoneInfo, 'Europe/Moscow'),
         worker_threads=read('WORKER_THREADS', positive_int, '16'),
         db_pool_size=read('DB_POOL_SIZE', positive_int, '20'),
+        panels_file=panels_file,
+        public_url=read('PUBLIC_URL', http_url, ''),
     )
+    return replace(settings, panels=read_panels(settings))
+
+
+def read_panels(settings):
+    """Return the PanelConfigs: PANELS_FILE's, or the one XUI_* panel; several need PUBLIC_URL."""
+    if not settings.panels_file:
+        return panels_file_reader.from_settings(settings)
+    try:
+        found = panels_file_reader.load(settings.panels_file)
+    except panels_file_reader.PanelsFileError as exc:
+        raise SettingError(str(exc)) from None
+    enabled = [panel for panel in found if panel.enabled]
+    if not enabled:
+        raise SettingError('PANELS_FILE has no enabled panel; set enabled = true on at least one')
+    if len(enabled) > 1 and not settings.public_url:
+        raise SettingError('PUBLIC_URL is not set: with more than one panel buyers get one link, '
+                           '{PUBLIC_URL}/sub/{subId}, served by the bot (like https://vpn.example.com)')
+    return found

@@ -149,14 +149,15 @@ def backfill_panels(shop, now=None, per_round=BACKFILL_PER_ROUND):
     now = now or utcnow()
     added = {}
     for panel in shop.enabled_panels:
-        missing = (User.select(User.id, Value(panel.name), Value(True))
+        missing = (User.select(User.id, Value(panel.name), Value(True), Value(0), Value(False))
                    .where(User.expires_at > now,
                           ~fn.EXISTS(PanelClient.select(PanelClient.id)
                                      .where(PanelClient.user == User.id, PanelClient.panel == panel.name)))
                    .order_by(User.id).limit(per_round))
-        count = (PanelClient.insert_from(missing, [PanelClient.user, PanelClient.panel, PanelClient.dirty])
-                 .on_conflict_ignore().execute())
-        count = count if isinstance(count, int) else len(list(count or ()))
+        insert = (PanelClient.insert_from(missing, [PanelClient.user, PanelClient.panel, PanelClient.dirty,
+                                                    PanelClient.failures, PanelClient.alerted])
+                  .on_conflict_ignore())
+        count = models.db.execute(insert).rowcount  # peewee's execute() gives the last id, not the count
         if count:
             left = (User.select().where(User.expires_at > now, ~fn.EXISTS(
                 PanelClient.select(PanelClient.id).where(PanelClient.user == User.id,
