@@ -28,6 +28,7 @@ POLL_BATCH = 1000  # getInvoices takes at most 1000 ids per call
 MISSING_GRACE = timedelta(minutes=10)  # Crypto Pay's clock and ours may differ a little
 ALERT_AFTER_FAILURES = 5
 PUSH_BATCH = 200  # clients pushed per panel per run (every 20 s)
+ANNOUNCE_PER_ROUND = 100  # buyers told about their new link per run (every minute), through the paced messenger
 BACKFILL_PER_ROUND = 100  # buyers put onto a newly added panel per run: 5 a second, the panel is not flooded
 REMINDERS = (  # kind, expiring no later than now + this, and later than now + the next step
     ('3', timedelta(days=3), timedelta(days=1)),
@@ -138,6 +139,28 @@ def alert_stuck(shop, messenger):
                 'Their days are safe in the database and will be pushed when the panel takes them.')
         for admin_id in shop.settings.admin_ids:
             messenger.send(admin_id, text)
+
+
+def announce_new_link(shop, messenger, now=None, per_round=ANNOUNCE_PER_ROUND):
+    """Tell each active buyer their new link once, after the link's base changed (one panel → several).
+
+    A buyer with no recorded base was given the first panel's own link (wave 1). :return: messages sent
+    """
+    now = now or utcnow()
+    current = shop.link_base
+    wave1 = shop.panel.subscription_link('')
+    if current == wave1:  # nothing changed for wave-1 buyers: record it without a word
+        User.update(link_base=current).where(User.link_base.is_null()).execute()
+    stale = User.link_base.is_null() | (User.link_base != current)
+    sent = 0
+    due = (User.select().where(User.expires_at > now, User.blocked == False, stale)  # noqa: E712
+           .order_by(User.id).limit(per_round))
+    for user in due:
+        claimed = User.update(link_base=current).where(User.id == user.id, stale).execute()
+        if claimed:  # another process took it otherwise
+            text = t(user.language, 'link_changed', link=shop.subscription_link(user))
+            sent += messenger.send(user.telegram_id, text) == 'sent'
+    return sent
 
 
 def backfill_panels(shop, now=None, per_round=BACKFILL_PER_ROUND):
@@ -299,6 +322,7 @@ def build_scheduler(shop, messenger, settings):
     scheduler.every(settings.payment_poll_seconds).seconds.do(guarded(poll_payments), shop, messenger)
     scheduler.every(20).seconds.do(guarded(retry_provisioning), shop, messenger)
     scheduler.every(20).seconds.do(guarded(backfill_panels), shop)
+    scheduler.every(1).minutes.do(guarded(announce_new_link), shop, messenger)
     scheduler.every(5).minutes.do(guarded(send_reminders), shop, messenger)
     scheduler.every().day.at(settings.backup_time).do(guarded(backup_database), settings)
     scheduler.every().day.at('03:30').do(guarded(report_reconcile), shop, messenger)

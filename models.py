@@ -49,6 +49,7 @@ class User(BaseModel):
     # The buyer's client has this email and subId on every panel; its state per panel is a PanelClient.
     panel_email = CharField(max_length=64, unique=True)
     panel_sub_id = CharField(max_length=32, unique=True, default=lambda: random_code(16, 'abcdefghijklmnopqrstuvwxyz0123456789'))
+    link_base = CharField(max_length=255, null=True)  # the link the buyer was last given is this + subId
     created_at = DateTimeField(default=utcnow, index=True)
 
     def is_active(self, now=None):
@@ -210,7 +211,8 @@ def move_panel_state(migrator):
 
 
 # Schema changes after the first release: (version, function(migrator) -> list of operations).
-MIGRATIONS = [(50, move_panel_state)]
+MIGRATIONS = [(50, move_panel_state),
+              (51, lambda migrator: [migrator.add_column('users', 'link_base', User.link_base)])]
 
 class ReconnectingPostgresqlDatabase(ReconnectMixin, PooledPostgresqlDatabase):
     """A pooled PostgreSQL database that survives a server restart (or Neon dropping idle connections).

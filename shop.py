@@ -95,7 +95,8 @@ class Shop:
         try:
             with transaction():
                 user = User.create(telegram_id=telegram_id, username=username, first_name=first_name or '',
-                                   language=language, referrer=inviter, panel_email=f'spn-{telegram_id}')
+                                   language=language, referrer=inviter, panel_email=f'spn-{telegram_id}',
+                                   link_base=self.link_base)
                 if inviter is not None:
                     Referral.create(invited=user, inviter=inviter)
         except IntegrityError:  # the same user's /start raced on another thread
@@ -112,6 +113,12 @@ class Shop:
         if user.awaiting != what:  # most presses change nothing: spare the write (and SQLite's write lock)
             User.update(awaiting=what).where(User.id == user.id).execute()
             user.awaiting = what
+
+    @property
+    def link_base(self):
+        """Return what a buyer's link is made of, before their subId."""
+        public_url = getattr(self.settings, 'public_url', '')
+        return f'{public_url}/sub/' if public_url else self.panel.subscription_link('')
 
     def subscription_link(self, user):
         """Return the buyer's one link: ours ({PUBLIC_URL}/sub/{subId}) when set, else the panel's."""

@@ -243,3 +243,27 @@ def test_traffic_is_summed_over_panels(multi, cryptopay):
     fakes['Finland'].refuse()
     traffic = shop.traffic(User.get_by_id(user.id))
     assert (traffic['up'], traffic['down']) == (40, 400)
+
+
+def test_moving_to_several_panels_tells_each_active_buyer_their_new_link_once(tmp_path, panel, cryptopay, database,
+                                                                              fakes, telegram, messenger):
+    settings = make_settings(tmp_path, panel, cryptopay, database, fakes[:1])
+    one = make_shop(settings)
+    telegram.add_user({'id': 1, 'first_name': 'A'})
+    telegram.add_user({'id': 2, 'first_name': 'B'})
+    active, _ = one.register(1, None, 'A', 'ru')
+    lapsed, _ = one.register(2, None, 'B', 'en')
+    models.grant_days(active.id, 30, 'admin', 'a')
+    models.grant_days(lapsed.id, 30, 'admin', 'b', now=NOW - timedelta(days=60))
+    User.update(link_base=None).execute()  # as wave-1 buyers are after the upgrade
+    assert jobs.announce_new_link(one, messenger) == 0  # one panel, same link: nothing to say
+    assert User.select().where(User.link_base.is_null()).count() == 0
+    several = make_shop(make_settings(tmp_path, panel, cryptopay, database, fakes,
+                                      PUBLIC_URL='https://shop.example.test'))
+    assert jobs.announce_new_link(several, messenger) == 1
+    assert jobs.announce_new_link(several, messenger) == 0
+    (message,) = [c.params for c in telegram.sent if c.method == 'sendMessage']
+    assert message['chat_id'] in (1, '1')
+    assert f'https://shop.example.test/sub/{active.panel_sub_id}' in message['text']
+    # the old link still points at the first panel, which keeps serving it
+    assert one.subscription_link(User.get_by_id(active.id)).startswith('https://germany.example.test/sub/')

@@ -88,6 +88,7 @@ def test_a_wave1_database_upgrades_with_every_buyer_intact(wave1):
         assert models.Payment.get(models.Payment.invoice_id == 101).amount == Decimal('100.50')
         assert models.Grant.select().count() == 2
     assert 'panel_dirty' not in column_names('users') and 'panel_uuid' not in column_names('users')
+    assert 'link_base' in column_names('users')
     # a second run changes nothing
     with models.db.connection_context():
         models.create_schema()
