@@ -52,6 +52,15 @@ class CheckResult:
     provisioned: bool = False
 
 
+def probe_panel(panel):
+    """Ask a panel whether it answers: {'reachable', 'generation', 'error'}."""
+    try:
+        found = panel.client.check()
+    except XuiError as exc:
+        return {'reachable': False, 'generation': None, 'error': str(exc)}
+    return {'reachable': True, 'generation': found['generation'], 'error': None}
+
+
 class Shop:
     """The shop, bound to its settings and its two outside services."""
 
@@ -277,8 +286,14 @@ class Shop:
         log.warning('panel update failed user=%s panel=%s failures=%s: %s', user.telegram_id, panel.name,
                     row.failures + 1, error)
 
-    def panel_report(self):
-        """Describe every configured panel for /panels: [{'name','enabled','clients','pending','stuck','last_error'}]."""
+    def panel_report(self, probe=False):
+        """Describe every configured panel for /panels.
+
+        :param probe: also ask each enabled panel (side by side) whether it answers and which API it has
+        :return: [{'name','enabled','clients','pending','last_error'} (+ 'reachable','generation','error')]
+        """
+        probes = {panel.name: self._pushers.submit(probe_panel, panel) for panel in self.enabled_panels} if probe \
+            else {}
         counts = {name: (total, pending) for name, total, pending in
                   PanelClient.select(PanelClient.panel, fn.COUNT(PanelClient.id),
                                      fn.SUM(Case(None, [(PanelClient.dirty == True, 1)], 0)))  # noqa: E712
@@ -292,6 +307,8 @@ class Shop:
                     .order_by(PanelClient.retry_at.desc()).first())
             report.append({'name': panel.name, 'enabled': panel.enabled, 'clients': total,
                            'pending': int(pending or 0), 'last_error': last.last_error if last else None})
+            if panel.name in probes:
+                report[-1].update(probes[panel.name].result())
         return report
 
     def claim_notification(self, payment, now=None):

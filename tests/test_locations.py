@@ -229,9 +229,12 @@ def test_panel_report_for_admins(multi, cryptopay):
     fakes['Japan'].refuse()
     user, payment = paid_buyer(shop, cryptopay)
     shop.check_payment(user.telegram_id, payment.invoice_id)
-    report = {row['name']: row for row in shop.panel_report()}
+    report = {row['name']: row for row in shop.panel_report(probe=True)}
     assert report['Germany']['clients'] == 1 and report['Germany']['pending'] == 0
+    assert (report['Germany']['reachable'], report['Germany']['generation']) == (True, 'legacy')
+    assert (report['Finland']['reachable'], report['Finland']['generation']) == (True, 'v3')
     assert report['Japan']['pending'] == 1 and 'cannot connect' in report['Japan']['last_error']
+    assert report['Japan']['reachable'] is False and 'cannot connect' in report['Japan']['error']
 
 
 def test_traffic_is_summed_over_panels(multi, cryptopay):
