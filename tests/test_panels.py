@@ -104,3 +104,10 @@ def test_the_xui_settings_are_the_one_panel(settings):
     (only,) = panels.from_settings(settings)
     assert only.url == settings.xui_url and only.inbound_id == settings.xui_inbound_id
     assert only.enabled and only.password == settings.xui_password
+
+
+def test_the_example_file_loads():
+    from conftest import ROOT
+    found = panels.load(ROOT / 'panels.example.toml')
+    assert [panel.name for panel in found] == ['Germany', 'Finland']
+    assert found[0].api_token and found[1].username == 'admin' and all(panel.enabled for panel in found)
