@@ -26,14 +26,16 @@ import panels
 from cryptobot import CryptoPayClient, CryptoPayError
 from messenger import Messenger
 from shop import Shop, language_for as shop_language
-from texts import html, human_bytes, plan_name, show_date, t
+import texts
+from markup import (MAX_CALLBACK_ANSWER, MAX_CAPTION, MAX_DESCRIPTION, MAX_MESSAGE, MAX_SHORT_DESCRIPTION, clip_html,
+                    clip_plain, html, visible)
+from texts import human_bytes, plain, plan_name, show_date, t
 from xui import XuiClient
 
 log = logging.getLogger('bot')
 
 MEMBER_STATUSES = ('member', 'administrator', 'creator')
 ADMIN_COMMANDS = ('stats', 'newcode', 'user', 'give', 'broadcast', 'sync')
-MAX_MESSAGE = 4096
 # Telegram holds getUpdates open this long; the read timeout must exceed it.
 LONG_POLL_SECONDS = 25
 
@@ -88,22 +90,23 @@ def qr_png(link):
     return buffer.getvalue()
 
 
-def clip(text):
-    """Keep a message within Telegram's 4096 characters."""
-    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 1] + '…'
-
-
 def pending_panels(user):
-    """Say which panels still wait for the user's days (' · panel update pending: Germany'), or ''."""
+    """Say (plain text) which panels still wait for the user's days (' · panel update pending: Germany'), or ''."""
     names = [name for (name,) in models.PanelClient.select(models.PanelClient.panel)
              .where(models.PanelClient.user == user.id, models.PanelClient.dirty == True).tuples()]  # noqa: E712
-    return f' · panel update pending: {html(", ".join(sorted(names)))}' if names else ''
+    return f' · panel update pending: {", ".join(sorted(names))}' if names else ''
 
 
 def command_argument(text):
     """Return what follows the command word of a message ('' if nothing)."""
     parts = (text or '').split(maxsplit=1)
     return parts[1].strip() if len(parts) > 1 else ''
+
+
+def pressed_in_private(call):
+    """Tell whether a button press came from a message in the presser's own private chat with the bot."""
+    message = call.message
+    return message is not None and message.chat.type == 'private' and message.chat.id == call.from_user.id
 
 
 class ShopBot:
@@ -115,13 +118,18 @@ class ShopBot:
         self.settings = settings
         self.messenger = Messenger(bot)
         self.username = None
-        bot.register_message_handler(self.guarded(self.on_command), content_types=['text'],
+        texts.configure(settings.shop_name, settings.texts)
+        # The shop works only in private chats: in a group a reply (a link, a QR code, a customer's data)
+        # would be seen by every member, so group messages get no handler and register nobody.
+        private = ['private']
+        bot.register_message_handler(self.guarded(self.on_command), content_types=['text'], chat_types=private,
                                      func=lambda message: (message.text or '').startswith('/'))
-        bot.register_message_handler(self.guarded(self.on_text), content_types=['text'])
-        bot.register_message_handler(self.guarded(self.on_other), content_types=[
+        bot.register_message_handler(self.guarded(self.on_text), content_types=['text'], chat_types=private)
+        bot.register_message_handler(self.guarded(self.on_other), chat_types=private, content_types=[
             'audio', 'photo', 'voice', 'video', 'document', 'location', 'contact', 'sticker', 'animation',
             'video_note', 'poll', 'dice', 'venue'])
-        bot.register_callback_query_handler(self.guarded(self.on_button), func=lambda call: True)
+        bot.register_callback_query_handler(self.guarded(self.on_button), func=pressed_in_private)
+        bot.register_callback_query_handler(self.on_button_elsewhere, func=lambda call: True)
 
     # Plumbing
 
@@ -136,12 +144,12 @@ class ShopBot:
                 log.warning('telegram refused a reply user=%s: %s', update.from_user.id, exc.description)
             except (OperationalError, InterfaceError) as exc:
                 log.error('database unavailable user=%s: %s', update.from_user.id, type(exc).__name__)
-                busy = t(shop_language(update.from_user.language_code), 'busy')
+                busy = plain(shop_language(update.from_user.language_code), 'busy')
                 try:
                     if isinstance(update, CallbackQuery):
-                        self.bot.answer_callback_query(update.id, busy)
+                        self.bot.answer_callback_query(update.id, clip_plain(busy, MAX_CALLBACK_ANSWER))
                     else:
-                        self.bot.send_message(update.chat.id, busy)
+                        self.bot.send_message(update.chat.id, clip_plain(busy, MAX_MESSAGE))
                 except ApiTelegramException as exc:
                     log.warning('busy notice not sent user=%s: %s', update.from_user.id, exc.description)
         return wrapper
@@ -156,14 +164,14 @@ class ShopBot:
         return telegram_id in self.settings.admin_ids
 
     def reply(self, chat_id, text, markup=None):
-        return self.bot.send_message(chat_id, clip(text), parse_mode='HTML', reply_markup=markup,
+        return self.bot.send_message(chat_id, clip_html(text), parse_mode='HTML', reply_markup=markup,
                                      disable_web_page_preview=True)
 
     def show(self, call, text, markup=None):
         """Replace the pressed message with text (send a new one when it cannot be edited)."""
         message = call.message
         try:
-            self.bot.edit_message_text(clip(text), message.chat.id, message.message_id, parse_mode='HTML',
+            self.bot.edit_message_text(clip_html(text), message.chat.id, message.message_id, parse_mode='HTML',
                                        reply_markup=markup, disable_web_page_preview=True)
             return message
         except ApiTelegramException as exc:
@@ -172,11 +180,20 @@ class ShopBot:
             return self.reply(message.chat.id, text, markup)
 
     def set_commands(self):
-        """Publish the command menu: the buyer's for everyone, plus the admin commands in each admin's chat."""
+        """Publish the bot's profile: its description (with SHOP_NAME) and command menu for everyone in English
+        and Russian, plus the admin commands in each admin's chat."""
         for lang in ('en', 'ru'):
-            commands = [BotCommand(name, t(lang, f'cmd_{name}')) for name in ('start', 'promo', 'help', 'cancel')]
-            self.bot.set_my_commands(commands, scope=BotCommandScopeDefault(),
-                                     language_code=None if lang == 'en' else 'ru')
+            language_code = None if lang == 'en' else 'ru'
+            commands = [BotCommand(name, plain(lang, f'cmd_{name}')) for name in ('start', 'promo', 'help', 'cancel')]
+            self.bot.set_my_commands(commands, scope=BotCommandScopeDefault(), language_code=language_code)
+            try:
+                self.bot.set_my_description(clip_plain(plain(lang, 'bot_description'), MAX_DESCRIPTION),
+                                            language_code=language_code)
+                self.bot.set_my_short_description(
+                    clip_plain(plain(lang, 'bot_short_description'), MAX_SHORT_DESCRIPTION),
+                    language_code=language_code)
+            except ApiTelegramException as exc:  # a profile without a description still sells
+                log.warning('bot description not set lang=%s: %s', lang, exc.description)
         admin_commands = [BotCommand('start', 'Main menu'), BotCommand('stats', 'Shop figures'),
                           BotCommand('newcode', '[days] [uses] [CODE] — new promo code'),
                           BotCommand('user', '<id|@username> — look a customer up'),
@@ -271,7 +288,14 @@ class ShopBot:
         finally:
             self.answer(call, notice)
 
+    def on_button_elsewhere(self, call):
+        """Stop the spinner of a press outside the presser's private chat; show nothing, register nobody."""
+        self.answer(call, t(shop_language(call.from_user.language_code), 'private_only'))
+
     def answer(self, call, notice):
+        """Answer a press; notice (Telegram HTML from t(), or None) is shown as its visible text."""
+        if notice:
+            notice = clip_plain(visible(notice), MAX_CALLBACK_ANSWER)
         try:
             self.bot.answer_callback_query(call.id, notice)
         except ApiTelegramException as exc:  # too old to answer: nothing more to do
@@ -343,7 +367,7 @@ class ShopBot:
         lines += [t(lang, 'sub_link', link=link), t(lang, 'sub_howto')]
         self.show(call, '\n\n'.join(lines), keyboards.renew(lang) if not user.is_active() else
                   keyboards.back_to_menu(lang))
-        self.bot.send_photo(call.message.chat.id, qr_png(link), caption=t(lang, 'qr_caption'))
+        self.bot.send_photo(user.telegram_id, qr_png(link), caption=clip_plain(plain(lang, 'qr_caption'), MAX_CAPTION))
         return None
 
     def button_gift(self, call, user, _):
@@ -386,18 +410,10 @@ class ShopBot:
     # Admin commands (reached only for ADMIN_IDS)
 
     def admin_stats(self, message, user, _):
-        s = self.shop.stats()
-        text = (f"<b>Users</b>: {s['users']} (today +{s['new_today']}, 7 days +{s['new_week']})\n"
-                f"<b>Active subscriptions</b>: {s['active']} · trials given: {s['trials']}\n"
-                f"<b>Paid invoices</b>: today {s['paid_today']}, 30 days {s['paid_month']}, all {s['paid_total']}\n"
-                f"<b>Revenue</b> ({s['currency']}): today {s['revenue_today']}, 30 days {s['revenue_month']}, "
-                f"all {s['revenue_total']}\n"
-                f"<b>Pending invoices</b>: {s['pending']}\n"
-                f"<b>Promo redemptions</b>: {s['redemptions']} · <b>referrals</b>: {s['referrals']} "
-                f"({s['referrals_paid']} paid) · admin grants: {s['grants_admin']}")
-        self.reply(message.chat.id, text)
+        self.reply(message.chat.id, t(user.language, 'adm_stats', **self.shop.stats()))
 
     def admin_newcode(self, message, user, argument):
+        lang = user.language
         parts = argument.split()
         try:
             days = int(parts[0]) if len(parts) > 0 else 7
@@ -407,79 +423,78 @@ class ShopBot:
         code = parts[2] if len(parts) > 2 else None
         if not (1 <= days <= 3650 and 1 <= uses <= 1_000_000) or len(parts) > 3 or \
                 (code is not None and not (4 <= len(code) <= 32 and code.isascii() and code.isalnum())):
-            self.reply(message.chat.id, 'Usage: /newcode [days 1..3650] [uses ≥ 1] [CODE: 4–32 letters and digits]')
+            self.reply(message.chat.id, t(lang, 'adm_newcode_usage'))
             return
         try:
             promo = self.shop.create_promo(user.telegram_id, days, uses, code)
         except IntegrityError:
-            self.reply(message.chat.id, f'Code {html(code.upper())} already exists.')
+            self.reply(message.chat.id, t(lang, 'adm_code_exists', code=code.upper()))
             return
-        self.reply(message.chat.id, f'Promo code <code>{promo.code}</code>: {days} days, {uses} uses.')
+        self.reply(message.chat.id, t(lang, 'adm_code_created', code=promo.code, days=days, uses=uses))
 
     def admin_user(self, message, user, argument):
+        lang = user.language
         customer = self.shop.find_user(argument)
         if customer is None:
-            self.reply(message.chat.id, 'No such user. Usage: /user &lt;id|@username&gt;' if argument else
-                       'Usage: /user &lt;id|@username&gt;')
+            self.reply(message.chat.id, t(lang, 'adm_user_unknown' if argument else 'adm_user_usage'))
             return
         payments = list(customer.payments.order_by(models.Payment.created_at.desc()).limit(5))
         grants = list(customer.grants.order_by(models.Grant.id.desc()).limit(5))
-        expiry = self.date(customer.expires_at) if customer.expires_at else 'none'
-        lines = [f'<b>{html(customer.first_name)}</b> @{html(customer.username or "-")} '
-                 f'id <code>{customer.telegram_id}</code> lang {customer.language}',
-                 f'Expires: {expiry}{" (active)" if customer.is_active() else ""}'
-                 f'{" · blocked the bot" if customer.blocked else ""}'
-                 f'{pending_panels(customer)}',
-                 f'Registered: {self.date(customer.created_at)} · invited: {customer.referrer_id is not None}',
-                 'Payments: ' + (', '.join(f'#{p.invoice_id} {p.amount} {p.currency} {p.status}' for p in payments)
-                                 or 'none'),
-                 'Grants: ' + (', '.join(f'+{g.days}d {g.reason}' for g in grants) or 'none')]
-        self.reply(message.chat.id, '\n'.join(lines))
+        flags = ''.join(flag for flag, on in ((' (active)', customer.is_active()), (' · blocked the bot', customer.blocked))
+                        if on) + pending_panels(customer)
+        self.reply(message.chat.id, t(
+            lang, 'adm_user', name=customer.first_name, username=customer.username or '-', id=customer.telegram_id,
+            language=customer.language, expiry=self.date(customer.expires_at) if customer.expires_at else 'none',
+            flags=flags, registered=self.date(customer.created_at), invited=customer.referrer_id is not None,
+            payments=', '.join(f'#{p.invoice_id} {p.amount} {p.currency} {p.status}' for p in payments) or 'none',
+            grants=', '.join(f'+{g.days}d {g.reason}' for g in grants) or 'none'))
 
     def admin_give(self, message, user, argument):
+        lang = user.language
         parts = argument.split()
         customer = self.shop.find_user(parts[0]) if len(parts) == 2 else None
         days = int(parts[1]) if len(parts) == 2 and re.fullmatch('[0-9]{1,4}', parts[1]) else 0
         if customer is None or not 1 <= days <= 3650:
-            self.reply(message.chat.id, 'Usage: /give &lt;id|@username&gt; &lt;days 1..3650&gt; (the user must have started the bot)')
+            self.reply(message.chat.id, t(lang, 'adm_give_usage'))
             return
         try:  # the message identifies the grant, so a re-delivered update cannot credit twice
             expiry = self.shop.admin_give(user.telegram_id, customer, days, f'{message.chat.id}:{message.message_id}')
         except IntegrityError:
-            self.reply(message.chat.id, 'Already granted.')
+            self.reply(message.chat.id, t(lang, 'adm_give_again'))
             return
         provisioned = self.shop.provision(customer.id)
-        self.reply(message.chat.id, f'Granted {days} days to <code>{customer.telegram_id}</code>: until '
-                                    f'{self.date(expiry)}.' + ('' if provisioned else ' The panel is down: it '
-                                                               'will be updated when it is back.'))
+        self.reply(message.chat.id, t(lang, 'adm_given' if provisioned else 'adm_given_panel_down', days=days,
+                                      id=customer.telegram_id, expiry=self.date(expiry)))
 
     def admin_broadcast(self, message, user, argument):
+        lang = user.language
         if not argument:
-            self.reply(message.chat.id, 'Usage: /broadcast &lt;text&gt;')
+            self.reply(message.chat.id, t(lang, 'adm_broadcast_usage'))
             return
-        status = self.reply(message.chat.id, 'Broadcast started…')
-        text = clip(html(argument))
+        status = self.reply(message.chat.id, t(lang, 'adm_broadcast_started'))
+        # cut the plain text to Telegram's visible limit first, then escape it: '&' is one character to Telegram
+        text = html(clip_plain(argument, MAX_MESSAGE))
 
         def progress(report):
-            self.edit_quietly(status, f'Broadcast: delivered {report.delivered}, blocked {report.blocked}, '
-                                      f'failed {report.failed}…')
+            self.edit_quietly(status, t(lang, 'adm_broadcast_progress', delivered=report.delivered,
+                                        blocked=report.blocked, failed=report.failed))
 
         def run():
             with models.db.connection_context():
                 report = self.messenger.broadcast(text, progress)
-            self.edit_quietly(status, f'Broadcast finished: delivered {report.delivered}, '
-                                      f'blocked {report.blocked}, failed {report.failed}.')
+            self.edit_quietly(status, t(lang, 'adm_broadcast_done', delivered=report.delivered,
+                                        blocked=report.blocked, failed=report.failed))
 
         threading.Thread(target=run, name='broadcast', daemon=True).start()
 
     def edit_quietly(self, message, text):
         try:
-            self.bot.edit_message_text(text, message.chat.id, message.message_id)
+            self.bot.edit_message_text(clip_html(text), message.chat.id, message.message_id, parse_mode='HTML')
         except ApiTelegramException as exc:
             log.info('progress not shown: %s', exc.description)
 
     def admin_sync(self, message, user, _):
-        self.reply(message.chat.id, '\n\n'.join(report.text() for report in jobs.reconcile_all(self.shop)))
+        self.reply(message.chat.id, '\n\n'.join(report.text(user.language) for report in jobs.reconcile_all(self.shop)))
 
 
 class LogErrors(telebot.ExceptionHandler):

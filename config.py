@@ -1,5 +1,5 @@
 """Read every setting once, from the environment or .env, and check it."""
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -7,6 +7,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from decouple import AutoConfig
 
 import panels as panels_file_reader
+import texts
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_PLANS = '30:100,90:270,180:500,365:900'
@@ -54,6 +55,8 @@ class Settings:
     panels_file: str = ''
     public_url: str = ''
     panels: tuple = ()  # PanelConfig of every panel, from PANELS_FILE or the XUI_* settings
+    shop_name: str = texts.DEFAULT_SHOP_NAME
+    texts: dict = field(default_factory=dict, hash=False, compare=False)  # the operator's TEXTS_FILE
 
     def plan(self, days):
         """Return the plan of that many days, or None."""
@@ -97,6 +100,22 @@ def clock_time(text):
     if not (0 <= int(hours) < 24 and 0 <= int(minutes) < 60) or len(minutes) != 2:
         raise ValueError(text)
     return f'{int(hours):02d}:{minutes}'
+
+
+def shop_name(text):
+    if not 1 <= len(text) <= 64:
+        raise ValueError(text)
+    return text
+
+
+def texts_file(text):
+    """Read the operator's texts file (a path relative to the bot's folder or absolute); '' means none."""
+    if not text:
+        return {}
+    try:
+        return texts.load_overrides(HERE / text)
+    except ValueError as exc:
+        raise SettingError(f'TEXTS_FILE: {exc}') from None
 
 
 def load(environ=None):
@@ -159,6 +178,8 @@ def load(environ=None):
         db_pool_size=read('DB_POOL_SIZE', positive_int, '20'),
         panels_file=panels_file,
         public_url=read('PUBLIC_URL', http_url, ''),
+        shop_name=read('SHOP_NAME', shop_name, texts.DEFAULT_SHOP_NAME),
+        texts=texts_file(str(lookup('TEXTS_FILE', '') or '').strip()),
     )
     return replace(settings, panels=read_panels(settings))
 

@@ -231,21 +231,19 @@ class ReconcileReport:
     failed: int = 0
     error: str = ''
 
-    def text(self):
-        """Describe the run as HTML-safe text (panel emails and errors are outside text)."""
-        where = f'Panel {escape(self.panel)}: ' if self.panel else ''
+    def text(self, lang='en'):
+        """The admins' report as Telegram HTML (panel emails and errors escaped by t()), headed by the
+        panel's name when the shop has several."""
+        where = f'<b>{escape(self.panel)}</b>\n' if self.panel else ''
         if self.error:
-            return f'{where}Sync failed: {escape(self.error)}'
+            return where + t(lang, 'adm_sync_failed', error=self.error)
 
         def few(items):
-            return escape(', '.join(str(item) for item in items[:10]) + (' …' if len(items) > 10 else ''))
-        lines = [f'{where}Sync: {self.checked} active users checked, {self.fixed} fixed, {self.failed} not fixed.',
-                 f'Missing on the panel: {len(self.missing)} {few(self.missing)}'.rstrip(),
-                 f'Wrong expiry: {len(self.wrong_expiry)} {few(self.wrong_expiry)}'.rstrip(),
-                 f'Disabled while paid: {len(self.disabled)} {few(self.disabled)}'.rstrip(),
-                 f'Panel ahead of the ledger: {len(self.ahead)} {few(self.ahead)}'.rstrip(),
-                 f'Unknown panel clients (left alone): {len(self.unknown)} {few(self.unknown)}'.rstrip()]
-        return '\n'.join(lines)
+            shown = ', '.join(str(item) for item in items[:10]) + (' …' if len(items) > 10 else '')
+            return f'{len(items)} {shown}'.rstrip()
+        return where + t(lang, 'adm_sync', checked=self.checked, fixed=self.fixed, failed=self.failed,
+                 missing=few(self.missing), wrong_expiry=few(self.wrong_expiry), disabled=few(self.disabled),
+                 ahead=few(self.ahead), unknown=few(self.unknown))
 
 
 def reconcile(shop, now=None, panel=None):
@@ -296,9 +294,10 @@ def reconcile_all(shop, now=None):
 def report_reconcile(shop, messenger, now=None):
     """Run the reconciliation of every panel and send its report to the admins."""
     reports = reconcile_all(shop, now)
-    text = '\n\n'.join(report.text() for report in reports)
     for admin_id in shop.settings.admin_ids:
-        messenger.send(admin_id, text)
+        admin = User.get_or_none(User.telegram_id == admin_id)
+        lang = admin.language if admin else 'en'
+        messenger.send(admin_id, '\n\n'.join(report.text(lang) for report in reports))
     return reports
 
 

@@ -3,9 +3,10 @@ import re
 
 from telebot.types import InlineKeyboardButton, InlineKeyboardMarkup
 
-from texts import plan_name, t
+from texts import plain, plan_name
 
 MENU_ACTIONS = ('menu', 'buy', 'sub', 'gift', 'promo', 'invite', 'help')
+MAX_CALLBACK_DATA = 64  # bytes, Telegram's limit
 CALLBACK_PATTERN = re.compile(r'^(?P<action>[a-z]{3,8})(?::(?P<number>\d{1,19}))?$')
 
 
@@ -23,50 +24,52 @@ def parse_callback(data):
 
 
 def button(text, data):
+    if not 1 <= len(data.encode()) <= MAX_CALLBACK_DATA:
+        raise ValueError(f'callback data must be 1-{MAX_CALLBACK_DATA} bytes: {data!r}')
     return InlineKeyboardButton(text, callback_data=data)
 
 
 def main_menu(lang, gift_enabled=True):
     markup = InlineKeyboardMarkup(row_width=2)
-    markup.row(button(t(lang, 'btn_buy'), 'buy'), button(t(lang, 'btn_sub'), 'sub'))
+    markup.row(button(plain(lang, 'btn_buy'), 'buy'), button(plain(lang, 'btn_sub'), 'sub'))
     if gift_enabled:
-        markup.row(button(t(lang, 'btn_gift'), 'gift'), button(t(lang, 'btn_promo'), 'promo'))
+        markup.row(button(plain(lang, 'btn_gift'), 'gift'), button(plain(lang, 'btn_promo'), 'promo'))
     else:
-        markup.row(button(t(lang, 'btn_promo'), 'promo'))
-    markup.row(button(t(lang, 'btn_invite'), 'invite'), button(t(lang, 'btn_help'), 'help'))
+        markup.row(button(plain(lang, 'btn_promo'), 'promo'))
+    markup.row(button(plain(lang, 'btn_invite'), 'invite'), button(plain(lang, 'btn_help'), 'help'))
     return markup
 
 
 def back_to_menu(lang):
-    return InlineKeyboardMarkup().row(button(t(lang, 'btn_back'), 'menu'))
+    return InlineKeyboardMarkup().row(button(plain(lang, 'btn_back'), 'menu'))
 
 
 def plans(lang, plan_list, currency):
     markup = InlineKeyboardMarkup()
     for plan in plan_list:
         markup.row(button(f'{plan_name(lang, plan.days)} — {plan.price} {currency}', f'plan:{plan.days}'))
-    markup.row(button(t(lang, 'btn_back'), 'menu'))
+    markup.row(button(plain(lang, 'btn_back'), 'menu'))
     return markup
 
 
 def invoice(lang, payment):
     """The one message's buttons: Pay (the invoice URL) and Check payment."""
     markup = InlineKeyboardMarkup()
-    markup.row(InlineKeyboardButton(t(lang, 'btn_pay', amount=payment.amount, currency=payment.currency),
+    markup.row(InlineKeyboardButton(plain(lang, 'btn_pay', amount=payment.amount, currency=payment.currency),
                                     url=payment.pay_url))
-    markup.row(button(t(lang, 'btn_check'), f'check:{payment.invoice_id}'))
-    markup.row(button(t(lang, 'btn_back'), 'menu'))
+    markup.row(button(plain(lang, 'btn_check'), f'check:{payment.invoice_id}'))
+    markup.row(button(plain(lang, 'btn_back'), 'menu'))
     return markup
 
 
 def gift_refused(lang, channel_url):
     markup = InlineKeyboardMarkup()
     if channel_url:
-        markup.row(InlineKeyboardButton(t(lang, 'btn_join'), url=channel_url))
-    markup.row(button(t(lang, 'btn_check_again'), 'gift'))
-    markup.row(button(t(lang, 'btn_back'), 'menu'))
+        markup.row(InlineKeyboardButton(plain(lang, 'btn_join'), url=channel_url))
+    markup.row(button(plain(lang, 'btn_check_again'), 'gift'))
+    markup.row(button(plain(lang, 'btn_back'), 'menu'))
     return markup
 
 
 def renew(lang):
-    return InlineKeyboardMarkup().row(button(t(lang, 'btn_renew'), 'buy'))
+    return InlineKeyboardMarkup().row(button(plain(lang, 'btn_renew'), 'buy'))

@@ -10,6 +10,7 @@ from telebot.apihelper import ApiException, ApiTelegramException
 
 import models
 from models import User
+from markup import clip_html
 
 log = logging.getLogger('messenger')
 
@@ -66,13 +67,13 @@ class Messenger:
         return FAILED
 
     def send(self, chat_id, text, reply_markup=None):
-        """Send an HTML message to a user."""
-        return self.call(chat_id, 'send_message', chat_id, text, parse_mode='HTML', reply_markup=reply_markup,
+        """Send a Telegram HTML message to a user, cut to Telegram's limit if it is longer."""
+        return self.call(chat_id, 'send_message', chat_id, clip_html(text), parse_mode='HTML', reply_markup=reply_markup,
                          disable_web_page_preview=True)
 
     def edit(self, chat_id, message_id, text, reply_markup=None):
         """Replace the text of a message the bot sent earlier."""
-        return self.call(chat_id, 'edit_message_text', text, chat_id, message_id, parse_mode='HTML',
+        return self.call(chat_id, 'edit_message_text', clip_html(text), chat_id, message_id, parse_mode='HTML',
                          reply_markup=reply_markup, disable_web_page_preview=True)
 
     def broadcast(self, text, progress=None, rate=TELEGRAM_BROADCAST_RATE, senders=4, batch=500,

@@ -1,10 +1,21 @@
-"""Every user-facing string, in Russian and English, and the helpers that format dates and plans."""
-from datetime import timezone
-from html import escape
+"""Every user-facing string, in Russian and English, and the helpers that format and measure them.
 
+Texts are Telegram HTML (https://core.telegram.org/bots/api#html-style). t() escapes every value it is given,
+so nothing from outside (a name, a panel email, an error) can break a message; plain() gives the visible text
+for places without formatting (buttons, command lists, callback answers). The operator may override any text
+per language with a TOML file (TEXTS_FILE, see load_overrides) and name the shop (SHOP_NAME, `{shop}`).
+"""
+import string
+import tomllib
+from datetime import timezone
+from pathlib import Path
+
+from markup import Html, check_html, html, visible
+
+DEFAULT_SHOP_NAME = 'SPN VPN'
 TEXTS = {
     'en': {
-        'welcome': '👋 Hi, {name}!\n\nThis is <b>SPN VPN</b>: fast VPN that works in v2rayNG, Hiddify, Streisand, V2Box and Happ.\nChoose below.',
+        'welcome': '👋 Hi, {name}!\n\nThis is <b>{shop}</b>: fast VPN that works in v2rayNG, Hiddify, Streisand, V2Box and Happ.\nChoose below.',
         'menu': 'Main menu — choose below.',
         'btn_buy': '💳 Buy / renew', 'btn_sub': '📱 My subscription', 'btn_gift': '🎁 Free gift',
         'btn_promo': '🏷 Promo code', 'btn_invite': '👥 Invite friends', 'btn_help': '❓ Help / how to connect',
@@ -48,6 +59,7 @@ TEXTS = {
         'cancelled': 'Cancelled.',
         'unknown': 'I did not understand that. Press /start for the menu.',
         'stale': 'This button is no longer valid.',
+        'private_only': 'I work only in a private chat: open me and press /start there.',
         'reminder_3': '⏰ Your VPN expires in 3 days ({expiry}). Renew to keep it working.',
         'reminder_1': '⏰ Your VPN expires tomorrow ({expiry}). Renew to keep it working.',
         'reminder_0': '⛔ Your VPN has expired. Renew to turn it back on.',
@@ -55,9 +67,29 @@ TEXTS = {
         'busy': 'The service is busy right now. Please try again in a minute.',
         'cmd_start': 'Main menu', 'cmd_promo': 'Enter a promo code', 'cmd_help': 'How to connect',
         'cmd_cancel': 'Cancel the current input',
+        'bot_description': '{shop}: a fast VPN for v2rayNG, Hiddify, Streisand, V2Box and Happ. Buy or renew in a minute, pay with crypto, get your link here. Press Start.',
+        'bot_short_description': '{shop}: VPN in a minute. Buy, renew and get your link here.',
+        # Admin messages (English in both languages unless the texts file says otherwise)
+        'adm_stats': '<b>Users</b>: {users} (today +{new_today}, 7 days +{new_week})\n<b>Active subscriptions</b>: {active} · trials given: {trials}\n<b>Paid invoices</b>: today {paid_today}, 30 days {paid_month}, all {paid_total}\n<b>Revenue</b> ({currency}): today {revenue_today}, 30 days {revenue_month}, all {revenue_total}\n<b>Pending invoices</b>: {pending}\n<b>Promo redemptions</b>: {redemptions} · <b>referrals</b>: {referrals} ({referrals_paid} paid) · admin grants: {grants_admin}',
+        'adm_newcode_usage': 'Usage: /newcode [days 1..3650] [uses ≥ 1] [CODE: 4–32 letters and digits]',
+        'adm_code_exists': 'Code {code} already exists.',
+        'adm_code_created': 'Promo code <code>{code}</code>: {days} days, {uses} uses.',
+        'adm_user_usage': 'Usage: /user &lt;id|@username&gt;',
+        'adm_user_unknown': 'No such user. Usage: /user &lt;id|@username&gt;',
+        'adm_user': '<b>{name}</b> @{username} id <code>{id}</code> lang {language}\nExpires: {expiry}{flags}\nRegistered: {registered} · invited: {invited}\nPayments: {payments}\nGrants: {grants}',
+        'adm_give_usage': 'Usage: /give &lt;id|@username&gt; &lt;days 1..3650&gt; (the user must have started the bot)',
+        'adm_give_again': 'Already granted.',
+        'adm_given': 'Granted {days} days to <code>{id}</code>: until {expiry}.',
+        'adm_given_panel_down': 'Granted {days} days to <code>{id}</code>: until {expiry}. The panel is down: it will be updated when it is back.',
+        'adm_broadcast_usage': 'Usage: /broadcast &lt;text&gt;',
+        'adm_broadcast_started': 'Broadcast started…',
+        'adm_broadcast_progress': 'Broadcast: delivered {delivered}, blocked {blocked}, failed {failed}…',
+        'adm_broadcast_done': 'Broadcast finished: delivered {delivered}, blocked {blocked}, failed {failed}.',
+        'adm_sync': 'Sync: {checked} active users checked, {fixed} fixed, {failed} not fixed.\nMissing on the panel: {missing}\nWrong expiry: {wrong_expiry}\nDisabled while paid: {disabled}\nPanel ahead of the ledger: {ahead}\nUnknown panel clients (left alone): {unknown}',
+        'adm_sync_failed': 'Sync failed: {error}',
     },
     'ru': {
-        'welcome': '👋 Привет, {name}!\n\nЭто <b>SPN VPN</b>: быстрый VPN для v2rayNG, Hiddify, Streisand, V2Box и Happ.\nВыберите ниже.',
+        'welcome': '👋 Привет, {name}!\n\nЭто <b>{shop}</b>: быстрый VPN для v2rayNG, Hiddify, Streisand, V2Box и Happ.\nВыберите ниже.',
         'menu': 'Главное меню — выберите ниже.',
         'btn_buy': '💳 Купить / продлить', 'btn_sub': '📱 Моя подписка', 'btn_gift': '🎁 Подарок',
         'btn_promo': '🏷 Промокод', 'btn_invite': '👥 Пригласить друзей', 'btn_help': '❓ Помощь / подключение',
@@ -101,6 +133,7 @@ TEXTS = {
         'cancelled': 'Отменено.',
         'unknown': 'Не понял. Нажмите /start, чтобы открыть меню.',
         'stale': 'Эта кнопка больше не действует.',
+        'private_only': 'Я работаю только в личном чате: откройте меня и нажмите /start там.',
         'reminder_3': '⏰ Ваш VPN истекает через 3 дня ({expiry}). Продлите, чтобы он продолжал работать.',
         'reminder_1': '⏰ Ваш VPN истекает завтра ({expiry}). Продлите, чтобы он продолжал работать.',
         'reminder_0': '⛔ Срок вашего VPN истёк. Продлите, чтобы снова включить его.',
@@ -108,26 +141,107 @@ TEXTS = {
         'busy': 'Сервис сейчас занят. Попробуйте через минуту.',
         'cmd_start': 'Главное меню', 'cmd_promo': 'Ввести промокод', 'cmd_help': 'Как подключиться',
         'cmd_cancel': 'Отменить ввод',
+        'bot_description': '{shop}: быстрый VPN для v2rayNG, Hiddify, Streisand, V2Box и Happ. Купите или продлите за минуту, оплата криптовалютой, ссылка придёт сюда. Нажмите «Запустить».',
+        'bot_short_description': '{shop}: VPN за минуту. Покупка, продление и ссылка — здесь.',
     },
 }
 
 
+_shop_name = DEFAULT_SHOP_NAME
+_overrides = {}
+
+
+def configure(shop_name=DEFAULT_SHOP_NAME, overrides=None):
+    """Set the shop's name and the operator's texts ({lang: {key: template}}, see load_overrides)."""
+    global _shop_name, _overrides
+    _shop_name, _overrides = shop_name, overrides or {}
+
+
+def template(lang, key):
+    """Return the template for key in lang: the operator's, then ours; English when lang has none."""
+    lang = lang if lang in TEXTS else 'en'
+    for table in (_overrides.get(lang, {}), TEXTS[lang], _overrides.get('en', {}), TEXTS['en']):
+        if key in table:
+            return table[key]
+    raise KeyError(key)
+
+
 def t(lang, key, **values):
-    """Return the text for key in lang ('ru' or 'en'), formatted with values."""
-    table = TEXTS.get(lang, TEXTS['en'])
-    return table[key].format(**values) if values else table[key]
+    """Return the text for key in lang ('ru' or 'en') as Telegram HTML, each value escaped unless it is Html."""
+    values = {name: value if isinstance(value, Html) else html(str(value)) for name, value in values.items()}
+    return Html(template(lang, key).format_map({'shop': html(_shop_name), **values}))
+
+
+def plain(lang, key, **values):
+    """Return the visible text of t(lang, key, ...), for buttons, command lists and callback answers."""
+    return visible(t(lang, key, **values))
+
+
+def placeholders(text):
+    """Return the placeholder names of a template.  :raises ValueError: on a malformed one."""
+    return {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+
+
+def load_overrides(path):
+    """Read the operator's texts file: TOML with [en] and [ru] tables of key = "template".
+
+    Each key must be one of TEXTS, each template use only its placeholders (and {shop}) and be HTML that
+    Telegram accepts. Returns {lang: {key: template}}.
+    :raises ValueError: with one line saying what is wrong and where.
+    """
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding='utf-8'))
+    except OSError as exc:
+        raise ValueError(f'cannot read {path} ({exc.strerror})') from None
+    except UnicodeDecodeError:
+        raise ValueError(f'{path} is not UTF-8 text') from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f'not valid TOML: {exc}') from None
+    for lang, table in data.items():
+        if not isinstance(table, dict):
+            raise ValueError(f"put '{lang}' under [en] or [ru]")
+        if lang not in TEXTS:
+            raise ValueError(f'unknown language [{lang}] (use [en] and [ru])')
+        for key, text in table.items():
+            default = TEXTS[lang].get(key, TEXTS['en'].get(key))
+            if default is None:
+                raise ValueError(f"unknown key '{key}' in [{lang}]")
+            if not isinstance(text, str):
+                raise ValueError(f'[{lang}] {key} must be a string')
+            problem = _template_problem(text, placeholders(default) | {'shop'})
+            if problem:
+                raise ValueError(f'[{lang}] {key}: {problem}')
+            if key == 'plan_months' and text.count('|') != 1:
+                raise ValueError(f'[{lang}] {key}: write the singular and the plural as "one|many"')
+    return data
+
+
+def _template_problem(text, allowed):
+    try:
+        names = placeholders(text)
+    except ValueError as exc:
+        return f'bad placeholder ({exc})'
+    unknown = sorted(names - allowed)
+    if unknown:
+        return (f'unknown placeholder {{{unknown[0]}}} (it may use '
+                f'{", ".join("{" + name + "}" for name in sorted(allowed))})')
+    try:
+        sample = text.format_map({name: 'x' for name in names})
+    except (ValueError, KeyError, IndexError, AttributeError) as exc:
+        return f'bad placeholder ({exc})'
+    return check_html(sample)
 
 
 def plan_name(lang, days):
-    """Name a plan by its length: '1 month', '3 months', '7 days' / '1 мес.'."""
+    """Name a plan by its length: '1 month', '3 months', '7 days' / '1 мес.' (visible text)."""
     if days in (365, 366):
         months = 12
     elif days % 30 == 0:
         months = days // 30
     else:
-        return t(lang, 'plan_days', n=days)
-    one, many = t(lang, 'plan_months').split('|')
-    return (one if months == 1 else many).format(n=months)
+        return plain(lang, 'plan_days', n=days)
+    one, many = template(lang, 'plan_months').split('|')
+    return visible((one if months == 1 else many).format(n=months))
 
 
 def show_date(moment, zone):
@@ -145,6 +259,3 @@ def human_bytes(count):
     return f'{size:.1f} TB'
 
 
-def html(text):
-    """Escape text that came from a user for HTML parse mode."""
-    return escape(text or '', quote=False)

@@ -13,6 +13,11 @@ at it with ``TELEGRAM_API_URL=fake.url``.
     fake.press(alice, menu, "buy")
     fake.close()
 
+HTML is checked as Telegram parses it (tdlib's rules and error texts), and stricter in one
+point the Bot API documents: a bare "&" is refused (``strict_html = False`` shows it, as
+Telegram does). Lengths are the visible text's UTF-16 units. Groups: ``add_chat(id,
+kind="supergroup")``, ``send_text(user, text, chat_id=id)``, ``post_as_bot(id, text, markup)``.
+
 Run it alone for benchmarks: ``python tests/fake_telegram.py --port 0 [--synthetic N]``
 prints its URL, serves until SIGTERM, then prints a JSON summary; ``GET /_fake/stats``
 returns the same summary while it runs.
@@ -42,7 +47,9 @@ DEFAULT_USERNAME = "spn_test_bot"
 MAX_TEXT = 4096  # UTF-16 units after entity parsing, as Telegram counts them
 MAX_CAPTION = 1024
 MAX_CALLBACK_DATA = 64  # bytes
-MAX_CALLBACK_ANSWER = 200
+MAX_CALLBACK_ANSWER = 200  # UTF-16 units
+MAX_DESCRIPTION = 512  # setMyDescription
+MAX_SHORT_DESCRIPTION = 120  # setMyShortDescription
 
 MEMBER_STATUSES = ("creator", "administrator", "member", "restricted", "left", "kicked")
 CHAT_ACTIONS = {
@@ -63,7 +70,8 @@ HTML_TAGS = {
     "code": "code", "pre": "pre", "blockquote": "blockquote", "tg-emoji": "custom_emoji",
 }
 NAMED_ENTITIES = {"lt": "<", "gt": ">", "amp": "&", "quot": '"'}
-ENTITY_RE = re.compile(r"&(?:#(\d+)|#[xX]([0-9a-fA-F]+)|([a-zA-Z]+));")
+HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+DEC_DIGITS = frozenset("0123456789")
 TAG_NAME_RE = re.compile(r"[^\s>]*")
 ATTR_RE = re.compile(r"""([^\s=>/"']+)(?:\s*=\s*("[^"]*"|'[^']*'|[^\s>]*))?""")
 COMMAND_RE = re.compile(r"/[A-Za-z0-9_]{1,64}(?:@[A-Za-z0-9_]{3,32})?(?=\s|$)")
@@ -136,12 +144,41 @@ def utf16_len(text):
     return len(text.encode("utf-16-le")) // 2
 
 
-def _decode_entity(match):
-    decimal, hexadecimal, name = match.groups()
-    if name is not None:
-        return NAMED_ENTITIES.get(name)
-    code = int(decimal) if decimal is not None else int(hexadecimal, 16)
-    return chr(code) if 0 < code <= 0x10FFFF else None
+def decode_entity(text, pos):
+    """Decode the HTML entity at text[pos] ('&') as Telegram's parser does; return (char, end) or (None, pos).
+
+    As in tdlib's decode_html_entity: named &lt; &gt; &amp; &quot; and numeric references, the ';' optional,
+    numeric ones below U+10FFFF and shorter than 10 characters.
+    """
+    end = pos + 1
+    if text.startswith("#", end):
+        end += 1
+        hexadecimal = text.startswith("x", end)
+        end += hexadecimal
+        digits = HEX_DIGITS if hexadecimal else DEC_DIGITS
+        start = end
+        while end < len(text) and text[end] in digits:
+            end += 1
+        code = int(text[start:end], 16 if hexadecimal else 10) if end > start else 0
+        if code == 0 or code >= 0x10FFFF or end - pos >= 10:
+            return None, pos
+        char = chr(code)
+    else:
+        while end < len(text) and text[end].isascii() and text[end].isalpha():
+            end += 1
+        char = NAMED_ENTITIES.get(text[pos + 1 : end])
+        if char is None:
+            return None, pos
+    return char, end + 1 if text.startswith(";", end) else end
+
+
+def _decode_attribute(value):
+    out, pos = [], 0
+    while pos < len(value):
+        char, end = decode_entity(value, pos) if value[pos] == "&" else (None, pos)
+        out.append(char if char is not None else value[pos])
+        pos = end if char is not None else pos + 1
+    return "".join(out)
 
 
 def _entity(tag, attrs, offset, length):
@@ -175,8 +212,12 @@ def _strip(text, entities):
     return stripped, kept
 
 
-def parse_html(text):
-    """Split Telegram HTML into (plain text, entities); raise 400 where Telegram would."""
+def parse_html(text, strict=True):
+    """Split Telegram HTML into (plain text, entities); raise 400 where Telegram would.
+
+    With strict (the default), an "&" that does not start a complete entity is refused too: the Bot API's
+    rules say it must be written &amp; (Telegram itself, like tdlib's parser, shows it as it is).
+    """
     plain, entities, stack = [], [], []
     pos = emitted = 0
 
@@ -189,12 +230,13 @@ def parse_html(text):
     while pos < len(text):
         char = text[pos]
         if char == "&":
-            match = ENTITY_RE.match(text, pos)
-            decoded = _decode_entity(match) if match else None
+            decoded, end = decode_entity(text, pos)
+            if strict and (decoded is None or text[end - 1] != ";"):
+                raise fail(f'Character "&" must be escaped as "&amp;" {at(pos)}')
             if decoded is not None:
                 plain.append(decoded)
                 emitted += utf16_len(decoded)
-                pos = match.end()
+                pos = end
                 continue
         if char != "<":
             plain.append(char)
@@ -241,7 +283,7 @@ def parse_html(text):
                 raise fail(f'Empty attribute name in the tag "{tag}" {at(start)}')
             value = match.group(2) or ""
             value = value[1:-1] if value[:1] in ("\"", "'") else value
-            attrs[match.group(1).lower()] = ENTITY_RE.sub(lambda m: _decode_entity(m) or m[0], value)
+            attrs[match.group(1).lower()] = _decode_attribute(value)
             pos = match.end()
         if tag == "span" and attrs.get("class") != "tg-spoiler":
             raise fail(f'Tag "span" must have class "tg-spoiler" {at(start)}')
@@ -256,12 +298,12 @@ def parse_html(text):
     return _strip("".join(plain), entities)
 
 
-def _formatted(text, parse_mode):
+def _formatted(text, parse_mode, strict=True):
     """Return (visible text, entities) for text sent with parse_mode."""
     if not parse_mode:
         return _strip(text, [])
     if parse_mode.lower() == "html":
-        return parse_html(text)
+        return parse_html(text, strict)
     if parse_mode.lower() in ("markdown", "markdownv2"):
         return _strip(text, [])  # not modelled: stored verbatim
     raise bad_request("unsupported parse_mode")
@@ -369,11 +411,13 @@ class FakeTelegram:
         self.bot_user = {"id": int(token.split(":")[0]), "is_bot": True,
                          "first_name": first_name, "username": username}
         self.latency = 0.0
+        self.strict_html = True  # refuse a bare "&" in HTML, as the Bot API's rules say (Telegram shows it)
         self.max_sends_per_second = None  # Telegram's ~30 messages/s flood limit, off by default
         self.sent = []
         self.callback_answers = []
         self.counts = collections.Counter()
         self.commands = {}  # (scope JSON, language_code) -> list of BotCommand dicts
+        self.descriptions = {}  # ("description" or "short_description", language_code) -> text
         self.webhook_url = ""
         self.synthetic = None  # (batch, users, text, total) for benchmarks
         self.synthetic_made = 0
@@ -409,6 +453,9 @@ class FakeTelegram:
             "getChat": self._get_chat, "getChatMember": self._get_chat_member,
             "sendChatAction": self._send_chat_action, "setMyCommands": self._set_my_commands,
             "getMyCommands": self._get_my_commands, "deleteMyCommands": self._delete_my_commands,
+            "setMyDescription": self._set_my_description, "getMyDescription": self._get_my_description,
+            "setMyShortDescription": self._set_my_short_description,
+            "getMyShortDescription": self._get_my_short_description,
         }
         self._canonical = {name.lower(): name for name in self._methods}
         self._server = _Server(("127.0.0.1", port), _Handler)
@@ -477,12 +524,21 @@ class FakeTelegram:
 
     # -- acting as users -----------------------------------------------------
 
-    def send_text(self, user, text):
-        """Queue a private text message from user, as the Telegram app sends it; return the update id."""
+    def send_text(self, user, text, chat_id=None):
+        """Queue a text message from user, as the Telegram app sends it; return the update id.
+
+        The message goes to the user's private chat with the bot, or to the group chat_id (see add_chat).
+        """
         with self._cond:
             sender = _as_user(user)
-            chat = self._private_chat(sender)
-            if sender["id"] in self._blocked:
+            if chat_id is not None:
+                self._users[sender["id"]] = sender
+                chat = self._chats[int(chat_id)]
+                if chat.info["type"] not in ("group", "supergroup"):
+                    raise ValueError(f"chat {chat_id} is a {chat.info['type']}, not a group")
+            else:
+                chat = self._private_chat(sender)
+            if chat_id is None and sender["id"] in self._blocked:
                 # writing to a blocked bot means pressing Restart, which unblocks it first
                 self._blocked.discard(sender["id"])
                 self._announce_membership(sender["id"], "kicked", "member")
@@ -492,6 +548,14 @@ class FakeTelegram:
                 message["entities"] = [{"offset": 0, "length": utf16_len(command.group()),
                                         "type": "bot_command"}]
             return self._queue({"message": message})
+
+    def post_as_bot(self, chat_id, text, reply_markup=None):
+        """Put a message from the bot into chat_id (e.g. one left from before) and return it."""
+        with self._cond:
+            content = {"text": text}
+            if reply_markup:
+                content["reply_markup"] = _decode_json(reply_markup)
+            return copy.deepcopy(self._new_message(self._chats[int(chat_id)], self.bot_user, **content))
 
     def press(self, user, message, callback_data, strict=True):
         """Queue a press of an inline button under message; return the update id.
@@ -863,7 +927,7 @@ class FakeTelegram:
 
     def _send_message(self, params, files):
         chat = self._writable_chat(params)
-        text, entities = _formatted(str(params.get("text", "")), params.get("parse_mode"))
+        text, entities = _formatted(str(params.get("text", "")), params.get("parse_mode"), self.strict_html)
         if not text:
             raise bad_request("message text is empty")
         if utf16_len(text) > MAX_TEXT:
@@ -898,7 +962,7 @@ class FakeTelegram:
         content = {"photo": [{"file_id": file_id, "file_unique_id": "AQAD" + file_id[-8:],
                               "file_size": len(data), "width": size[0], "height": size[1]}]}
         if params.get("caption"):
-            caption, entities = _formatted(str(params["caption"]), params.get("parse_mode"))
+            caption, entities = _formatted(str(params["caption"]), params.get("parse_mode"), self.strict_html)
             if utf16_len(caption) > MAX_CAPTION:
                 raise bad_request("message caption is too long")
             content["caption"] = caption
@@ -927,7 +991,7 @@ class FakeTelegram:
             raise bad_request("message can't be edited")
         if "text" not in message:
             raise bad_request("there is no text in the message to edit")
-        text, entities = _formatted(str(params.get("text", "")), params.get("parse_mode"))
+        text, entities = _formatted(str(params.get("text", "")), params.get("parse_mode"), self.strict_html)
         if not text:
             raise bad_request("message text is empty")
         if utf16_len(text) > MAX_TEXT:
@@ -952,7 +1016,7 @@ class FakeTelegram:
         query = self._queries.get(query_id)
         if query is None or query["answered"]:
             raise bad_request(QUERY_TOO_OLD)
-        if len(str(params.get("text", ""))) > MAX_CALLBACK_ANSWER:
+        if utf16_len(str(params.get("text", ""))) > MAX_CALLBACK_ANSWER:
             raise bad_request("MESSAGE_TOO_LONG")
         query["answered"] = True
         answer = {"callback_query_id": query_id, "update_id": query["update_id"],
@@ -1028,6 +1092,34 @@ class FakeTelegram:
     def _delete_my_commands(self, params, files):
         self.commands.pop(self._commands_key(params), None)
         return True
+
+
+    def _describe(self, params, kind, limit):
+        text = str(params.get(kind, ""))
+        language = str(params.get("language_code", ""))
+        if language and not re.fullmatch(r"[a-z]{2}", language):
+            raise bad_request("LANG_CODE_INVALID")
+        if utf16_len(text) > limit:
+            raise bad_request("BOT_ABOUT_INVALID" if kind == "short_description" else "BOT_DESCRIPTION_INVALID")
+        if text:
+            self.descriptions[(kind, language)] = text
+        else:
+            self.descriptions.pop((kind, language), None)
+        return True
+
+    def _set_my_description(self, params, files):
+        return self._describe(params, "description", MAX_DESCRIPTION)
+
+    def _set_my_short_description(self, params, files):
+        return self._describe(params, "short_description", MAX_SHORT_DESCRIPTION)
+
+    def _get_my_description(self, params, files):
+        language = str(params.get("language_code", ""))
+        return {"description": self.descriptions.get(("description", language), "")}
+
+    def _get_my_short_description(self, params, files):
+        language = str(params.get("language_code", ""))
+        return {"short_description": self.descriptions.get(("short_description", language), "")}
 
 
 def main(argv=None):

@@ -74,6 +74,9 @@ def bot(telegram, panel, cryptopay, database, tmp_path, request):
     for secret in (BOT_TOKEN, CRYPTOPAY_TOKEN, PANEL_PASSWORD):
         assert secret not in output, 'a secret reached the log'
     assert 'Traceback' not in output, output
+    refused = [call for call in telegram.sent if "can't parse entities" in str(call.description)
+               or 'too long' in str(call.description)]
+    assert not refused, f'Telegram refused messages: {refused}'
 
 
 def eventually(condition, timeout=10):

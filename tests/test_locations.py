@@ -176,6 +176,7 @@ def test_the_stuck_alert_names_the_panel_and_its_reason(multi, cryptopay, telegr
     assert not state(user, 'Germany').dirty and not state(user, 'Finland').dirty
 
 
+@pytest.mark.timeout(900)  # 900 pushes over loopback HTTP: seconds alone, minutes on a loaded machine
 def test_a_new_panel_gets_every_active_buyer_paced_and_a_disabled_one_none(tmp_path, panel, cryptopay, database,
                                                                            fakes, messenger):
     germany = fakes[0]
@@ -220,7 +221,7 @@ def test_reconcile_covers_and_reports_every_panel(multi, cryptopay, telegram, me
     assert [(r.panel, r.checked, r.fixed, r.disabled) for r in reports] == [
         ('Germany', 1, 0, []), ('Finland', 1, 0, []), ('Japan', 1, 1, [user.telegram_id])]
     text = [c.params['text'] for c in telegram.sent if c.method == 'sendMessage'][-1]
-    assert 'Panel Germany: Sync' in text and 'Panel Japan: Sync: 1 active users checked, 1 fixed' in text
+    assert '<b>Germany</b>\nSync' in text and '<b>Japan</b>\nSync: 1 active users checked, 1 fixed' in text
     assert fakes['Japan'].clients[user.panel_email]['enable'] is True
 
 
