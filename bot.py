@@ -27,7 +27,7 @@ from cryptobot import CryptoPayClient, CryptoPayError
 from messenger import Messenger
 from shop import Shop, language_for as shop_language
 import texts
-from markup import (MAX_CALLBACK_ANSWER, MAX_CAPTION, MAX_DESCRIPTION, MAX_MESSAGE, MAX_SHORT_DESCRIPTION, clip_html,
+from markup import (MAX_CALLBACK_ANSWER, MAX_CAPTION, MAX_DESCRIPTION, MAX_MESSAGE, MAX_SHORT_DESCRIPTION, Html, clip_html,
                     clip_plain, html, visible)
 from texts import human_bytes, plain, plan_name, show_date, t
 from xui import XuiClient
@@ -35,7 +35,7 @@ from xui import XuiClient
 log = logging.getLogger('bot')
 
 MEMBER_STATUSES = ('member', 'administrator', 'creator')
-ADMIN_COMMANDS = ('stats', 'newcode', 'user', 'give', 'broadcast', 'sync')
+ADMIN_COMMANDS = ('stats', 'newcode', 'user', 'give', 'broadcast', 'sync', 'panels')
 # Telegram holds getUpdates open this long; the read timeout must exceed it.
 LONG_POLL_SECONDS = 25
 
@@ -199,7 +199,8 @@ class ShopBot:
                           BotCommand('user', '<id|@username> — look a customer up'),
                           BotCommand('give', '<id|@username> <days> — extend by hand'),
                           BotCommand('broadcast', '<text> — message every user'),
-                          BotCommand('sync', 'Compare the panel with the ledger')]
+                          BotCommand('sync', 'Compare the panels with the ledger'),
+                          BotCommand('panels', 'Each panel: answers, clients, pending pushes')]
         for admin_id in self.settings.admin_ids:
             try:
                 self.bot.set_my_commands(admin_commands, scope=BotCommandScopeChat(admin_id))
@@ -410,7 +411,26 @@ class ShopBot:
     # Admin commands (reached only for ADMIN_IDS)
 
     def admin_stats(self, message, user, _):
-        self.reply(message.chat.id, t(user.language, 'adm_stats', **self.shop.stats()))
+        stats = self.shop.stats()
+        text = t(user.language, 'adm_stats', **stats)
+        if len(self.shop.panels) > 1:
+            text = Html(text + t(user.language, 'adm_stats_panels', panels=', '.join(
+                f'{name} {count}' for name, count in stats['panel_clients'].items())))
+        self.reply(message.chat.id, text)
+
+    def admin_panels(self, message, user, _):
+        blocks = []
+        for row in self.shop.panel_report(probe=True):
+            if not row['enabled']:
+                state = 'disabled in PANELS_FILE (never touched)'
+            elif row['reachable']:
+                state = 'answers, ' + ('v3.1+ clients API' if row['generation'] == 'v3' else 'inbounds API (≤ v3.0)')
+            else:
+                state = f'does not answer: {row["error"]}'
+            last_error = f'\nLast push error: {row["last_error"]}' if row['last_error'] else ''
+            blocks.append(t(user.language, 'adm_panel', name=row['name'], state=state, clients=row['clients'],
+                            pending=row['pending'], last_error=last_error))
+        self.reply(message.chat.id, Html('\n\n'.join(blocks)))
 
     def admin_newcode(self, message, user, argument):
         lang = user.language

@@ -438,5 +438,7 @@ class Shop:
             'referrals': Referral.select().count(),
             'referrals_paid': Referral.select().where(Referral.rewarded_at.is_null(False)).count(),
             'grants_admin': Grant.select().where(Grant.reason == 'admin').count(),
+            'panel_clients': {panel.name: PanelClient.select().where(PanelClient.panel == panel.name).count()
+                              for panel in self.panels},
             'currency': self.settings.currency,
         }

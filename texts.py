@@ -87,6 +87,8 @@ TEXTS = {
         'adm_broadcast_done': 'Broadcast finished: delivered {delivered}, blocked {blocked}, failed {failed}.',
         'adm_sync': 'Sync: {checked} active users checked, {fixed} fixed, {failed} not fixed.\nMissing on the panel: {missing}\nWrong expiry: {wrong_expiry}\nDisabled while paid: {disabled}\nPanel ahead of the ledger: {ahead}\nUnknown panel clients (left alone): {unknown}',
         'adm_sync_failed': 'Sync failed: {error}',
+        'adm_panel': '<b>{name}</b>: {state}\nClients: {clients} · pending pushes: {pending}{last_error}',
+        'adm_stats_panels': '\n<b>Clients per panel</b>: {panels}',
     },
     'ru': {
         'welcome': '👋 Привет, {name}!\n\nЭто <b>{shop}</b>: быстрый VPN для v2rayNG, Hiddify, Streisand, V2Box и Happ.\nВыберите ниже.',

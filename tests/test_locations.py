@@ -271,3 +271,43 @@ def test_moving_to_several_panels_tells_each_active_buyer_their_new_link_once(tm
     assert f'https://shop.example.test/sub/{active.panel_sub_id}' in message['text']
     # the old link still points at the first panel, which keeps serving it
     assert one.subscription_link(User.get_by_id(active.id)).startswith('https://germany.example.test/sub/')
+
+
+def test_a_buyer_and_an_admin_with_three_panels_end_to_end(tmp_path, panel, cryptopay, database, fakes):
+    """bot.py as a process: the buyer pays with one panel down, gets the one link; /panels and /stats per panel."""
+    from fake_telegram import FakeTelegram
+    from test_e2e import ADMIN, ask, buy, current, eventually, invoice_id_of, person, press, start_bot
+    path = tmp_path / 'panels.toml'
+    path.write_text(panels_toml(fakes))
+    path.chmod(0o600)
+    fakes[1][1].refuse()  # Finland is down
+    with FakeTelegram(token=BOT_TOKEN) as telegram:
+        bot = start_bot(telegram, panel, cryptopay, database, tmp_path, PANELS_FILE=path,
+                        PUBLIC_URL='https://shop.example.test', XUI_URL='', XUI_INBOUND_ID='',
+                        XUI_SUB_URL='', XUI_USERNAME='', XUI_PASSWORD='')
+        try:
+            buyer = person(4242, 'ru', 'Ира')
+            telegram.add_user(buyer)
+            telegram.add_user(ADMIN)
+            invoice = buy(telegram, buyer)
+            cryptopay.pay(invoice_id_of(telegram, invoice))
+            press(telegram, buyer, invoice, f'check:{invoice_id_of(telegram, invoice)}')
+            user = eventually(lambda: User.get_or_none(User.telegram_id == 4242))
+            link = f'https://shop.example.test/sub/{user.panel_sub_id}'
+            assert eventually(lambda: link in (current(telegram, invoice).get('text') or ''))
+            user = User.get_by_id(user.id)
+            assert expiry_on(fakes[0][1], user) == expiry_on(fakes[2][1], user) == user.expires_at
+            panels_text = ask(telegram, ADMIN, '/panels', contains='Finland')['text']
+            assert 'Germany: answers, inbounds API' in panels_text and 'Japan: answers, v3.1+' in panels_text
+            assert 'Finland: does not answer: cannot connect' in panels_text
+            assert 'pending pushes: 1' in panels_text
+            stats = ask(telegram, ADMIN, '/stats', contains='Clients per panel')['text']
+            assert 'Clients per panel: Germany 1, Finland 1, Japan 1' in stats
+            # Finland comes back: the retry job brings it level within a round or two
+            fakes[1][1].accept()
+            assert eventually(lambda: expiry_on(fakes[1][1], User.get_by_id(user.id)) == user.expires_at,
+                              timeout=90)
+        finally:
+            bot.stop()
+        output = bot.output()
+        assert PANEL_PASSWORD not in output and 'Traceback' not in output, output
