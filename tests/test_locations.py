@@ -311,3 +311,36 @@ def test_a_buyer_and_an_admin_with_three_panels_end_to_end(tmp_path, panel, cryp
             bot.stop()
         output = bot.output()
         assert PANEL_PASSWORD not in output and 'Traceback' not in output, output
+
+
+def test_the_doctor_checks_every_panel_its_subscription_server_and_the_file_mode(tmp_path, panel, cryptopay,
+                                                                                 database, fakes):
+    import os
+
+    from fake_subserver import FakeSubServer
+    subs = [FakeSubServer(fake).start() for _, fake in fakes[:2]]
+    try:
+        text = panels_toml(fakes)
+        for (name, _), sub in zip(fakes, subs):
+            text = text.replace(f'https://{name.lower()}.example.test/sub/', sub.url)
+        path = tmp_path / 'panels.toml'
+        path.write_text(text)
+        path.chmod(0o644)  # readable by everyone: it holds passwords
+        fakes[2][1].refuse()  # Japan is down
+        env = {**os.environ, **settings_env(panel, cryptopay, database, PANELS_FILE=path,
+                                            PUBLIC_URL='https://shop.example.test', BACKUP_DIR=tmp_path / 'b',
+                                            XUI_URL='', XUI_INBOUND_ID='', XUI_SUB_URL='')}
+        done = subprocess.run([sys.executable, 'bot.py', 'check'], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=180)
+        output = done.stdout + done.stderr
+        assert done.returncode == 1
+        lines = output.splitlines()
+        assert any(line.startswith('FAIL  panels file') and 'readable by every user' in line for line in lines)
+        assert any(line.startswith('OK    panel Germany') and 'subscription server' in line for line in lines)
+        assert any(line.startswith('OK    panel Finland') and 'v3.1+ clients API' in line for line in lines)
+        assert any(line.startswith('FAIL  panel Japan') and 'cannot connect' in line for line in lines)
+        assert f'- panels file: chmod 600 {path}' in output
+        assert PANEL_PASSWORD not in output
+    finally:
+        for sub in subs:
+            sub.stop()
