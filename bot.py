@@ -25,7 +25,7 @@ import models
 import panels
 from cryptobot import CryptoPayClient, CryptoPayError
 from messenger import Messenger
-from shop import Shop, language_for as shop_language
+from shop import InvoiceInProgress, Shop, TooManyInvoices, language_for as shop_language
 import texts
 from markup import (MAX_CALLBACK_ANSWER, MAX_CAPTION, MAX_DESCRIPTION, MAX_MESSAGE, MAX_SHORT_DESCRIPTION, Html, clip_html,
                     clip_plain, html, visible)
@@ -38,6 +38,9 @@ MEMBER_STATUSES = ('member', 'administrator', 'creator')
 ADMIN_COMMANDS = ('stats', 'newcode', 'user', 'give', 'broadcast', 'sync', 'panels')
 # Telegram holds getUpdates open this long; the read timeout must exceed it.
 LONG_POLL_SECONDS = 25
+# A button press must be answered within ~15 s (Telegram then refuses the answer): inside handlers each
+# outside call is tried once, with these timeouts; only the jobs retry with backoff.
+HANDLER_TIMEOUT = (3.05, 5)
 
 
 class RedactSecrets(logging.Filter):
@@ -264,6 +267,10 @@ class ShopBot:
 
     def redeem(self, chat_id, user, code):
         outcome, promo = self.shop.redeem_promo(user, code)
+        if outcome == 'locked':
+            self.reply(chat_id, t(user.language, 'promo_locked', minutes=self.shop.promo_lock_minutes(user)),
+                       self.main_menu(user.language))
+            return
         if outcome != 'ok':
             self.reply(chat_id, t(user.language, f'promo_{outcome}'), self.main_menu(user.language))
             return
@@ -318,6 +325,10 @@ class ShopBot:
         except CryptoPayError as exc:
             log.warning('invoice not created user=%s: %s', user.telegram_id, exc)
             return t(user.language, 'service_down')
+        except TooManyInvoices:
+            return t(user.language, 'too_many_invoices')
+        except InvoiceInProgress:
+            return t(user.language, 'invoice_in_progress')
         text = t(user.language, 'invoice', plan=plan_name(user.language, days), amount=payment.amount,
                  currency=payment.currency)
         shown = self.show(call, text, keyboards.invoice(user.language, payment))
@@ -333,6 +344,9 @@ class ShopBot:
             return t(lang, 'service_down')
         if result.status == 'not_found':
             return t(lang, 'payment_not_found')
+        if result.status == 'mismatch':
+            jobs.alert_mismatches(self.shop, self.messenger)
+            return t(lang, 'payment_mismatch')
         if result.status == 'pending':
             return t(lang, 'payment_pending')
         if result.status == 'expired':
@@ -442,11 +456,14 @@ class ShopBot:
             days = uses = 0
         code = parts[2] if len(parts) > 2 else None
         if not (1 <= days <= 3650 and 1 <= uses <= 1_000_000) or len(parts) > 3 or \
-                (code is not None and not (4 <= len(code) <= 32 and code.isascii() and code.isalnum())):
+                (code is not None and not (6 <= len(code) <= 32 and code.isascii() and code.isalnum())):
             self.reply(message.chat.id, t(lang, 'adm_newcode_usage'))
             return
         try:
             promo = self.shop.create_promo(user.telegram_id, days, uses, code)
+        except ValueError:  # create_promo's own check, the same as above
+            self.reply(message.chat.id, t(lang, 'adm_newcode_usage'))
+            return
         except IntegrityError:
             self.reply(message.chat.id, t(lang, 'adm_code_exists', code=code.upper()))
             return
@@ -535,16 +552,21 @@ def make_bot(settings):
                            skip_pending=False, exception_handler=LogErrors())
 
 
-def build_shop(settings):
-    """Create the Shop with its panels' and Crypto Pay clients."""
-    cryptopay = CryptoPayClient(settings.cryptopay_token, settings.cryptopay_url)
-    return Shop(settings, panels.connect(settings.panels, panel_client), cryptopay)
+def build_shop(settings, for_jobs=False):
+    """Create a Shop with its panels' and Crypto Pay clients.
+
+    The handlers' shop tries each outside call once within HANDLER_TIMEOUT, so a button is answered in time
+    and no handler thread sleeps; the jobs' shop (for_jobs) retries with backoff and honours Retry-After.
+    """
+    retry = {} if for_jobs else {'timeout': HANDLER_TIMEOUT, 'retries': 0}
+    cryptopay = CryptoPayClient(settings.cryptopay_token, settings.cryptopay_url, **retry)
+    return Shop(settings, panels.connect(settings.panels, lambda config: panel_client(config, **retry)), cryptopay)
 
 
-def panel_client(config):
+def panel_client(config, **retry):
     """Make the XuiClient of one panel."""
     return XuiClient(config.url, config.inbound_id, config.sub_url, username=config.username or None,
-                     password=config.password or None, api_token=config.api_token or None)
+                     password=config.password or None, api_token=config.api_token or None, **retry)
 
 
 def run(settings):
@@ -565,7 +587,7 @@ def run(settings):
     except apihelper.ApiException as exc:
         log.error('Telegram refused to start the bot (check BOT_TOKEN and TELEGRAM_API_URL): %s', exc)
         return 1
-    stop_jobs = jobs.start(shop, shop_bot.messenger, settings)
+    stop_jobs = jobs.start(build_shop(settings, for_jobs=True), shop_bot.messenger, settings)
 
     def stop(signum, frame):
         log.info('stopping on signal %s', signum)

@@ -1,4 +1,5 @@
 """Read every setting once, from the environment or .env, and check it."""
+import re
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -63,17 +64,31 @@ class Settings:
         return next((plan for plan in self.plans if plan.days == days), None)
 
 
-def parse_plans(text):
-    """Turn '30:100,90:270' into a tuple of Plans sorted by length."""
+PLANS_FORMAT = 'PLANS must be days:price pairs, like 30:100,90:270'
+# Decimal places of each currency Crypto Pay takes for fiat invoices (ISO 4217 minor units: all 2 today)
+MINOR_UNITS = {}
+DEFAULT_MINOR_UNITS = 2
+
+
+def parse_plans(text, currency='RUB'):
+    """Turn '30:100,90:270' into a tuple of Plans sorted by length, prices exact in the currency's minor units.
+
+    :raise SettingError: with a message that says what is wrong (no secret is involved).
+    """
+    places = MINOR_UNITS.get(currency, DEFAULT_MINOR_UNITS)
     plans = {}
     for pair in text.split(','):
         days, sep, price = pair.strip().partition(':')
-        days, price = int(days), Decimal(price)
-        if not sep or days <= 0 or price <= 0 or days in plans:
-            raise ValueError(pair)
+        if not sep or not days.strip().isdigit() or not re.fullmatch(r'[0-9]+(\.[0-9]+)?', price.strip()):
+            raise SettingError(PLANS_FORMAT)
+        days, price = int(days), Decimal(price.strip())
+        if days <= 0 or price <= 0 or days in plans:
+            raise SettingError(PLANS_FORMAT)
+        if -price.as_tuple().exponent > places:
+            if price != price.quantize(Decimal(1).scaleb(-places)):
+                raise SettingError(f'PLANS price {price} has more decimals than {currency} has ({places})')
+            price = price.quantize(Decimal(1).scaleb(-places))  # 99.990 is 99.99
         plans[days] = Plan(days, price)
-    if not plans:
-        raise ValueError(text)
     return tuple(sorted(plans.values(), key=lambda plan: plan.days))
 
 
@@ -145,6 +160,7 @@ def load(environ=None):
         panels_file = str((HERE / panels_file).resolve())
     # PANELS_FILE replaces the XUI_* settings
     xui_default = '' if panels_file else None
+    currency = read('CURRENCY', str.upper, 'RUB')
     api_token = read('XUI_API_TOKEN', default='')
     # With an API token the panel login is not needed.
     login_default = '' if api_token or panels_file else None
@@ -165,8 +181,8 @@ def load(environ=None):
         channel_url=read('CHANNEL_URL', default=''),
         trial_days=read('TRIAL_DAYS', positive_int, '3'),
         referral_bonus_days=read('REFERRAL_BONUS_DAYS', positive_int, '7'),
-        plans=read('PLANS', parse_plans, DEFAULT_PLANS),
-        currency=read('CURRENCY', str.upper, 'RUB'),
+        plans=read('PLANS', lambda text: parse_plans(text, currency), DEFAULT_PLANS),
+        currency=currency,
         support_contact=read('SUPPORT_CONTACT', default=''),
         backup_dir=read('BACKUP_DIR', lambda text: (HERE / text).resolve(), 'backups'),
         backup_keep_days=read('BACKUP_KEEP_DAYS', positive_int, '30'),

@@ -18,7 +18,8 @@ import backup
 import keyboards
 import models
 from cryptobot import CryptoPayError
-from models import PAID, PENDING, PanelClient, Payment, Reminder, User, utcnow
+from models import PAID, PENDING, Grant, PanelClient, Payment, Reminder, User, utcnow
+from shop import invoice_payload
 from texts import show_date, t
 from xui import XuiError
 
@@ -50,10 +51,16 @@ def poll_payments(shop, messenger, now=None):
         if not batch:
             break
         after_id = batch[-1].id
-        invoices = {invoice['invoice_id']: invoice
-                    for invoice in shop.cryptopay.get_invoices([payment.invoice_id for payment in batch])}
+        asked = {payment.invoice_id for payment in batch}
+        answer = shop.cryptopay.get_invoices(sorted(asked))
+        invoices = {invoice.get('invoice_id'): invoice for invoice in answer}
+        # a paid invoice we did not ask for that carries one of our payloads is judged as that payment's answer
+        strangers = {invoice.get('payload'): invoice for invoice in answer
+                     if invoice.get('invoice_id') not in asked and invoice.get('status') == 'paid'}
         for payment in batch:
             invoice = invoices.get(payment.invoice_id)
+            if invoice is None and strangers:
+                invoice = strangers.get(invoice_payload(payment.user.telegram_id, payment.plan_days))
             if invoice is not None and invoice.get('status') == 'paid':
                 if shop.apply_invoice_state(payment, invoice, now=now):
                     settled += 1
@@ -63,7 +70,20 @@ def poll_payments(shop, messenger, now=None):
                     invoice is None and payment.created_at <= missing_before):
                 if shop.expire_payment(payment.invoice_id):
                     tell_expired(messenger, payment)
+    alert_mismatches(shop, messenger)
     return settled
+
+
+def alert_mismatches(shop, messenger, now=None):
+    """Tell the admins, once each, about 'paid' answers that did not match the invoice we created."""
+    alerts = shop.claim_mismatch_alerts(now)
+    for mismatch in alerts:
+        payment = mismatch.payment
+        text = t('en', 'adm_invoice_mismatch', invoice=payment.invoice_id, user=payment.user.telegram_id,
+                 days=payment.plan_days, amount=payment.amount, currency=payment.currency, detail=mismatch.detail)
+        for admin_id in shop.settings.admin_ids:
+            messenger.send(admin_id, text)
+    return len(alerts)
 
 
 def tell_expired(messenger, payment):
@@ -191,7 +211,11 @@ def backfill_panels(shop, now=None, per_round=BACKFILL_PER_ROUND):
 
 
 def send_reminders(shop, messenger, now=None):
-    """Send each expiry reminder once per subscription period; a renewal moves the period and re-arms them."""
+    """Send each expiry reminder once per subscription period; a renewal moves the period and re-arms them.
+
+    A reminder is sent only when it says something new: not when the latest grant set this expiry already
+    within the reminder's reach (a 3-day gift was just granted with its end date; "ends in 3 days" is no news).
+    """
     now = now or utcnow()
     sent = 0
     for kind, until, after in REMINDERS:
@@ -201,13 +225,27 @@ def send_reminders(shop, messenger, now=None):
                                    User.blocked == False, ~fn.EXISTS(already))  # noqa: E712
                .limit(1000))
         for user in due:
-            try:
+            try:  # the row marks the reminder done for this period, also when it is not worth sending
                 Reminder.create(user=user, kind=kind, period_end=user.expires_at, sent_at=now)
             except IntegrityError:  # another process took it
+                continue
+            if not news(user, until):
+                log.info('reminder %s skipped user=%s: the latest grant just set this expiry', kind, user.telegram_id)
                 continue
             text = t(user.language, f'reminder_{kind}', expiry=show_date(user.expires_at, shop.settings.timezone))
             sent += messenger.send(user.telegram_id, text, keyboards.renew(user.language)) == 'sent'
     return sent
+
+
+def news(user, until):
+    """Tell whether a reminder that the expiry is at most `until` away says something the buyer was not told.
+
+    The latest grant told the buyer the new expiry; if that expiry was already within `until` then, no.
+    """
+    latest = Grant.select().where(Grant.user == user.id).order_by(Grant.id.desc()).first()
+    if latest is None or latest.expires_after != user.expires_at:
+        return True
+    return latest.expires_after - latest.created_at > until
 
 
 def backup_database(settings, now=None):

@@ -174,6 +174,25 @@ class PanelClient(BaseModel):
     class Meta:
         table_name = 'panel_clients'
         indexes = ((('user', 'panel'), True), (('panel', 'dirty', 'retry_at'), False))
+class PromoAttempt(BaseModel):
+    """A promo code a user tried that did not give days (rows in flight count too, so threads cannot race past)."""
+    user = ForeignKeyField(User, backref='promo_attempts', on_delete='CASCADE')
+    created_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = 'promo_attempts'
+        indexes = ((('user', 'created_at'), False),)
+
+
+class InvoiceMismatch(BaseModel):
+    """A 'paid' answer from Crypto Pay that did not match our payment row: nothing was settled for it."""
+    payment = ForeignKeyField(Payment, unique=True, backref='mismatch', on_delete='CASCADE')
+    detail = TextField()  # which fields differed, e.g. "amount '0.01' (ours 900.00)"
+    created_at = DateTimeField(default=utcnow)
+    alerted_at = DateTimeField(null=True)  # when the admins were told; they are told once
+
+    class Meta:
+        table_name = 'invoice_mismatches'
 
 
 class SchemaVersion(BaseModel):
@@ -184,7 +203,6 @@ class SchemaVersion(BaseModel):
         table_name = 'schema_versions'
 
 
-MODELS = [User, Payment, PromoCode, Redemption, Referral, Gift, Grant, Reminder, PanelClient, SchemaVersion]
 
 # The enabled panels' names: every grant marks the buyer's client dirty on each (use_panels sets them).
 panel_names = ('main',)
@@ -209,6 +227,8 @@ def move_panel_state(migrator):
         migrator.drop_column('users', column) for column in
         ('panel_uuid', 'panel_dirty', 'panel_failures', 'panel_retry_at', 'panel_alerted')]
 
+MODELS = [User, Payment, PromoCode, Redemption, Referral, Gift, Grant, Reminder, PromoAttempt, InvoiceMismatch,
+          PanelClient, SchemaVersion]
 
 # Schema changes after the first release: (version, function(migrator) -> list of operations).
 MIGRATIONS = [(50, move_panel_state),

@@ -9,23 +9,74 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta, timezone
+from decimal import Decimal
 
 from peewee import Case, IntegrityError, fn
 
 import models
-from cryptobot import parse_time
-from models import (EXPIRED, PAID, PENDING, Gift, Grant, PanelClient, Payment, PromoCode, Redemption,
-                    Referral, User, grant_days, locked, transaction, utcnow)
+from cryptobot import parse_amount, parse_time
+from models import (EXPIRED, PAID, PENDING, Gift, Grant, InvoiceMismatch, PanelClient, Payment, PromoAttempt,
+                    PromoCode, Redemption, Referral, User, grant_days, locked, transaction, utcnow)
 from panels import single as single_panel
 from xui import XuiError
 
 log = logging.getLogger('shop')
 
 RUSSIAN_REGION = {'ru', 'uk', 'be', 'kk', 'ky', 'uz', 'tg', 'tk', 'hy', 'az', 'ka'}
-PROMO_PATTERN = re.compile(r'^[A-Za-z0-9]{4,32}$')
+PROMO_PATTERN = re.compile(r'^[A-Za-z0-9]{4,32}$')  # what a buyer may type (older codes have 4 characters)
+NEW_PROMO_PATTERN = re.compile(r'^[A-Za-z0-9]{6,32}$')  # what an admin may create: too many to guess
+PROMO_FAILURES_ALLOWED = 5  # failed promo attempts per buyer within PROMO_LOCKOUT
+PROMO_LOCKOUT = timedelta(minutes=10)
+MAX_PENDING_INVOICES = 3  # unpaid, unexpired invoices per buyer
+FRESH_MARGIN = timedelta(minutes=2)  # an invoice this close to its expiry is not offered again
 TELEGRAM_ID_PATTERN = re.compile(r'^-?[0-9]{1,18}$')  # fits a 64-bit column; '²'.isdigit() is True, this is not
 NOTIFY_LEASE = timedelta(minutes=2)  # a sender that crashed mid-send is replaced after this
 PANEL_BACKOFF_CAP = timedelta(minutes=1)  # the link must follow within about a minute of the panel's return
+
+
+# One push per user at a time in this process, across the Shop instances of the handlers and of the jobs;
+# pushes from other processes are made safe by the expiry guard in _push_to_panel.
+_PROVISION_LOCKS = [threading.Lock() for _ in range(64)]
+# The users whose invoice is being created in this process right now (one creation per buyer at a time).
+_CREATING = set()
+_CREATING_LOCK = threading.Lock()
+
+
+class TooManyInvoices(Exception):
+    """The buyer already has MAX_PENDING_INVOICES unpaid invoices that can still be paid."""
+
+
+class InvoiceInProgress(Exception):
+    """Another press of the same buyer is creating an invoice right now."""
+
+
+def invoice_payload(telegram_id, days):
+    """Return the payload we write into a buyer's invoice; Crypto Pay returns it unchanged."""
+    return f'user:{telegram_id}:days:{days}'
+
+
+def invoice_mismatch(payment, telegram_id, invoice):
+    """Say how Crypto Pay's invoice differs from our payment row: '' when it is the one we created.
+
+    Compared: invoice_id, currency_type and fiat, amount (as Decimal: "100" == "100.00") and our payload.
+    """
+    expected = (('invoice_id', payment.invoice_id), ('currency_type', 'fiat'), ('fiat', payment.currency),
+                ('amount', payment.amount), ('payload', invoice_payload(telegram_id, payment.plan_days)))
+    problems = []
+    for field, ours in expected:
+        theirs = invoice.get(field)
+        if field == 'amount':
+            try:
+                same = parse_amount(theirs) == ours
+            except ValueError:
+                same = False
+        elif field == 'invoice_id':
+            same = type(theirs) is int and theirs == ours
+        else:
+            same = theirs == ours
+        if not same:
+            problems.append(f'{field} {str(theirs)[:64]!r} (ours {ours})')
+    return '; '.join(problems)
 
 
 def language_for(language_code):
@@ -47,7 +98,7 @@ def as_aware(moment):
 @dataclass
 class CheckResult:
     """What a Check press (or the poller) found: status is paid, pending, expired or not_found."""
-    status: str
+    status: str  # also 'mismatch': Crypto Pay says paid, but not about the invoice we created
     payment: Payment = None
     provisioned: bool = False
 
@@ -65,15 +116,18 @@ class Shop:
     """The shop, bound to its settings and its two outside services."""
 
     def __init__(self, settings, panels, cryptopay):
-        """panels: the Panels (panels.connect), or one XuiClient for a shop with one panel."""
+        """panels: the Panels (panels.connect), or one XuiClient for a shop with one panel.
+
+        The handlers and the jobs each get a Shop: the handlers' clients try each call once with short
+        timeouts (a button must be answered within ~15 s), the jobs' retry with backoff (bot.build_shop)."""
         self.settings = settings
         self.panels = tuple(panels) if isinstance(panels, (list, tuple)) else (single_panel(panels),)
         self.enabled_panels = tuple(panel for panel in self.panels if panel.enabled)
         models.use_panels(panel.name for panel in self.enabled_panels)
         self.cryptopay = cryptopay
-        # One push per client (user, panel) at a time in this process (two would race to create it);
-        # pushes from other processes are made safe by the expiry guard in _push.
-        self._provision_locks = [threading.Lock() for _ in range(64)]
+        # One push per client (user, panel) at a time in this process, whichever Shop pushes it (two would
+        # race to create it); pushes from other processes are made safe by the expiry guard in _push.
+        self._provision_locks = _PROVISION_LOCKS
         # panels are pushed side by side, so one that hangs delays only its own copy
         self._pushers = ThreadPoolExecutor(max_workers=4 * max(1, len(self.enabled_panels)),
                                            thread_name_prefix='panel-push')
@@ -138,22 +192,45 @@ class Shop:
 
     # Buying
 
-    def create_invoice(self, user, plan_days):
-        """Create a Crypto Pay invoice for a plan and record it as a pending payment.
+    def create_invoice(self, user, plan_days, now=None):
+        """Return the buyer's invoice for a plan: their pending one if it can still be paid, else a new one.
 
         :raise CryptoPayError: Crypto Pay is down or refused; nothing is recorded.
         :raise KeyError: no such plan.
+        :raise TooManyInvoices: the buyer has MAX_PENDING_INVOICES other unpaid invoices.
+        :raise InvoiceInProgress: another press of this buyer is creating one right now.
         """
         plan = self.settings.plan(plan_days)
         if plan is None:
             raise KeyError(plan_days)
-        invoice = self.cryptopay.create_invoice(
-            amount=plan.price, fiat=self.settings.currency,
-            description=f'VPN {plan.days} days', payload=f'user:{user.telegram_id}:days:{plan.days}',
-            expires_in=self.settings.invoice_expires_seconds)
-        payment = Payment.create(invoice_id=invoice['invoice_id'], user=user, plan_days=plan.days,
-                                 amount=plan.price, currency=self.settings.currency,
-                                 pay_url=invoice['bot_invoice_url'])
+        with _CREATING_LOCK:
+            if user.id in _CREATING:
+                raise InvoiceInProgress(user.telegram_id)
+            _CREATING.add(user.id)
+        try:
+            now = now or utcnow()
+            lifetime = timedelta(seconds=self.settings.invoice_expires_seconds)
+            fresh_after = now - lifetime + min(FRESH_MARGIN, lifetime / 2)
+            pending = list(Payment.select().where(Payment.user == user.id, Payment.status == PENDING,
+                                                  Payment.created_at > fresh_after).order_by(Payment.id.desc()))
+            for payment in pending:
+                if (payment.plan_days, payment.amount, payment.currency) == \
+                        (plan.days, plan.price, self.settings.currency):
+                    log.info('invoice reused user=%s invoice=%s days=%s', user.telegram_id, payment.invoice_id,
+                             plan.days)
+                    return payment
+            if len(pending) >= MAX_PENDING_INVOICES:
+                raise TooManyInvoices(user.telegram_id)
+            invoice = self.cryptopay.create_invoice(
+                amount=plan.price, fiat=self.settings.currency, description=f'VPN {plan.days} days',
+                payload=invoice_payload(user.telegram_id, plan.days),
+                expires_in=self.settings.invoice_expires_seconds)
+            payment = Payment.create(invoice_id=invoice['invoice_id'], user=user, plan_days=plan.days,
+                                     amount=plan.price, currency=self.settings.currency,
+                                     pay_url=invoice['bot_invoice_url'], created_at=now)
+        finally:
+            with _CREATING_LOCK:
+                _CREATING.discard(user.id)
         log.info('invoice created user=%s invoice=%s days=%s', user.telegram_id, payment.invoice_id, plan.days)
         return payment
 
@@ -172,8 +249,12 @@ class Shop:
             return CheckResult('not_found')
         if payment.status != PAID:
             invoices = self.cryptopay.get_invoices([payment.invoice_id])
-            self.apply_invoice_state(payment, invoices[0] if invoices else None)
+            ours = [invoice for invoice in invoices if invoice.get('invoice_id') == payment.invoice_id]
+            # an answer about another invoice is judged as ours, so it is caught as a mismatch
+            self.apply_invoice_state(payment, (ours or invoices or [None])[0], telegram_id=telegram_id)
             payment = Payment.get_by_id(payment.id)
+        if payment.status == PENDING and InvoiceMismatch.select().where(InvoiceMismatch.payment == payment).exists():
+            return CheckResult('mismatch', payment)
         if payment.status != PAID:
             return CheckResult(payment.status, payment)
         provisioned = self.provision(payment.user_id)
@@ -181,12 +262,22 @@ class Shop:
             self.mark_notified(payment)
         return CheckResult(PAID, Payment.get_by_id(payment.id), provisioned)
 
-    def apply_invoice_state(self, payment, invoice, now=None):
-        """Bring a payment in line with Crypto Pay's invoice (None = the invoice is gone); return True if settled now."""
-        if invoice is None or invoice.get('status') == 'expired':
+    def apply_invoice_state(self, payment, invoice, now=None, telegram_id=None):
+        """Bring a payment in line with Crypto Pay's invoice (None = the invoice is gone); return True if settled now.
+
+        A 'paid' invoice settles only when it matches the payment row (invoice_mismatch); otherwise the
+        mismatch is recorded and logged once, for the admins to be told (alert_mismatches).
+        """
+        if invoice is None or invoice.get('status') == 'expired' and invoice.get('invoice_id') == payment.invoice_id:
             self.expire_payment(payment.invoice_id)
             return False
         if invoice.get('status') == 'paid':
+            if telegram_id is None:
+                telegram_id = User.select(User.telegram_id).where(User.id == payment.user_id).scalar()
+            problem = invoice_mismatch(payment, telegram_id, invoice)
+            if problem:
+                self.record_mismatch(payment, problem, now)
+                return False
             paid_at = parse_time(invoice['paid_at']).replace(tzinfo=None) if invoice.get('paid_at') else None
             return self.settle(payment.invoice_id, paid_at=paid_at, now=now)
         return False
@@ -204,6 +295,27 @@ class Shop:
             self.reward_referral(payment.user_id, now)
         log.info('payment settled user_id=%s invoice=%s days=%s', payment.user_id, invoice_id, payment.plan_days)
         return True
+
+    def record_mismatch(self, payment, problem, now=None):
+        """Remember (once) that Crypto Pay called a payment paid with an invoice that is not ours; log it once."""
+        try:
+            with transaction():
+                InvoiceMismatch.create(payment=payment.id, detail=problem, created_at=now or utcnow())
+        except IntegrityError:
+            return False
+        log.error('invoice does not match its payment, nothing settled: invoice=%s user_id=%s: %s',
+                  payment.invoice_id, payment.user_id, problem)
+        return True
+
+    def claim_mismatch_alerts(self, now=None):
+        """Take the mismatches the admins have not been told about yet; each is returned to one caller once."""
+        now = now or utcnow()
+        claimed = []
+        for mismatch in InvoiceMismatch.select().where(InvoiceMismatch.alerted_at.is_null()).limit(100):
+            if InvoiceMismatch.update(alerted_at=now).where(InvoiceMismatch.id == mismatch.id,
+                                                            InvoiceMismatch.alerted_at.is_null()).execute():
+                claimed.append(mismatch)
+        return claimed
 
     def reward_referral(self, invited_id, now):
         """Give the inviter their bonus once, at the invited user's first payment (inside settle's transaction)."""
@@ -360,14 +472,49 @@ class Shop:
         return True
 
     def redeem_promo(self, user, text, now=None):
-        """Redeem a promo code; return one of ok, invalid, unknown, expired, used_up, already (and the code)."""
+        """Redeem a promo code; return one of ok, invalid, unknown, expired, used_up, already, locked (and the code).
+
+        Every attempt is counted per buyer in the database before the code is looked at; one that gives
+        no days stays counted, and past PROMO_FAILURES_ALLOWED within PROMO_LOCKOUT the answer is 'locked'.
+        """
+        stamp, now = now, now or utcnow()
+        window = now - PROMO_LOCKOUT
+        with transaction():  # one buyer's attempts are counted one at a time, so threads cannot race past
+            models.locked(User.select(User.id).where(User.id == user.id)).get()
+            PromoAttempt.delete().where(PromoAttempt.user == user.id, PromoAttempt.created_at <= window).execute()
+            tried = PromoAttempt.select().where(PromoAttempt.user == user.id).count()
+            if tried >= PROMO_FAILURES_ALLOWED:
+                locked_out = True
+            else:
+                locked_out = False
+                attempt = PromoAttempt.create(user=user.id, created_at=now)
+        if locked_out:
+            log.warning('promo attempt refused, locked out user=%s', user.telegram_id)
+            return 'locked', None
+        outcome, promo = self._redeem(user, text, now, stamp)
+        if outcome == 'ok':
+            attempt.delete_instance()
+        return outcome, promo
+
+    def promo_lock_minutes(self, user, now=None):
+        """Return the whole minutes until the buyer may try a promo code again (0 when they may now)."""
+        now = now or utcnow()
+        recent = list(PromoAttempt.select(PromoAttempt.created_at)
+                      .where(PromoAttempt.user == user.id, PromoAttempt.created_at > now - PROMO_LOCKOUT)
+                      .order_by(PromoAttempt.created_at.desc()).limit(PROMO_FAILURES_ALLOWED))
+        if len(recent) < PROMO_FAILURES_ALLOWED:
+            return 0
+        free_at = recent[-1].created_at + PROMO_LOCKOUT
+        return max(1, -(-(free_at - now) // timedelta(minutes=1)))
+
+    def _redeem(self, user, text, now, stamp):
         code = (text or '').strip().upper()
         if not PROMO_PATTERN.match(code):
             return 'invalid', None
         promo = PromoCode.get_or_none(PromoCode.code == code)
         if promo is None:
             return 'unknown', None
-        if promo.expires_at is not None and promo.expires_at <= (now or utcnow()):
+        if promo.expires_at is not None and promo.expires_at <= now:
             return 'expired', promo
         if Redemption.select().where(Redemption.promo == promo, Redemption.user == user).exists():
             return 'already', promo
@@ -377,8 +524,8 @@ class Shop:
                          .where(PromoCode.id == promo.id, PromoCode.used < PromoCode.max_uses).execute())
                 if not taken:
                     return 'used_up', promo
-                redemption = Redemption.create(promo=promo, user=user, created_at=now or utcnow())
-                grant_days(user.id, promo.days, 'promo', redemption.id, now=now)
+                redemption = Redemption.create(promo=promo, user=user, created_at=now)
+                grant_days(user.id, promo.days, 'promo', redemption.id, now=stamp)
         except IntegrityError:  # the same user redeemed it on another thread just now
             return 'already', promo
         log.info('promo redeemed user=%s code=%s days=%s', user.telegram_id, code, promo.days)
@@ -393,8 +540,14 @@ class Shop:
     # Admin
 
     def create_promo(self, admin_id, days, uses, code=None, expires_at=None):
-        """Create a promo code (a readable random one if none given); raise IntegrityError if it exists."""
+        """Create a promo code (a readable random one if none given).
+
+        :raise ValueError: the code is not 6-32 ASCII letters and digits (shorter ones can be guessed).
+        :raise IntegrityError: the code exists.
+        """
         code = (code or models.random_code(8)).upper()
+        if not NEW_PROMO_PATTERN.match(code):
+            raise ValueError(f'a promo code is 6-32 letters and digits, got {len(code)} characters')
         promo = PromoCode.create(code=code, days=days, max_uses=uses, expires_at=expires_at, created_by=admin_id)
         log.info('promo created admin=%s code=%s days=%s uses=%s', admin_id, code, days, uses)
         return promo
@@ -420,8 +573,10 @@ class Shop:
         paid = Payment.select().where(Payment.status == PAID)
 
         def revenue(since=None):
+            # summed in whole cents: SQLite keeps the amounts as floats, and a float sum drifts (370.40000000000003)
             query = paid if since is None else paid.where(Payment.paid_at >= since)
-            return query.select(fn.COALESCE(fn.SUM(Payment.amount), 0)).scalar()
+            cents = query.select(fn.COALESCE(fn.SUM(fn.ROUND(Payment.amount * 100)), 0)).scalar()
+            return Decimal(int(cents)).scaleb(-2)
 
         return {
             'users': User.select().count(),

@@ -6,7 +6,9 @@ envelope for a wrong path, 405 METHOD_NOT_FOUND, 500 APP_ERROR for accepted_asse
 Error names the reference does not confirm are marked "unverified" where they are raised.
 
 Test knobs: pay/expire/delete change invoices as the service would; fail_next, rate_limit_next,
-hang_next and garbage_next script the next replies in order; refuse/accept close and reopen the port.
+hang_next and garbage_next script the next replies in order; refuse/accept close and reopen the port;
+forge makes getInvoices answer about one invoice with another invoice or changed fields, as a wrong or
+hostile server at CRYPTOPAY_URL could.
 """
 import hashlib
 import hmac
@@ -70,6 +72,7 @@ class FakeCryptoPay:
         self.port = 0
         self._lock = threading.Lock()
         self._faults = []  # scripted replies for the next requests, in order
+        self._forged = {}  # invoice_id -> (id of the invoice answered instead, fields changed in the answer)
         self._wake = threading.Event()  # cuts hangs short on stop()
         self._next_id = 1
         self._next_update = 1
@@ -184,6 +187,30 @@ class FakeCryptoPay:
             if invoice['status'] != 'active':
                 raise ValueError(f'invoice {invoice_id} is {invoice["status"]}, only active ones expire')
             invoice['status'] = 'expired'
+
+    def forge(self, invoice_id, as_invoice=None, **fields):
+        """Answer getInvoices about invoice_id with invoice as_invoice and/or with fields changed (None drops one).
+
+        Called with no changes, it answers truthfully again.
+        """
+        with self._lock:
+            if as_invoice is None and not fields:
+                self._forged.pop(invoice_id, None)
+            else:
+                self._forged[invoice_id] = (as_invoice if as_invoice is not None else invoice_id, fields)
+
+    def _answer_about(self, invoice):
+        forged = self._forged.get(invoice['invoice_id'])
+        if forged is None:
+            return invoice
+        other, fields = forged
+        answer = dict(self.invoices[other])
+        for name, value in fields.items():
+            if value is None:
+                answer.pop(name, None)
+            else:
+                answer[name] = value
+        return answer
 
     def delete(self, invoice_id):
         """Delete an invoice, as the app owner can in @CryptoBot."""
@@ -351,7 +378,7 @@ class FakeCryptoPay:
                 found = [invoice for invoice in found if invoice.get(field) == p[field]]
         # newest first; the real order is undocumented, and this is not the order ids were asked in
         found.sort(key=lambda invoice: invoice['invoice_id'], reverse=True)
-        return {'items': found[offset:offset + count]}
+        return {'items': [self._answer_about(invoice) for invoice in found[offset:offset + count]]}
 
     def _delete_invoice(self, p):
         invoice_id = _integer(p.get('invoice_id'))

@@ -83,6 +83,7 @@ NOT_MODIFIED = (
     "the same as a current content and reply markup of the message"
 )
 QUERY_TOO_OLD = "query is too old and response timeout expired or query ID is invalid"
+ANSWER_LIMIT = 15.0  # seconds; see FakeTelegram.answer_limit
 
 
 class TelegramError(Exception):
@@ -413,6 +414,9 @@ class FakeTelegram:
         self.latency = 0.0
         self.strict_html = True  # refuse a bare "&" in HTML, as the Bot API's rules say (Telegram shows it)
         self.max_sends_per_second = None  # Telegram's ~30 messages/s flood limit, off by default
+        # Telegram refuses to answer a callback query this many seconds after the press (users report
+        # about 15-20 s; undocumented): the lower end, so a bot that passes here passes there
+        self.answer_limit = ANSWER_LIMIT
         self.sent = []
         self.callback_answers = []
         self.counts = collections.Counter()
@@ -575,7 +579,7 @@ class FakeTelegram:
                 "id": query_id, "from": _as_user(user), "message": copy.deepcopy(current),
                 "chat_instance": str(-(chat.info["id"] * 7919 % 10**18)), "data": callback_data,
             }})
-            self._queries[query_id] = {"update_id": update_id, "answered": False}
+            self._queries[query_id] = {"update_id": update_id, "answered": False, "pressed": self._clock()}
             return update_id
 
     def inject(self, update):
@@ -1015,6 +1019,8 @@ class FakeTelegram:
         query_id = str(params.get("callback_query_id", ""))
         query = self._queries.get(query_id)
         if query is None or query["answered"]:
+            raise bad_request(QUERY_TOO_OLD)
+        if self.answer_limit is not None and self._clock() - query["pressed"] > self.answer_limit:
             raise bad_request(QUERY_TOO_OLD)
         if utf16_len(str(params.get("text", ""))) > MAX_CALLBACK_ANSWER:
             raise bad_request("MESSAGE_TOO_LONG")

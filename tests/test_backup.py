@@ -62,6 +62,9 @@ def fill_database():
     models.Gift.create(telegram_id=99, kind='channel', created_at=NOW)  # a gift whose user row is gone
     models.Reminder.create(user=alice, kind='3d', period_end=NOW + timedelta(days=3), sent_at=NOW)
     models.Reminder.create(user=alice, kind='expired', period_end=NOW - timedelta(days=9), sent_at=NOW)
+    models.PromoAttempt.create(user=alice, created_at=NOW - timedelta(minutes=3))
+    models.InvoiceMismatch.create(payment=models.Payment.get(models.Payment.invoice_id == 555003),
+                                  detail="amount '0.01' (ours 270) <b>&", created_at=NOW, alerted_at=None)
 
 
 def every_row():

@@ -235,8 +235,10 @@ class Rig:
         for telegram in telegrams or [self.telegram]:
             telegram.add_user(person(telegram_id))
         user, _ = shop.register(telegram_id, f'buyer{telegram_id}', 'Buyer', 'en')
-        for _ in range(invoices):
-            payment = shop.create_invoice(user, 30)
+        lifetime = timedelta(seconds=shop.settings.invoice_expires_seconds)
+        for n in range(invoices):
+            # bought an invoice lifetime apart: a buyer's pending invoice for the same plan is reused
+            payment = shop.create_invoice(user, 30, now=utcnow() - lifetime * (invoices - 1 - n))
             self.cryptopay.pay(payment.invoice_id)
         return payment.invoice_id
 

@@ -137,3 +137,19 @@ def test_pending_payments_and_expiry_queries_use_indexes(database):
     indexed = {tuple(index.columns) for index in models.db.get_indexes('payments')}
     assert ('status', 'created_at') in indexed
     assert ('expires_at',) in {tuple(index.columns) for index in models.db.get_indexes('users')}
+
+
+def test_wave_one_database_gains_the_money_tables_and_keeps_its_rows(database):
+    """promo_attempts and invoice_mismatches are new tables: create_schema adds them to an older database."""
+    user = make_user()
+    payment = Payment.create(invoice_id=5, user=user, plan_days=30, amount=Decimal('100.10'), currency='RUB',
+                             pay_url='u')
+    models.db.drop_tables([models.PromoAttempt, models.InvoiceMismatch])
+    assert not models.db.table_exists('promo_attempts')
+    models.create_schema()
+    assert models.db.table_exists('promo_attempts') and models.db.table_exists('invoice_mismatches')
+    models.PromoAttempt.create(user=user, created_at=NOW)
+    models.InvoiceMismatch.create(payment=payment, detail='amount', created_at=NOW)
+    with pytest.raises(IntegrityError), models.db.atomic():  # one mismatch record (and one alert) per payment
+        models.InvoiceMismatch.create(payment=payment, detail='fiat', created_at=NOW)
+    assert Payment.get_by_id(payment.id).amount == Decimal('100.10') and User.select().count() == 1

@@ -1,5 +1,6 @@
 """The shop's business operations against a real database and the loopback panel and Crypto Pay fakes."""
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -177,7 +178,7 @@ def test_cryptopay_down_raises_and_changes_nothing(shop, cryptopay):
     with pytest.raises(CryptoPayError):
         shop.check_payment(user.telegram_id, payment.invoice_id)
     with pytest.raises(CryptoPayError):
-        shop.create_invoice(user, 30)
+        shop.create_invoice(user, 90)  # (another 30 would reuse the pending one, with no call)
     cryptopay.accept()
     assert Payment.select().count() == 1 and Payment.get_by_id(payment.id).status == PENDING
 
@@ -219,14 +220,14 @@ def test_promo_answers(shop):
 
 def test_promo_uses_never_exceeded_under_race(shop, settings):
     from conftest import make_shop
-    shop.create_promo(900, days=3, uses=3, code='RACE1')
+    shop.create_promo(900, days=3, uses=3, code='RACE01')
     users = [register(shop, 100 + i) for i in range(10)]
     outcomes, barrier = [], threading.Barrier(10)
 
     def redeem(user):
         with models.db.connection_context():
             barrier.wait()
-            outcomes.append(make_shop(settings).redeem_promo(user, 'RACE1')[0])
+            outcomes.append(make_shop(settings).redeem_promo(user, 'RACE01')[0])
 
     threads = [threading.Thread(target=redeem, args=(user,)) for user in users]
     for thread in threads:
@@ -287,3 +288,240 @@ def test_provision_repushes_when_a_grant_lands_meanwhile(shop, panel, settings):
     user = User.get_by_id(user.id)
     assert outcome == [True] and not models.PanelClient.get(models.PanelClient.user == user.id).dirty
     assert panel_expiry(panel, user) == user.expires_at == models.derive_expiry(user.id)
+
+
+# Per-buyer limits (issue 9 item 6)
+
+def test_same_plan_reuses_the_pending_invoice(shop, cryptopay):
+    user = register(shop)
+    first = shop.create_invoice(user, 30)
+    again = [shop.create_invoice(user, 30) for _ in range(5)]
+    assert {payment.invoice_id for payment in again} == {first.invoice_id}
+    assert [method for method, _ in cryptopay.calls].count('createInvoice') == 1
+    assert Payment.select().count() == 1
+
+
+def test_expired_pending_invoice_is_not_reused(shop, cryptopay, settings):
+    user = register(shop)
+    old = shop.create_invoice(user, 30)
+    Payment.update(created_at=models.utcnow() - timedelta(seconds=settings.invoice_expires_seconds)).execute()
+    assert shop.create_invoice(user, 30).invoice_id != old.invoice_id
+
+
+def test_pending_invoices_capped_at_three_per_buyer(shop, cryptopay):
+    from shop import TooManyInvoices
+    user, other = register(shop, 1), register(shop, 2)
+    for days in (30, 90, 180):
+        shop.create_invoice(user, days)
+    with pytest.raises(TooManyInvoices):
+        shop.create_invoice(user, 365)
+    assert shop.create_invoice(user, 90).plan_days == 90  # the ones already made are still offered
+    assert shop.create_invoice(other, 365).plan_days == 365  # the cap is per buyer
+    assert [method for method, _ in cryptopay.calls].count('createInvoice') == 4
+
+
+def test_paid_or_expired_invoices_do_not_count_towards_the_cap(shop, cryptopay):
+    user = register(shop)
+    for days in (30, 90, 180):
+        payment = buy_and_pay(shop, cryptopay, user, days)
+        shop.check_payment(user.telegram_id, payment.invoice_id)
+    assert shop.create_invoice(user, 365).status == PENDING
+
+
+def test_handler_shop_tries_crypto_pay_once_and_jobs_retry(settings, cryptopay, messenger):
+    import bot
+    import jobs
+    handlers, background = bot.build_shop(settings), bot.build_shop(settings, for_jobs=True)
+    user = register(handlers)
+    cryptopay.rate_limit_next(1, retry_after=30)
+    with pytest.raises(CryptoPayError):  # no waiting out Retry-After inside a handler: one call, then the error
+        handlers.create_invoice(user, 30)
+    assert [method for method, _ in cryptopay.calls] == ['createInvoice']
+    payment = handlers.create_invoice(user, 30)
+    cryptopay.pay(payment.invoice_id)
+    cryptopay.fail_next(1, status=503)
+    with pytest.raises(CryptoPayError):
+        handlers.check_payment(user.telegram_id, payment.invoice_id)
+    calls = [method for method, _ in cryptopay.calls]
+    assert calls.count('createInvoice') == 2 and calls.count('getInvoices') == 1
+    background.cryptopay.backoff = 0.01
+    cryptopay.fail_next(1, status=503)
+    assert jobs.poll_payments(background, messenger) == 1
+    assert Payment.get_by_id(payment.id).status == PAID  # the job retried past the 503
+
+
+def test_handler_shop_tries_the_panel_once(settings, cryptopay, panel):
+    import bot
+    handlers = bot.build_shop(settings)
+    user = register(handlers)
+    models.grant_days(user.id, 30, 'admin', 'a1')
+    panel.fail_next(1, status=502)
+    assert not handlers.provision(user.id)
+    assert models.PanelClient.get(models.PanelClient.user == user.id).dirty  # the job pushes it later
+    assert handlers.provision(user.id)
+
+
+def test_promo_guessing_locked_after_five_failures_in_ten_minutes(shop):
+    user, other = register(shop, 1), register(shop, 2)
+    shop.create_promo(900, days=10, uses=5, code='RIGHT123')
+    for guess in ('AAAA1111', 'BBBB2222', 'short', 'CCCC3333', 'DDDD4444'):
+        assert shop.redeem_promo(user, guess, now=NOW)[0] in ('unknown', 'invalid')
+    assert shop.redeem_promo(user, 'RIGHT123', now=NOW + timedelta(minutes=1))[0] == 'locked'
+    assert shop.promo_lock_minutes(user, now=NOW + timedelta(minutes=1)) == 9
+    assert User.get_by_id(user.id).expires_at is None
+    assert shop.redeem_promo(other, 'RIGHT123', now=NOW)[0] == 'ok'  # the lockout is per buyer
+    assert shop.redeem_promo(user, 'RIGHT123', now=NOW + timedelta(minutes=10, seconds=1))[0] == 'ok'
+
+
+def test_promo_lockout_holds_across_threads(shop, settings):
+    from conftest import make_shop
+    user = register(shop)
+    outcomes, barrier = [], threading.Barrier(12)
+
+    def guess(n):
+        with models.db.connection_context():
+            barrier.wait()
+            outcomes.append(make_shop(settings).redeem_promo(user, f'GUESS{n:04d}')[0])
+
+    threads = [threading.Thread(target=guess, args=(n,)) for n in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes.count('unknown') == 5 and outcomes.count('locked') == 7
+
+
+@pytest.mark.parametrize('code', ['ABCD', 'ABC12', 'abc-123', 'Ж12345'])
+def test_new_promo_codes_have_at_least_six_characters(shop, code):
+    with pytest.raises(ValueError):
+        shop.create_promo(900, days=7, uses=1, code=code)
+    assert len(shop.create_promo(900, days=7, uses=1).code) >= 6
+    assert shop.create_promo(900, days=7, uses=1, code='abc123').code == 'ABC123'
+
+
+# Settling only what we created (issue 9 item 7)
+
+def forged_answers(cryptopay, payment):
+    """The ways a wrong or hostile server at CRYPTOPAY_URL can answer about our invoice, each 'paid'."""
+    penny = cryptopay._create_invoice({'currency_type': 'fiat', 'fiat': 'USD', 'amount': '0.01',
+                                       'accepted_assets': 'USDT', 'payload': f'user:1001:days:{payment.plan_days}'})
+    cryptopay.pay(penny['invoice_id'])
+    return {
+        'other_invoice': dict(as_invoice=penny['invoice_id']),
+        'fiat': dict(fiat='USD'),
+        'amount': dict(amount='0.01'),
+        'payload': dict(payload='user:666:days:365'),
+        'no_payload': dict(payload=None),
+        'crypto': dict(currency_type='crypto', asset='USDT', fiat=None),
+        'hostile_payload': dict(payload='</code><a href="tg://user?id=1">&amp'),
+    }
+
+
+@pytest.mark.parametrize('forgery', ['other_invoice', 'fiat', 'amount', 'payload', 'no_payload', 'crypto',
+                                     'hostile_payload'])
+@pytest.mark.parametrize('path', ['check', 'poller'])
+def test_a_paid_answer_that_does_not_match_our_invoice_settles_nothing(shop, cryptopay, telegram, messenger,
+                                                                       forgery, path, caplog):
+    import jobs
+    telegram.add_user({'id': 900, 'first_name': 'Admin'})
+    user = register(shop)
+    payment = shop.create_invoice(user, 365)
+    cryptopay.pay(payment.invoice_id)
+    cryptopay.forge(payment.invoice_id, **forged_answers(cryptopay, payment)[forgery])
+    for _ in range(2):
+        if path == 'check':
+            assert shop.check_payment(user.telegram_id, payment.invoice_id).status == 'mismatch'
+        jobs.poll_payments(shop, messenger)
+    assert Payment.get_by_id(payment.id).status == PENDING and Grant.select().count() == 0
+    assert User.get_by_id(user.id).expires_at is None
+    alerts = [m for m in telegram.messages_to(900) if str(payment.invoice_id) in m['text']]
+    assert len(alerts) == 1 and 'does not match' in alerts[0]['text']
+    assert 'does not match' in caplog.text
+    cryptopay.forge(payment.invoice_id)  # the real answer again: it settles
+    assert shop.check_payment(user.telegram_id, payment.invoice_id).status == PAID
+
+
+def test_a_matching_answer_with_amount_written_differently_settles(shop, cryptopay):
+    user = register(shop)
+    payment = shop.create_invoice(user, 30)
+    cryptopay.pay(payment.invoice_id)
+    cryptopay.forge(payment.invoice_id, amount='100.00')  # "100" and "100.00" are the same money
+    assert shop.check_payment(user.telegram_id, payment.invoice_id).status == PAID
+
+
+# Money as Decimal (issue 9 item 8)
+
+def test_stats_revenue_is_exact_on_both_databases(shop, cryptopay, panel):
+    import config
+    from conftest import make_shop, settings_env
+    priced = make_shop(config.load(settings_env(panel, cryptopay, shop.settings.database_url,
+                                                PLANS='30:100.10,90:100.20,180:170.10')))
+    for n, days in enumerate((30, 90, 180)):
+        user = register(priced, 10 + n)
+        payment = buy_and_pay(priced, cryptopay, user, days)
+        priced.check_payment(user.telegram_id, payment.invoice_id)
+    stats = priced.stats()
+    for key in ('revenue_today', 'revenue_month', 'revenue_total'):
+        assert isinstance(stats[key], Decimal) and str(stats[key]) == '370.40', (key, stats[key])
+
+
+@pytest.mark.parametrize('plans,currency,message', [
+    ('30:99.999', 'RUB', 'PLANS price 99.999 has more decimals than RUB has (2)'),
+    ('30:99.5,90:1.001', 'USD', 'PLANS price 1.001 has more decimals than USD has (2)'),
+    ('30:100,90', 'RUB', 'PLANS must be days:price pairs, like 30:100,90:270'),
+    ('30:abc', 'RUB', 'PLANS must be days:price pairs, like 30:100,90:270'),
+    ('30:NaN', 'RUB', 'PLANS must be days:price pairs, like 30:100,90:270'),
+    ('30:1e3', 'RUB', 'PLANS must be days:price pairs, like 30:100,90:270'),
+])
+def test_plan_prices_limited_to_the_currency_minor_units(panel, cryptopay, database, plans, currency, message):
+    import config
+    from conftest import settings_env
+    with pytest.raises(config.SettingError) as error:
+        config.load(settings_env(panel, cryptopay, database, PLANS=plans, CURRENCY=currency))
+    assert str(error.value) == message
+
+
+def test_plan_prices_with_allowed_decimals_kept_exact(panel, cryptopay, database):
+    import config
+    from conftest import settings_env
+    settings = config.load(settings_env(panel, cryptopay, database, PLANS='30:99.99,90:270.5,180:500,365:899.990'))
+    assert [str(plan.price) for plan in settings.plans] == ['99.99', '270.5', '500', '899.99']
+
+
+def test_one_invoice_creation_per_buyer_at_a_time(shop, cryptopay, settings):
+    from conftest import make_shop
+    from shop import InvoiceInProgress
+    first, second = register(shop, 1), register(shop, 2)
+    for n in range(3, 66):  # so that user ids 1 and 65 exist: a lock shared by ids would show here
+        register(shop, n)
+    neighbour = User.get_by_id(first.id + 64)
+    cryptopay.hang_next(1, seconds=1)
+    created = []
+
+    def slow():
+        with models.db.connection_context():
+            created.append(make_shop(settings).create_invoice(first, 30))
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    while not any(method == 'createInvoice' for method, _ in cryptopay.calls):
+        time.sleep(0.01)
+    with pytest.raises(InvoiceInProgress):
+        shop.create_invoice(first, 90)
+    assert shop.create_invoice(second, 30).status == PENDING  # other buyers are not held up
+    assert shop.create_invoice(neighbour, 30).status == PENDING
+    thread.join()
+    assert created and shop.create_invoice(first, 30).invoice_id == created[0].invoice_id
+
+
+def test_limits_hold_with_short_invoice_lifetimes(panel, cryptopay, database):
+    import config
+    from conftest import make_shop, settings_env
+    from shop import TooManyInvoices
+    quick = make_shop(config.load(settings_env(panel, cryptopay, database, INVOICE_EXPIRES_SECONDS=60)))
+    user = register(quick)
+    assert quick.create_invoice(user, 30).invoice_id == quick.create_invoice(user, 30).invoice_id
+    for days in (90, 180):
+        quick.create_invoice(user, days)
+    with pytest.raises(TooManyInvoices):
+        quick.create_invoice(user, 365)
