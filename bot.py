@@ -10,10 +10,10 @@ import signal
 import sys
 import threading
 
-import qrcode
 import telebot
+import zxingcpp
 from peewee import IntegrityError, InterfaceError, OperationalError
-from qrcode.image.pure import PyPNGImage
+from PIL import Image
 from telebot import apihelper
 from telebot.apihelper import ApiTelegramException
 from telebot.types import BotCommand, BotCommandScopeChat, BotCommandScopeDefault, CallbackQuery
@@ -23,6 +23,7 @@ import jobs
 import keyboards
 import models
 import panels
+import tgsender
 from cryptobot import CryptoPayClient, CryptoPayError
 from messenger import Messenger
 from shop import InvoiceInProgress, Shop, TooManyInvoices, language_for as shop_language
@@ -85,11 +86,18 @@ def secrets_of(settings):
         secret for panel in settings.panels for secret in panel.secrets]
 
 
-@functools.lru_cache(maxsize=1024)
-def qr_png(link):
-    """Render a link as a PNG QR code (cached: a buyer's link never changes, rendering takes ~12 ms)."""
+def qr_png(link, scale=8):
+    """Render a link as a black-and-white PNG QR code: error correction M, 4-module quiet zone, scale px a module.
+
+    zxing-cpp encodes (C++, ~0.4 ms), Pillow writes the PNG (~1 ms); qrcode + pypng took ~25 ms.
+    """
+    code = zxingcpp.create_barcode(link, zxingcpp.BarcodeFormat.QRCode, ec_level='M')
+    modules = code.to_image(scale=1, add_quiet_zones=True)  # 8-bit grey, one pixel a module
+    height, width = modules.shape
+    image = Image.frombuffer('L', (width, height), bytes(modules), 'raw', 'L', 0, 1)
+    image = image.convert('1', dither=Image.Dither.NONE).resize((width * scale, height * scale), Image.NEAREST)
     buffer = io.BytesIO()
-    qrcode.make(link, image_factory=PyPNGImage, box_size=8).save(buffer)
+    image.save(buffer, 'PNG')
     return buffer.getvalue()
 
 
@@ -382,8 +390,22 @@ class ShopBot:
         lines += [t(lang, 'sub_link', link=link), t(lang, 'sub_howto')]
         self.show(call, '\n\n'.join(lines), keyboards.renew(lang) if not user.is_active() else
                   keyboards.back_to_menu(lang))
-        self.bot.send_photo(user.telegram_id, qr_png(link), caption=clip_plain(plain(lang, 'qr_caption'), MAX_CAPTION))
+        self.send_qr(user.telegram_id, user, link, clip_plain(plain(lang, 'qr_caption'), MAX_CAPTION))
         return None
+
+    def send_qr(self, chat_id, user, link, caption):
+        """Send the QR code of link: by Telegram's file_id when this link was uploaded before, else as a PNG."""
+        if user.qr_file_id and user.qr_link == link:
+            try:
+                self.bot.send_photo(chat_id, user.qr_file_id, caption=caption)
+                return
+            except ApiTelegramException as exc:  # e.g. the file_id of another bot token: upload anew
+                if exc.error_code != 400:
+                    raise
+                log.info('stored QR photo refused user=%s: %s', user.telegram_id, exc.description)
+        sent = self.bot.send_photo(chat_id, qr_png(link), caption=caption)
+        models.User.update(qr_link=link, qr_file_id=sent.photo[-1].file_id).where(
+            models.User.id == user.id).execute()
 
     def button_gift(self, call, user, _):
         lang, settings = user.language, self.settings
@@ -548,6 +570,7 @@ def make_bot(settings):
     apihelper.FILE_URL = settings.telegram_api_url + '/file/bot{0}/{1}'
     apihelper.CONNECT_TIMEOUT = 10
     apihelper.READ_TIMEOUT = 30
+    apihelper.CUSTOM_REQUEST_SENDER = tgsender.RequestSender()  # urllib3, kept-alive; telebot's errors
     return telebot.TeleBot(settings.bot_token, threaded=True, num_threads=settings.worker_threads,
                            skip_pending=False, exception_handler=LogErrors())
 

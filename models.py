@@ -51,6 +51,9 @@ class User(BaseModel):
     panel_sub_id = CharField(max_length=32, unique=True, default=lambda: random_code(16, 'abcdefghijklmnopqrstuvwxyz0123456789'))
     link_base = CharField(max_length=255, null=True)  # the link the buyer was last given is this + subId
     created_at = DateTimeField(default=utcnow, index=True)
+    # The QR code of the link, once uploaded: Telegram's file_id of the photo and the link it encodes.
+    qr_link = TextField(null=True)
+    qr_file_id = TextField(null=True)
 
     def is_active(self, now=None):
         """Tell whether the subscription runs now."""
@@ -231,7 +234,14 @@ MODELS = [User, Payment, PromoCode, Redemption, Referral, Gift, Grant, Reminder,
           PanelClient, SchemaVersion]
 
 # Schema changes after the first release: (version, function(migrator) -> list of operations).
-MIGRATIONS = [(50, move_panel_state),
+def add_qr_columns(migrator):
+    """20: users.qr_link and users.qr_file_id, the QR photo Telegram keeps for the link."""
+    return [migrator.add_column('users', 'qr_link', User.qr_link),
+            migrator.add_column('users', 'qr_file_id', User.qr_file_id)]
+
+
+MIGRATIONS = [(20, add_qr_columns),
+              (50, move_panel_state),
               (51, lambda migrator: [migrator.add_column('users', 'link_base', User.link_base)])]
 
 class ReconnectingPostgresqlDatabase(ReconnectMixin, PooledPostgresqlDatabase):

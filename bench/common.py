@@ -353,17 +353,25 @@ def start_telegram_server(*args):
 
 def fake_get(url, path, timeout=30):
     import requests
-    return requests.get(url + path, timeout=timeout).json()
+    return requests.get(url + path, timeout=timeout, verify=os.environ.get('SSL_CERT_FILE') or True).json()
 
 
 def fake_post(url, path, body, timeout=30):
     import requests
-    return requests.post(url + path, json=body, timeout=timeout).json()
+    return requests.post(url + path, json=body, timeout=timeout, verify=os.environ.get('SSL_CERT_FILE') or True).json()
 
 
-def start_bot(env, log_path, telegram_url, timeout=60):
-    """Run bot.py with env; wait until it long-polls the fake; return the Process."""
-    bot = Process([PYTHON, str(ROOT / 'bot.py')], env=env, log_path=log_path)
+def python_for(root):
+    """Return the Python of a checkout: its own .venv when it has one, else ours."""
+    own = Path(root) / '.venv' / 'bin' / 'python'
+    return str(own) if own.exists() else PYTHON
+
+
+def start_bot(env, log_path, telegram_url, timeout=60, root=ROOT, script='bot.py'):
+    """Run root/script (bot.py of a checkout, or bench/ceiling_bot.py) with env; wait until it long-polls the fake."""
+    path = Path(root) / script if (Path(root) / script).exists() else Path(__file__).resolve().parent.parent / script
+    env = {**env, 'BENCH_ROOT': str(root)}
+    bot = Process([python_for(root), str(path)], env=env, log_path=log_path, cwd=root)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if bot.process.poll() is not None:
@@ -420,6 +428,11 @@ def rss_mb(pid):
         if line.startswith('VmRSS:'):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def load_average():
+    """Return the 1-minute load average (other developers' work shares this machine)."""
+    return os.getloadavg()[0]
 
 
 def machine_line():

@@ -4,9 +4,10 @@
 
 Sends the same sendMessage (a 360-character HTML text and the main menu's keyboard) through
 telebot: as telebot sends it (parameters in the query string, a requests session per thread),
-through bot.send_request when this checkout has it (parameters in the body, proxies read once),
-and through a bare http.client connection, the floor for any client in Python. Prints wall time
-and this process's CPU per call.
+through tgsender.RequestSender when this checkout has it (urllib3, parameters in a form body,
+proxies read once), and through a bare http.client connection, the floor for any client in
+Python (plain HTTP only). Prints wall time and this process's CPU per call. --tls serves the
+fake over HTTPS with a throwaway CA (bench/tgserver.py --tls), trusted through SSL_CERT_FILE.
 """
 import argparse
 import http.client
@@ -65,20 +66,28 @@ def measure(bot, chat_id, calls):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--calls', type=int, default=1000)
+    parser.add_argument('--tls', action='store_true', help='over HTTPS with a throwaway CA')
     args = parser.parse_args()
-    print(f'# http calls: {common.machine_line()}')
-    tg, url = common.start_telegram_server('--add-users', 1)
+    print(f'# http calls: {common.machine_line()}{", TLS" if args.tls else ""}')
+    tls_args = []
+    if args.tls:
+        import tempfile
+        tls_dir = tempfile.mkdtemp(prefix='spn-bench-tls-')
+        tls_args = ['--tls', tls_dir]
+        common.os.environ['SSL_CERT_FILE'] = common.os.environ['REQUESTS_CA_BUNDLE'] = f'{tls_dir}/ca.pem'
+    tg, url = common.start_telegram_server('--add-users', 1, *tls_args)
     try:
         apihelper.API_URL = url + '/bot{0}/{1}'
         bot = telebot.TeleBot(common.BOT_TOKEN, threaded=False)
         chat_id = common.USER_BASE
         senders = [('telebot as it comes (query string, requests)', None)]
         try:
-            from bot import send_request
-            senders.append(('bot.send_request (body, proxies read once)', send_request))
+            import tgsender
+            senders.append(('tgsender (urllib3, form body, proxies once)', tgsender.RequestSender()))
         except ImportError:
             pass
-        senders.append(('bare http.client, one connection per thread', http_client_sender))
+        if not args.tls:
+            senders.append(('bare http.client, one connection per thread', http_client_sender))
         for label, sender in senders:
             apihelper.CUSTOM_REQUEST_SENDER = sender
             wall, cpu = measure(bot, chat_id, args.calls)

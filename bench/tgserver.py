@@ -2,7 +2,8 @@
 
     python bench/tgserver.py --port 0 --total 5000 --batch 100 --mix start:25,menu:40,sub:15,promo:20
 
-prints its URL, then serves until SIGTERM. Updates come from seeded users (bench/common.py):
+prints its URL, then serves until SIGTERM (HTTPS with --tls DIR: a CA made now, written to
+DIR/ca.pem, that the bot trusts through SSL_CERT_FILE, or REQUESTS_CA_BUNDLE for requests). Updates come from seeded users (bench/common.py):
 /start from brand-new users, menu presses (help, buy, menu, invite), My subscription presses
 (edit + QR photo + answer) and /promo attempts (half a valid code, half an unknown one). Each
 update has a chat of its own while in flight, so every call the bot makes is tied to its update.
@@ -27,7 +28,7 @@ from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'tests'))
 
-from fake_telegram import FakeTelegram, TelegramError, _as_user  # noqa: E402
+from fake_telegram import FakeTelegram, TelegramError, _as_user, throwaway_tls  # noqa: E402
 
 USER_BASE = 600_000_000  # as bench/common.py seeds them
 NEW_BASE = 800_000_000
@@ -49,7 +50,8 @@ def pools(users):
 
 class BenchTelegram(FakeTelegram):
     def __init__(self, args):
-        super().__init__(token=args.token, port=args.port, record=False, history=4)
+        tls = throwaway_tls(args.tls)[0] if args.tls else None
+        super().__init__(token=args.token, port=args.port, record=False, history=4, tls=tls)
         self.latency = args.latency
         self.args = args
         self.mix = self._parse_mix(args.mix)
@@ -248,6 +250,8 @@ def main(argv=None):
     parser.add_argument('--max-sends', type=int, default=0, help="answer 429 past N sends a second (Telegram's)")
     parser.add_argument('--flood-every', type=int, default=0, help='answer every Nth sendMessage with 429')
     parser.add_argument('--flood-retry-after', type=int, default=1)
+    parser.add_argument('--tls', default='', metavar='DIR',
+                        help='serve HTTPS with a throwaway CA written to DIR/ca.pem (trust it with SSL_CERT_FILE)')
     args = parser.parse_args(argv)
     fake = BenchTelegram(args)
     stop = threading.Event()

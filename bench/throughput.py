@@ -11,6 +11,8 @@ latency) is the bot's service time without queueing. CPU seconds per process tel
 """
 import argparse
 import collections
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -87,21 +89,32 @@ def summarize_profile(raw_path, top=25):
     return '\n'.join(lines)
 
 
-def run_point(kind, url, pg, panel, cryptopay, tmp, args, threads, latency, run, paced=None):
-    """Run one bot process for args.seconds; return its figures."""
+def run_point(kind, url, pg, panel, cryptopay, tmp, args, threads, latency, run, paced=None,
+              variant=('ours', common.ROOT, 'bot.py'), tls=False):
+    """Run one bot process (variant: name, checkout, script) for args.seconds; return its figures."""
     code = f'BENCH{run:04d}'
     with models.db.connection_context():
         models.PromoCode.create(code=code, days=7, max_uses=10 ** 9)
+        if hasattr(models.User, 'qr_file_id'):  # every point renders first-time QR codes: comparable repeats
+            models.User.update(qr_file_id=None, qr_link=None).where(models.User.qr_file_id.is_null(False)).execute()
     tg_args = ['--latency', latency, '--mix', args.mix, '--users', args.users, '--offset', run * 5000,
                '--promo', code, '--window', args.window, '--batch', args.batch]
     if paced:
         tg_args += ['--rate', paced[0], '--batch', paced[1]]
+    tls_env = {}
+    if tls:  # a CA made by tgserver.py for this point, trusted by the bot through the environment
+        tls_dir = Path(tmp) / f'tls-{run}'
+        tls_dir.mkdir()
+        tg_args += ['--tls', tls_dir]
+        tls_env = {'SSL_CERT_FILE': tls_dir / 'ca.pem', 'REQUESTS_CA_BUNDLE': tls_dir / 'ca.pem'}
+        common.os.environ['SSL_CERT_FILE'] = str(tls_dir / 'ca.pem')  # for this driver's fake_get
     tg, tg_url = common.start_telegram_server(*tg_args)
     env = common.bot_env(url, panel, cryptopay, tg_url, Path(tmp) / 'backups',
-                         WORKER_THREADS=threads, DB_POOL_SIZE=threads + 4)
+                         WORKER_THREADS=threads, DB_POOL_SIZE=threads + 4, **tls_env)
     bot = None
+    name, root, script = variant
     try:
-        bot = common.start_bot(env, Path(tmp) / f'bot-{kind}-{run}.log', tg_url)
+        bot = common.start_bot(env, Path(tmp) / f'bot-{kind}-{run}-{name}.log', tg_url, root=root, script=script)
         statements_before = pg_statements(url) if pg else 0
         pids = {'bot': [bot.pid], 'fake telegram': [tg.pid], 'driver+panel': [common.os.getpid()],
                 'postgres': pg.server_pids() if pg else []}
@@ -130,7 +143,8 @@ def run_point(kind, url, pg, panel, cryptopay, tmp, args, threads, latency, run,
         output = bot.stop() if bot else ''
         tg.stop()
     figures = summarize(results, args.warmup)
-    figures.update(threads=threads, latency=latency, wall=wall, rss=rss,
+    figures.update(threads=threads, latency=latency, wall=wall, rss=rss, variant=name, tls=tls,
+                   load=common.load_average(),
                    cpu={name: round(value / wall * 100) for name, value in cpu.items()},
                    cpu_ms_per_update={name: round(value * 1000 / max(1, figures['done']), 2)
                                       for name, value in cpu.items()},
@@ -144,13 +158,13 @@ def run_point(kind, url, pg, panel, cryptopay, tmp, args, threads, latency, run,
 
 def show(kind, f):
     if not f.get('done'):
-        print(f'  {kind:10} threads={f["threads"]:3} latency={f["latency"] * 1000:3.0f}ms  NOTHING DONE')
+        print(f'  {kind:10} {f["variant"]:8} threads={f["threads"]:3} latency={f["latency"] * 1000:3.0f}ms  NOTHING DONE')
         return
     own = '  '.join(f'{k} {f[f"own_{k}"][0]:.1f}/{f[f"own_{k}"][1]:.1f}' for k in ('all',) + KINDS
                     if f'own_{k}' in f)
     cpu = ' '.join(f'{name} {value}%' for name, value in f['cpu'].items())
-    print(f'  {kind:10} threads={f["threads"]:3} latency={f["latency"] * 1000:3.0f}ms  '
-          f'{f["rate"]:6.1f} updates/s  done {f["done"]}  errors {f["errors"]}  e2e p50/p99 '
+    print(f'  {kind:10} {f["variant"]:8} {"TLS " if f["tls"] else ""}threads={f["threads"]:3} '
+          f'latency={f["latency"] * 1000:3.0f}ms  load {f["load"]:.1f}  {f["rate"]:6.1f} updates/s  done {f["done"]}  errors {f["errors"]}  e2e p50/p99 '
           f'{f["e2e_p50"]:.0f}/{f["e2e_p99"]:.0f} ms  RSS {f["rss"]:.0f} MB')
     print(f'             own ms p50/p99: {own}')
     print(f'             CPU (% of one core): {cpu}  | CPU ms/update: '
@@ -160,6 +174,38 @@ def show(kind, f):
         print('             bot traceback:', f['traceback'][:600])
     if 'profile' in f:
         print(f['profile'])
+    sys.stdout.flush()
+
+
+def spread(values, digits=1):
+    """min / median / max of values, as text."""
+    if not values:
+        return '-'
+    ordered = sorted(values)
+    return '/'.join(f'{v:.{digits}f}' for v in (ordered[0], statistics.median(ordered), ordered[-1]))
+
+
+def compare(results, paced):
+    """Print each variant's figures over the repeats (min/median/max) and ours as a ratio of the others."""
+    ours = results.get('ours', [])
+    first = ours[0] if ours else next(iter(results.values()))[0]
+    print(f'  == {"paced " if paced else ""}{"TLS" if first["tls"] else "plain HTTP"}, threads {first["threads"]}, '
+          f'latency {first["latency"] * 1000:.0f} ms; min/median/max of {len(ours)} runs; load average '
+          + spread([f['load'] for figures in results.values() for f in figures]))
+    for name, figures in results.items():
+        line = (f'     {name:8} updates/s {spread([f["rate"] for f in figures])}  bot CPU ms/update '
+                f'{spread([f["cpu_ms_per_update"]["bot"] for f in figures], 2)}  RSS MB '
+                f'{spread([f["rss"] for f in figures], 0)}')
+        if paced:
+            line += '  own p99 ms ' + ' '.join(
+                f'{k} {spread([f[f"own_{k}"][1] for f in figures if f"own_{k}" in f])}' for k in KINDS)
+        print(line)
+    for name in ('baseline', 'ceiling'):
+        if name in results and ours and not paced:  # repeat i of ours against repeat i of the other
+            pairs = list(zip(ours, results[name]))
+            print(f'     ours / {name:8} updates/s {spread([a["rate"] / b["rate"] for a, b in pairs if b["rate"]], 2)}'
+                  + (f'  bot CPU per update {spread([a["cpu_ms_per_update"]["bot"] / b["cpu_ms_per_update"]["bot"] for a, b in pairs if b["cpu_ms_per_update"]["bot"]], 2)}'
+                     if name == 'baseline' else ''))
     sys.stdout.flush()
 
 
@@ -181,10 +227,27 @@ def main():
     parser.add_argument('--profile-dir', default='/tmp/spn-bench-profiles', help='where raw py-spy profiles go')
     parser.add_argument('--top', type=int, default=25, help='functions shown from each profile')
     parser.add_argument('--gil', action='store_true', help='with --profile: only samples holding the GIL')
+    parser.add_argument('--baseline', default=os.environ.get('BENCH_BASELINE', ''), metavar='DIR',
+                        help='also run bot.py of this checkout (e.g. git worktree add /tmp/baseline 2751ac3), '
+                             'interleaved with ours')
+    parser.add_argument('--ceiling', action='store_true',
+                        help='also run bench/ceiling_bot.py (same calls, no database, no logic), interleaved')
+    parser.add_argument('--repeat', type=int, default=1, help='runs of each point per variant (3 for min/median/max)')
+    parser.add_argument('--tls', default='off', choices=['off', 'on', 'both'],
+                        help='serve the fake Bot API over HTTPS with a throwaway CA the bot trusts')
     args = parser.parse_args()
     threads_list = [int(n) for n in args.threads.split(',') if n]
     latencies = [float(n) for n in args.latency.split(',') if n]
+    tls_modes = {'off': [False], 'on': [True], 'both': [False, True]}[args.tls]
+    variants = [('ours', common.ROOT, 'bot.py')]
+    if args.baseline:
+        variants.append(('baseline', Path(args.baseline).resolve(), 'bot.py'))
+    if args.ceiling:
+        variants.append(('ceiling', common.ROOT, 'bench/ceiling_bot.py'))
     print(f'# throughput: {common.machine_line()}')
+    print(f'# command: {" ".join(sys.argv)}')
+    print(f'# variants: ' + ', '.join(f'{name} = {root}/{script}' for name, root, script in variants)
+          + f'; each point {args.repeat}x per variant, interleaved (the order rotates each repeat)')
     print(f'# mix {args.mix}; {args.users} users seeded; batches of {args.batch}, window {args.window}; '
           f'{args.seconds:.0f} s per point, first {args.warmup:.0f} s not counted')
     print('# own ms = receipt of the getUpdates reply -> arrival of the last API call, minus the time the fake Bot API '
@@ -198,18 +261,29 @@ def main():
             common.bind(url)
             seconds = common.seed(args.users)
             print(f'\n## {kind}: seeded {args.users} users in {seconds:.1f} s')
+            points = []
             if not args.no_curve:
-                for latency in latencies:
-                    for threads in threads_list:
-                        run += 1
-                        show(kind, run_point(kind, url, pg, panel, cryptopay, tmp, args, threads, latency, run))
+                points += [(latency, tls, threads, None) for latency in latencies for tls in tls_modes
+                           for threads in threads_list]
             if args.paced:
                 rate, batch = (float(x) for x in args.paced.split(':'))
-                for latency in latencies:
-                    run += 1
-                    print(f'  paced {rate:.0f} updates/s in batches of {batch:.0f}:')
-                    show(kind, run_point(kind, url, pg, panel, cryptopay, tmp, args, args.paced_threads, latency,
-                                         run, paced=(rate, int(batch))))
+                points += [(latency, tls, args.paced_threads, (rate, int(batch))) for latency in latencies
+                           for tls in tls_modes]
+            for latency, tls, threads, paced in points:
+                if paced:
+                    print(f'  paced {paced[0]:.0f} updates/s in batches of {paced[1]}:')
+                results = collections.defaultdict(list)
+                for repeat in range(args.repeat):
+                    turn = repeat % len(variants)
+                    for variant in variants[turn:] + variants[:turn]:
+                        if paced and variant[0] == 'ceiling':
+                            continue
+                        run += 1
+                        figures = run_point(kind, url, pg, panel, cryptopay, tmp, args, threads, latency, run,
+                                            paced=paced, variant=variant, tls=tls)
+                        show(kind, figures)
+                        results[variant[0]].append(figures)
+                compare(results, paced)
             models.db.close() if not models.db.is_closed() else None
         panel.stop()
         cryptopay.stop()

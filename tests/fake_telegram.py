@@ -32,6 +32,7 @@ import itertools
 import json
 import re
 import signal
+import ssl
 import struct
 import sys
 import threading
@@ -377,6 +378,59 @@ def _read_params(query, content_type, body):
     return params, files
 
 
+def throwaway_tls(directory, host="127.0.0.1"):
+    """Make a CA and a server certificate for host signed by it, in directory (valid one day).
+
+    Returns (server ssl.SSLContext, path of the CA's PEM): serve with FakeTelegram(tls=context)
+    and let the client trust the CA (SSL_CERT_FILE=path). Needs the cryptography package.
+    """
+    import datetime
+    import ipaddress
+    from pathlib import Path
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory = Path(directory)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def build(subject, issuer, public_key, signing_key, ca, extensions=()):
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(signing_key, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Throwaway test CA")])
+    ca_cert = build(ca_name, ca_name, ca_key.public_key(), ca_key, True, [
+        (x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                       data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                       encipher_only=False, decipher_only=False), True),
+        (x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)])
+    key = ec.generate_private_key(ec.SECP256R1())
+    try:
+        san = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        san = x509.DNSName(host)
+    cert = build(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]), ca_name, key.public_key(), ca_key,
+                 False, [(x509.SubjectAlternativeName([san]), False),
+                         (x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False),
+                         (x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False)])
+    ca_path, cert_path, key_path = directory / "ca.pem", directory / "server.pem", directory / "server.key"
+    ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_path, key_path)
+    return context, ca_path
+
+
 def _flag(params, name):
     return str(params.get(name, "")).lower() in ("true", "1")
 
@@ -399,7 +453,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     def handle_error(self, request, client_address):
-        if not isinstance(sys.exc_info()[1], ConnectionError):  # a killed bot's reset is no news
+        # a killed bot's reset is no news, nor a client refusing our throwaway certificate
+        if not isinstance(sys.exc_info()[1], (ConnectionError, ssl.SSLError)):
             super().handle_error(request, client_address)
 
 
@@ -407,7 +462,7 @@ class FakeTelegram:
     """A loopback Bot API server plus helpers that act as Telegram users and observe the bot."""
 
     def __init__(self, token=DEFAULT_TOKEN, username=DEFAULT_USERNAME, first_name="SPN Test Bot",
-                 port=0, clock=time.time, record=True, history=None):
+                 port=0, clock=time.time, record=True, history=None, tls=None):
         self.token = token
         self.bot_user = {"id": int(token.split(":")[0]), "is_bot": True,
                          "first_name": first_name, "username": username}
@@ -464,7 +519,12 @@ class FakeTelegram:
         self._canonical = {name.lower(): name for name in self._methods}
         self._server = _Server(("127.0.0.1", port), _Handler)
         self._server.fake = self
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        scheme = "http"
+        if tls is not None:  # an ssl.SSLContext (see throwaway_tls); the handshake runs in the request's thread
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True,
+                                                  do_handshake_on_connect=False)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self._server.server_address[1]}"
         # a short poll interval keeps close() (and so each test's teardown) fast
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
                                         daemon=True, name="fake-telegram")

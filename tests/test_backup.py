@@ -120,7 +120,7 @@ def test_archive_is_named_by_utc_time_and_is_portable_json_lines(database, tmp_p
     assert oct(path.stat().st_mode & 0o777) == oct(0o600)  # it holds personal data
     members = read_archive(path)
     manifest = json.loads(members['manifest.json'])
-    assert manifest['format'] == 'spn-vpn-bot-backup' and manifest['schema_version'] == max(v for v, _ in models.MIGRATIONS)
+    assert manifest['format'] == 'spn-vpn-bot-backup' and manifest['schema_version'] == max((v for v, _ in models.MIGRATIONS), default=0)
     assert set(manifest['tables']) == {model._meta.table_name for model in models.MODELS}
     for model in models.MODELS:
         lines = members[member(model)].decode().splitlines()
