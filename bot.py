@@ -5,6 +5,7 @@ Handlers decode the update, call a plain Shop method and format the reply.
 import functools
 import io
 import logging
+import os
 import re
 import signal
 import sys
@@ -627,6 +628,7 @@ def run(settings):
 
 def main(argv):
     """Dispatch the command line; return the exit code."""
+    os.umask(0o077)  # the SQLite file and the backups hold buyers' subIds (their VPN credentials): 0600
     try:
         settings = config.load()
     except config.SettingError as exc:

@@ -1,21 +1,44 @@
-"""Read every setting once, from the environment or .env, and check it."""
+"""Read every setting once, from the environment or .env, and check its form.
+
+A bad setting raises SettingError with one line that names it, says what is expected and gives an
+example; it never repeats the value (tokens, passwords and the panel's path are secrets).
+`python config.py` checks the settings and that none still holds .env.example's placeholder
+(scripts/run.sh runs it before the bot): exit 0, or 2 with one line.
+"""
+import os
+import pwd
 import re
+import sys
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from decouple import AutoConfig
+from decouple import AutoConfig, RepositoryEnv
 
 import panels as panels_file_reader
 import texts
 
 HERE = Path(__file__).resolve().parent
+EXAMPLE = HERE / '.env.example'
 DEFAULT_PLANS = '30:100,90:270,180:500,365:900'
+# The fiat currencies Crypto Pay's createInvoice takes (/work/shared/reference/cryptopay-api.md, `fiat`).
+FIAT_CURRENCIES = ('USD', 'EUR', 'RUB', 'BYN', 'UAH', 'GBP', 'CNY', 'KZT', 'UZS', 'GEL', 'TRY', 'AMD', 'THB',
+                   'INR', 'BRL', 'IDR', 'AZN', 'AED', 'PLN', 'ILS', 'KGS', 'TJS')
+# Settings whose value in .env.example is a stand-in that must be replaced (or emptied) before use.
+PLACEHOLDER_SETTINGS = ('BOT_TOKEN', 'DATABASE_URL', 'XUI_URL', 'XUI_PASSWORD', 'XUI_SUB_URL', 'CRYPTOPAY_TOKEN',
+                        'CHANNEL_ID', 'CHANNEL_URL', 'SUPPORT_CONTACT')
+# Placeholders that earlier versions of .env.example shipped: .env files copied from them still hold them.
+OLD_PLACEHOLDERS = {'ADMIN_IDS': ('111111111,222222222',)}
 
 
 class SettingError(Exception):
     """A setting is missing or malformed; the message names it, never its value."""
+
+
+class Invalid(ValueError):
+    """Raised by a parser: the message says what is expected (after the setting's name)."""
 
 
 @dataclass(frozen=True)
@@ -93,28 +116,151 @@ def parse_plans(text, currency='RUB'):
 
 
 def parse_ids(text):
-    """Turn '1, 2,3' into a frozenset of ints."""
-    return frozenset(int(part) for part in text.split(',') if part.strip())
+    """Turn '1, 2,3' into a frozenset of Telegram user ids (positive ints)."""
+    ids = set()
+    for part in text.split(','):
+        part = part.strip()
+        if not part:
+            continue
+        if not part.isascii() or not part.isdigit() or not 0 < int(part) < 2 ** 53:
+            raise Invalid('must be Telegram user ids separated by commas, like 123456789,987654321 '
+                          '(@userinfobot tells you yours)')
+        ids.add(int(part))
+    return frozenset(ids)
 
 
-def positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise ValueError(text)
-    return value
+def number(low, high, unit=''):
+    """Return a parser of whole numbers from low to high."""
+    def parse(text):
+        if not re.fullmatch(r'[0-9]{1,12}', text) or not low <= int(text) <= high:
+            raise Invalid(f'must be a whole number from {low} to {high}{unit}, like {min(max(low, 30), high)}')
+        return int(text)
+    return parse
 
 
-def http_url(text):
-    if not text.startswith(('http://', 'https://')):
-        raise ValueError(text)
-    return text.rstrip('/')
+def token(example, where):
+    """Return a parser of 'digits:secret' tokens (Telegram's and Crypto Pay's)."""
+    def parse(text):
+        expected = f'must be the token {where}: digits, a colon, then letters, digits, - and _ (like {example})'
+        if re.search(r'\s', text):
+            raise Invalid(f'holds a space or a line break; {expected}')
+        if re.search('["\'`]', text):
+            raise Invalid(f'holds a quote; write it without quotes; {expected}')
+        if not re.fullmatch(r'[0-9]{1,20}:[A-Za-z0-9_-]{1,200}', text):
+            raise Invalid(expected)
+        return text
+    return parse
+
+
+def api_token(text):
+    """The panel's API token goes into a header: printable ASCII, no spaces or quotes."""
+    if not re.fullmatch(r'[!#-&(-~]{1,500}', text):
+        raise Invalid("must be the panel's API token as shown in Settings → Security → API token: "
+                      'one word without spaces or quotes')
+    return text
+
+
+def http_url(example):
+    """Return a parser of http(s) URLs with a host; the result has no trailing slash."""
+    def parse(text):
+        expected = f'must be a URL with its scheme, like {example}'
+        try:
+            parts = urlsplit(text)
+            port_ok = parts.port is None or parts.port > 0
+        except ValueError:
+            raise Invalid(expected) from None
+        if parts.scheme not in ('http', 'https') or not parts.hostname or not port_ok \
+                or not text.isprintable() or re.search(r'\s', text):
+            if '://' not in text:
+                raise Invalid(f'{expected} (the https:// is missing)')
+            raise Invalid(expected)
+        return text.rstrip('/')
+    return parse
+
+
+def database_url(text):
+    """Accept sqlite:///file, postgres:// and postgresql:// URLs."""
+    expected = ('must be sqlite:///bot.db (a file beside the bot; sqlite:////var/lib/bot.db for an absolute path) '
+                'or postgresql://user:password@host/dbname')
+    scheme, sep, rest = text.partition('://')
+    if not sep:
+        raise Invalid(f'is not a URL; {expected}')
+    if scheme.lower() in ('mysql', 'mariadb', 'mssql', 'oracle', 'mongodb', 'redis'):
+        raise Invalid(f'names a {scheme.lower()} database, which the bot does not support; {expected}')
+    if not text.isprintable():
+        raise Invalid(expected)
+    if scheme == 'sqlite':
+        if rest in ('', '/') or not rest.startswith('/') or '\x00' in rest:
+            raise Invalid(expected)
+        return text
+    if scheme in ('postgres', 'postgresql'):
+        try:
+            parts = urlsplit(text)
+            parts.port  # noqa: B018 -- raises ValueError on a bad port
+        except ValueError:
+            raise Invalid(f'has a malformed host or port; {expected}') from None
+        if not parts.hostname or parts.path.strip('/') == '':
+            raise Invalid(f'needs a host and a database name; {expected}')
+        return text
+    raise Invalid(f'has an unknown scheme; {expected}')
+
+
+def channel_id(text):
+    """Accept @name or -100…; turn a t.me/name link into @name."""
+    expected = "must be the channel's @username (like @my_vpn_channel) or its id (like -1001234567890)"
+    link = re.fullmatch(r'(?:https?://)?(?:www\.)?(?:t|telegram)\.me/([^/?#]*)/?', text)
+    if link:
+        if link[1].startswith(('+', 'joinchat')):
+            raise Invalid(f"is a private invite link, which the bot cannot check; use the channel's id; {expected}")
+        text = '@' + link[1]
+    if re.fullmatch(r'@[A-Za-z][A-Za-z0-9_]{3,31}', text) or re.fullmatch(r'-100[0-9]{1,16}', text):
+        return text
+    raise Invalid(expected)
+
+
+def fiat_currency(text):
+    code = text.upper()
+    if code not in FIAT_CURRENCIES:
+        raise Invalid(f'must be a fiat currency Crypto Pay accepts, like RUB: one of {", ".join(FIAT_CURRENCIES)}')
+    return code
+
+
+def timezone(text):
+    expected = 'must be an IANA time zone name, like Europe/Moscow or UTC'
+    if re.fullmatch(r'(?i)(utc|gmt)?\s*[+-]\s*[0-9]{1,2}(:?[0-9]{2})?', text):
+        raise Invalid(f'{expected}; for a fixed offset such as UTC+3 name a city in it (Europe/Moscow, '
+                      'Asia/Dubai) or use Etc/GMT-3 (its sign is reversed)')
+    try:
+        return ZoneInfo(text)
+    except (ValueError, OSError, ZoneInfoNotFoundError):
+        raise Invalid(expected) from None
 
 
 def clock_time(text):
-    hours, minutes = text.split(':')
-    if not (0 <= int(hours) < 24 and 0 <= int(minutes) < 60) or len(minutes) != 2:
-        raise ValueError(text)
-    return f'{int(hours):02d}:{minutes}'
+    match = re.fullmatch(r'([0-9]{1,2}):([0-9]{2})', text)
+    if not match or not (0 <= int(match[1]) < 24 and 0 <= int(match[2]) < 60):
+        raise Invalid('must be a time of day as HH:MM, like 04:00')
+    return f'{int(match[1]):02d}:{match[2]}'
+
+
+def folder(text):
+    if '\x00' in text or not text.isprintable():
+        raise Invalid('must be a folder, relative to the bot or absolute, like backups or /var/backups/vpn-bot')
+    return (HERE / text).resolve()
+
+
+def plain_text(text):
+    if not text.isprintable():
+        raise Invalid('must be one line of text without control characters')
+    return text
+
+
+def source(environ=None):
+    """Return lookup(name, default) over environ, or over the environment and .env."""
+    if environ is None:
+        dotenv = AutoConfig(search_path=str(HERE))
+        return lambda name, default: dotenv(name, default=default)
+    return environ.get
 
 
 def shop_name(text):
@@ -138,64 +284,68 @@ def load(environ=None):
 
     :param environ: a mapping to read instead of the environment and .env.
     """
-    if environ is None:
-        dotenv = AutoConfig(search_path=str(HERE))
-        lookup = lambda name, default: dotenv(name, default=default)
-    else:
-        lookup = environ.get
+    lookup = source(environ)
 
-    def read(name, cast=str, default=None):
+    def read(name, cast=plain_text, default=None):
         raw = lookup(name, default)
         if raw is None or raw.strip() == '' and default is None:
             raise SettingError(f'{name} is not set (see .env.example)')
         if raw.strip() == '' and default == '':
             return ''  # optional and unset
         try:
-            return cast(raw.strip())
-        except (ValueError, InvalidOperation, ZoneInfoNotFoundError):
+            return cast(str(raw).strip())
+        except Invalid as exc:
+            raise SettingError(f'{name} {exc}') from None
+        except (ValueError, ArithmeticError, InvalidOperation, ZoneInfoNotFoundError):
             raise SettingError(f'{name} is malformed (see .env.example)') from None
 
-    panels_file = read('PANELS_FILE', default='')
-    if panels_file:
-        panels_file = str((HERE / panels_file).resolve())
+    currency = read('CURRENCY', fiat_currency, 'RUB')
+
+    def optional(parse):
+        return lambda text: parse(text) if text else ''
+
     # PANELS_FILE replaces the XUI_* settings
+    panels_file = read('PANELS_FILE', optional(lambda text: str((HERE / text).resolve())), '')
     xui_default = '' if panels_file else None
-    currency = read('CURRENCY', str.upper, 'RUB')
-    api_token = read('XUI_API_TOKEN', default='')
+    api_token_value = read('XUI_API_TOKEN', optional(api_token), '')
     # With an API token the panel login is not needed.
-    login_default = '' if api_token or panels_file else None
+    login_default = '' if api_token_value or panels_file else None
+    database = read('DATABASE_URL', database_url, f'sqlite:///{HERE / "bot.db"}')
+    check_database_file(database)
     settings = Settings(
-        bot_token=read('BOT_TOKEN'),
-        telegram_api_url=read('TELEGRAM_API_URL', http_url, 'https://api.telegram.org'),
+        bot_token=read('BOT_TOKEN', token('123456789:AAHfake-token_from-BotFather', 'that @BotFather gave you')),
+        telegram_api_url=read('TELEGRAM_API_URL', http_url('https://api.telegram.org'), 'https://api.telegram.org'),
         admin_ids=read('ADMIN_IDS', parse_ids, ''),
-        database_url=read('DATABASE_URL', default=f'sqlite:///{HERE / "bot.db"}'),
-        xui_url=read('XUI_URL', http_url, xui_default),
+        database_url=database,
+        xui_url=read('XUI_URL', optional(http_url('https://vpn.example.com:2053/secretpath')), xui_default),
         xui_username=read('XUI_USERNAME', default=login_default),
         xui_password=read('XUI_PASSWORD', default=login_default),
-        xui_api_token=api_token,
-        xui_inbound_id=0 if panels_file else read('XUI_INBOUND_ID', positive_int),
-        xui_sub_url=read('XUI_SUB_URL', http_url, xui_default),
-        cryptopay_token=read('CRYPTOPAY_TOKEN'),
-        cryptopay_url=read('CRYPTOPAY_URL', http_url, 'https://pay.crypt.bot'),
-        channel_id=read('CHANNEL_ID', default=''),
-        channel_url=read('CHANNEL_URL', default=''),
-        trial_days=read('TRIAL_DAYS', positive_int, '3'),
-        referral_bonus_days=read('REFERRAL_BONUS_DAYS', positive_int, '7'),
+        xui_api_token=api_token_value,
+        xui_inbound_id=0 if panels_file else read('XUI_INBOUND_ID', number(1, 2 ** 31 - 1)),
+        xui_sub_url=read('XUI_SUB_URL', optional(http_url('https://vpn.example.com:2096/sub/')), xui_default),
+        cryptopay_token=read('CRYPTOPAY_TOKEN', token('12345:AAzQcZWQqQAbsfgPnOLr4FHC8Doa4L7KryC',
+                                                      'from @CryptoBot → Crypto Pay → your app')),
+        cryptopay_url=read('CRYPTOPAY_URL', http_url('https://pay.crypt.bot'), 'https://pay.crypt.bot'),
+        channel_id=read('CHANNEL_ID', optional(channel_id), ''),
+        channel_url=read('CHANNEL_URL', optional(http_url('https://t.me/my_vpn_channel')), ''),
+        trial_days=read('TRIAL_DAYS', number(1, 3650, ' days'), '3'),
+        referral_bonus_days=read('REFERRAL_BONUS_DAYS', number(1, 3650, ' days'), '7'),
         plans=read('PLANS', lambda text: parse_plans(text, currency), DEFAULT_PLANS),
         currency=currency,
         support_contact=read('SUPPORT_CONTACT', default=''),
-        backup_dir=read('BACKUP_DIR', lambda text: (HERE / text).resolve(), 'backups'),
-        backup_keep_days=read('BACKUP_KEEP_DAYS', positive_int, '30'),
+        backup_dir=read('BACKUP_DIR', folder, 'backups'),
+        backup_keep_days=read('BACKUP_KEEP_DAYS', number(1, 3650, ' days'), '30'),
         backup_time=read('BACKUP_TIME', clock_time, '04:00'),
-        payment_poll_seconds=read('PAYMENT_POLL_SECONDS', positive_int, '15'),
-        invoice_expires_seconds=read('INVOICE_EXPIRES_SECONDS', positive_int, '3600'),
-        timezone=read('TIMEZONE', ZoneInfo, 'Europe/Moscow'),
-        worker_threads=read('WORKER_THREADS', positive_int, '16'),
-        db_pool_size=read('DB_POOL_SIZE', positive_int, '20'),
-        panels_file=panels_file,
-        public_url=read('PUBLIC_URL', http_url, ''),
+        payment_poll_seconds=read('PAYMENT_POLL_SECONDS', number(1, 3600, ' seconds'), '15'),
+        # Crypto Pay takes expires_in from 1 s to 31 days
+        invoice_expires_seconds=read('INVOICE_EXPIRES_SECONDS', number(1, 2678400, ' seconds'), '3600'),
+        timezone=read('TIMEZONE', timezone, 'Europe/Moscow'),
+        worker_threads=read('WORKER_THREADS', number(1, 256), '16'),
+        db_pool_size=read('DB_POOL_SIZE', number(1, 1000), '20'),
         shop_name=read('SHOP_NAME', shop_name, texts.DEFAULT_SHOP_NAME),
         texts=texts_file(str(lookup('TEXTS_FILE', '') or '').strip()),
+        panels_file=panels_file,
+        public_url=read('PUBLIC_URL', optional(http_url('https://vpn.example.com')), ''),
     )
     return replace(settings, panels=read_panels(settings))
 
@@ -215,3 +365,80 @@ def read_panels(settings):
         raise SettingError('PUBLIC_URL is not set: with more than one panel buyers get one link, '
                            '{PUBLIC_URL}/sub/{subId}, served by the bot (like https://vpn.example.com)')
     return found
+
+
+def placeholders(environ=None):
+    """Return the names of settings that still hold .env.example's placeholder (or an older example's)."""
+    lookup = source(environ)
+    example = RepositoryEnv(str(EXAMPLE)).data if EXAMPLE.exists() else {}
+    found = []
+    for name in PLACEHOLDER_SETTINGS + tuple(OLD_PLACEHOLDERS):
+        value = (lookup(name, None) or '').strip()
+        stand_ins = {example.get(name, '').strip(), *OLD_PLACEHOLDERS.get(name, ())} - {''}
+        if value and value in stand_ins:
+            found.append(name)
+    return found
+
+
+def sqlite_path(url):
+    """Return the file of a sqlite:/// URL as a Path, or None for other databases and in-memory ones."""
+    if not url.startswith('sqlite:///') or url in ('sqlite:///:memory:', 'sqlite:///'):
+        return None
+    return Path(url[len('sqlite:///'):].split('?', 1)[0])
+
+
+def owner_name(path):
+    uid = path.stat().st_uid
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f'uid {uid}'
+
+
+def check_database_file(url):
+    """Raise SettingError when this user cannot write the SQLite file of url (or create it in its folder).
+
+    SQLite opens a file it may only read without complaint, and every write then fails; so the bot
+    checks first and says whose file it is. A missing folder is left to the database check.
+    """
+    path = sqlite_path(url)
+    if path is None:
+        return
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = f'uid {os.geteuid()}'
+    try:
+        for name in ('', '-wal', '-shm', '-journal'):
+            part = path.with_name(path.name + name)
+            if part.exists() and not os.access(part, os.R_OK | os.W_OK):
+                raise SettingError(f'DATABASE_URL: the SQLite file {part} belongs to {owner_name(part)} (mode '
+                                   f'{part.stat().st_mode & 0o777:04o}) and this bot runs as {user}, so it cannot '
+                                   f'write it; fix: chown {user}: {path}*')
+        if path.parent.is_dir() and not os.access(path.parent, os.W_OK | os.X_OK):
+            raise SettingError(f'DATABASE_URL: the folder {path.parent} belongs to {owner_name(path.parent)} and this '
+                               f'bot runs as {user}, so it cannot make its SQLite files there; fix: chown {user}: '
+                               f'{path.parent}')
+    except OSError:
+        return  # a path the system refuses to look at: the database check will say what it is
+
+
+
+def main():
+    """Check the settings' form and that none is a placeholder; return 0, or 2 after one line."""
+    try:
+        load()
+    except SettingError as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        return 2
+    left = placeholders()
+    if left:
+        print(f'error: fill in .env: {", ".join(left)} still hold{"s" if len(left) == 1 else ""} the example\'s '
+              'placeholder (.env.example says where each comes from; empty the optional ones you do not use)',
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

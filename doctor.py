@@ -1,11 +1,19 @@
 """`python bot.py check`: check every setting and outside service, and say in plain words what to fix.
 
-Prints one line per check (OK, FAIL or SKIP, its name, what was found), then one fix line per
-failure. Every check runs under its own deadline, so the whole run answers within a minute even
-when a service hangs. No secret (token, password, the database URL's password) is ever printed.
+Prints one line per check (OK, WARN, FAIL or SKIP, its name, what was found), then one fix line per
+failure or warning. Every check runs under its own deadline, so the whole run answers within a
+minute even when a service hangs. No secret (token, password, the database URL's password) is ever
+printed. Run as root, it works as the owner of the bot's data folder, so the files it makes stay the
+bot's; files it makes are private (0600).
+
+`python doctor.py --update` is update.sh's gate: only what an update can break (settings, database
+and its migrations, Telegram) must pass; the panel, Crypto Pay and the channel are shown as warnings.
 """
+import ipaddress
 import logging
 import os
+import pwd
+import sys
 import tempfile
 import threading
 from collections import namedtuple
@@ -17,16 +25,19 @@ from peewee import PeeweeException
 from telebot import apihelper
 from telebot.apihelper import ApiException, ApiTelegramException
 
+import config
 import models
 import panels
 from cryptobot import CryptoPayClient, CryptoPayError
-from xui import XuiClient, XuiError
+from xui import XuiClient, XuiError, XuiLoginError
 
 # Seconds each check may take before it counts as failed; they add up to well under a minute.
 BUDGETS = {'database': 12, 'backups': 3, 'panel': 12, 'crypto pay': 8, 'telegram': 8, 'channel': 8}
 # Connect just over 3 s (the first TCP retransmission), read 5 s: a healthy service answers in
 # well under a second, and several calls must fit in one check's budget.
 TIMEOUT = (3.05, 5)
+# What an update can break: update.sh rolls back when one of these fails, and only then.
+UPDATE_GATE = frozenset({'settings', 'database', 'backups', 'telegram'})
 
 Result = namedtuple('Result', 'status name detail fix')
 
@@ -34,41 +45,106 @@ Result = namedtuple('Result', 'status name detail fix')
 class Failure(Exception):
     """A check failed; detail says what was found, fix what the operator should do."""
 
+    status = 'FAIL'
+
     def __init__(self, detail, fix):
         super().__init__(detail)
         self.detail = detail
         self.fix = fix
 
 
-def main(settings, budgets=BUDGETS):
-    """Run every check, print the table and the fixes; return 0 if all passed, else 1."""
+class Warn(Failure):
+    """The check passed, but something needs the operator's attention."""
+
+    status = 'WARN'
+
+
+def main(settings, budgets=BUDGETS, gate=None, placeholders=None):
+    """Run every check, print the table and the fixes; return 0 if all passed, else 1.
+
+    :param gate: names of the checks that must pass; the failures of the others are shown as warnings.
+    :param placeholders: the settings still holding .env.example's placeholder (default: read them).
+    """
+    os.umask(0o077)  # the SQLite file and backups hold buyers' subIds: readable by the bot's user only
+    if placeholders is None:
+        placeholders = config.placeholders()
+    working_as = become_owner(settings)
     secrets = secret_values(settings)
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the table says it all; the clients' info lines would only clutter it
     try:
-        results = run_checks(settings, budgets)
+        results = run_checks(settings, budgets, placeholders)
     finally:
         root.setLevel(level)
-    if os.geteuid() == 0:
+    if gate is not None:
+        results = [result._replace(status='WARN', detail=f'(not needed for the update) {result.detail}')
+                   if result.status == 'FAIL' and result.name not in gate else result for result in results]
+    if working_as:
+        print(f'note: running as root: working as {working_as[0]}, the owner of {working_as[1]}, so the files made '
+              'now stay the bot\'s\n')
+    elif os.geteuid() == 0:
         print('note: running as root, so files made now (SQLite journal, backups) belong to root and the service '
               'cannot write them; run it as the bot\'s user: runuser -u vpnbot -- .venv/bin/python bot.py check\n')
     for result in results:
         print(redact(f'{result.status:<5} {result.name:<11} {result.detail}', secrets))
     failed = [result for result in results if result.status == 'FAIL']
-    if failed:
+    warned = [result for result in results if result.status == 'WARN']
+    if failed or warned:
         print('\nHow to fix:')
-        for result in failed:
-            print(redact(f'- {result.name}: {result.fix}', secrets))
-        print(f'\n{len(failed)} of {len(results)} checks failed.')
+        for result in failed + warned:
+            print(redact(f'- {result.name}: {"(warning) " if result.status == "WARN" else ""}{result.fix}', secrets))
+    also = f' ({len(warned)} warning{"" if len(warned) == 1 else "s"})' if warned else ''
+    if failed:
+        print(f'\n{len(failed)} of {len(results)} checks failed{also}.')
         return 1
-    print('\nAll checks passed.')
+    print(f'\nAll checks passed{also}.')
     return 0
 
 
-def run_checks(settings, budgets):
+def become_owner(settings):
+    """Run as root? Switch to the owner of the bot's data folder; return (user, folder), or None.
+
+    Files the checks make (the SQLite file and its journal, the backup folder) then belong to the
+    service's user, as they must: root's files there would stop the bot.
+    """
+    if os.geteuid() != 0:
+        return None
+    database = config.sqlite_path(settings.database_url)
+    folders = ([database.parent] if database else []) + [settings.backup_dir, settings.backup_dir.parent]
+    for folder in folders:
+        try:
+            info = folder.stat()
+        except OSError:
+            continue
+        if info.st_uid == 0:
+            continue
+        try:
+            name = pwd.getpwuid(info.st_uid).pw_name
+            os.initgroups(name, info.st_gid)
+        except KeyError:
+            name = f'uid {info.st_uid}'
+            os.setgroups([])
+        os.setgid(info.st_gid)
+        os.setuid(info.st_uid)
+        return name, folder
+    return None
+
+
+def run_checks(settings, budgets, placeholders=()):
     """Run the checks in order; return a Result for each."""
-    results = [Result('OK', 'settings', describe_settings(settings), '')]
+    if placeholders:
+        names = ', '.join(placeholders)
+        results = [Result('FAIL', 'settings', f'{names} still hold{"s" if len(placeholders) == 1 else ""} the '
+                          'example\'s placeholder', f'replace the placeholder of {names} in .env with your own value '
+                          '(.env.example says where each comes from), or empty the optional ones')]
+    else:
+        results = [Result('OK', 'settings', describe_settings(settings), '')]
+    if not settings.admin_ids:
+        results.append(Result('WARN', 'admins', 'none: ADMIN_IDS is empty, so nobody can use /stats, /give, '
+                              '/newcode or /broadcast', 'put your Telegram user id in ADMIN_IDS (@userinfobot '
+                              'tells you yours)'))
+    results += plain_http(settings)
     for name, check, timeout_fix in [
             ('database', check_database, 'make sure the database server is up and reachable from here'),
             ('backups', check_backups, f'make {settings.backup_dir} writable by the bot user'),
@@ -94,7 +170,7 @@ def run_one(name, check, seconds, timeout_fix):
         try:
             outcome['result'] = Result('OK', name, check(), '')
         except Failure as failure:
-            outcome['result'] = Result('FAIL', name, failure.detail, failure.fix)
+            outcome['result'] = Result(failure.status, name, failure.detail, failure.fix)
         except Exception as exc:  # the doctor must report any surprise, not crash on it
             outcome['result'] = Result('FAIL', name, f'unexpected {type(exc).__name__}: {exc}',
                                        'this looks like a bug; report it with this output')
@@ -121,9 +197,36 @@ def describe_settings(settings):
     return ', '.join(parts)
 
 
+def plain_http(settings):
+    """Return a WARN Result for each outside service reached by plain http:// on another machine."""
+    results = []
+    for name, url, what in [('XUI_URL', settings.xui_url, "the panel's password or API token"),
+                            ('CRYPTOPAY_URL', settings.cryptopay_url, 'the Crypto Pay token'),
+                            ('TELEGRAM_API_URL', settings.telegram_api_url, 'the bot token')]:
+        host = urlsplit(url).hostname or ''
+        if url.startswith('http://') and not is_loopback(host):
+            results.append(Result('WARN', 'plain http', f'{name} is plain http:// to {host_of(url)}: {what} and '
+                                  'buyers\' data cross the network unencrypted', f'use https:// in {name}'))
+    return results
+
+
+def is_loopback(host):
+    if host == 'localhost' or host.endswith('.localhost'):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def check_database(settings):
     """Connect, create or migrate the tables, and try a write that is rolled back."""
     where = describe_database(settings.database_url)
+    try:
+        config.check_database_file(settings.database_url)
+    except config.SettingError as exc:
+        detail, _, fix = str(exc).partition('; fix: ')
+        raise Failure(detail.removeprefix('DATABASE_URL: '), fix) from exc
     try:
         models.connect_database(settings.database_url, pool_size=2)
         models.create_schema()
@@ -132,10 +235,18 @@ def check_database(settings):
                 models.Gift.create(telegram_id=0, kind='doctor-check')
                 transaction.rollback()
             users = models.User.select().count()
-            version = max((row.version for row in models.SchemaVersion.select()), default=0)
+            applied = {row.version for row in models.SchemaVersion.select()}
     except (PeeweeException, ValueError, OSError) as exc:
         raise Failure(f'{where}: {type(exc).__name__}: {one_line(exc)}', database_fix(settings.database_url)) from exc
-    return f'{where}, schema version {version}, {users} users, write test passed'
+    missing = sorted({version for version, _ in models.MIGRATIONS} - applied)
+    if missing:
+        raise Failure(f'{where}: migrations {missing} are not applied', 'run the bot once, or update.sh, to migrate')
+    found = f'{where}, schema version {max(applied, default=0)}, {users} users, write test passed'
+    path = config.sqlite_path(settings.database_url)
+    if path and path.exists() and path.stat().st_mode & 0o077:
+        raise Warn(f'{found}; but others may read the file (mode {path.stat().st_mode & 0o777:04o})',
+                       f'chmod 600 {path}: it holds the buyers\' subIds, their VPN credentials')
+    return found
 
 
 def describe_database(url):
@@ -191,6 +302,8 @@ def check_panel(settings, panel=None):
                        api_token=panel.api_token or None, timeout=TIMEOUT, retries=1, backoff=0.5)
     try:
         found = client.check()
+    except XuiLoginError as exc:
+        raise Failure(str(exc), login_fix(client)) from exc
     except XuiError as exc:
         raise Failure(str(exc), panel_fix(str(exc), settings)) from exc
     api = 'v3.1+ clients API' if found['generation'] == 'v3' else 'inbounds API (panel up to v3.0)'
@@ -214,13 +327,23 @@ def check_sub_server(panel):
     return f'subscription server at {host_of(panel.sub_url)} answers'
 
 
+def login_fix(client):
+    """Pick the fix for a refused login: ask the panel whether two-factor login is on (getTwoFactorEnable)."""
+    try:
+        two_factor = client.two_factor_enabled()
+    except XuiError:
+        two_factor = None
+    if two_factor:
+        return ('the panel has two-factor login on, which a bot cannot pass: set XUI_API_TOKEN (panel v3.0+: '
+                'Settings → Security → API token) or turn two-factor login off')
+    return 'set XUI_USERNAME and XUI_PASSWORD to the login you use on the panel\'s web page'
+
+
 def panel_fix(message, settings):
     """Pick the fix for a panel failure from what went wrong."""
     if 'API token' in message:
         return ("set XUI_API_TOKEN to the token from the panel's Settings → Security → API token "
                 '(or leave it empty and use XUI_USERNAME and XUI_PASSWORD)')
-    if 'login failed: wrong' in message:
-        return 'set XUI_USERNAME and XUI_PASSWORD to the login you use on the panel\'s web page'
     if 'inbound' in message:
         return f'set XUI_INBOUND_ID to the id of the inbound for buyers (the panel\'s Inbounds list; now {settings.xui_inbound_id})'
     if 'secret path' in message or 'no route' in message:
@@ -326,3 +449,19 @@ def redact(text, secrets):
     for secret in secrets:
         text = text.replace(secret, '***')
     return text
+
+
+def command_line(argv):
+    """`python doctor.py [--update]`: the doctor outside bot.py; --update gates on UPDATE_GATE only."""
+    import bot
+    try:
+        settings = config.load()
+    except config.SettingError as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        return 2
+    bot.setup_logging(bot.secrets_of(settings))
+    return main(settings, gate=UPDATE_GATE if '--update' in argv[1:] else None)
+
+
+if __name__ == '__main__':
+    sys.exit(command_line(sys.argv))

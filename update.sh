@@ -2,8 +2,11 @@
 # Update SPN VPN Bot in place; run as root:  sudo /opt/vpn-bot/update.sh
 #
 # Backs up the database, pulls (fast-forward only), installs requirements, migrates, restarts the
-# service and waits until it is active and `bot.py check` passes. If any step after the pull fails,
-# it goes back to the previous commit, restarts that, and exits 1.
+# service and waits until it is active and the doctor's update gate passes (`python doctor.py --update`:
+# settings, the database and its migrations, backups, Telegram). An outage of the panel or Crypto Pay is
+# shown as a warning: an update cannot cause it, and a rollback would not cure it. If any step after
+# the pull fails, it goes back to the previous commit, restarts that, and exits 1.
+# Packages come from requirements.lock, every file checked against its hash.
 # Settings (environment): APP_USER (vpnbot), SERVICE (vpn-bot), WAIT_SECONDS (60), PYTHON, PIP.
 set -euo pipefail
 
@@ -13,7 +16,7 @@ SERVICE=${SERVICE:-vpn-bot}
 WAIT_SECONDS=${WAIT_SECONDS:-60}
 PYTHON=${PYTHON:-$APP_DIR/.venv/bin/python}
 PIP=${PIP:-$APP_DIR/.venv/bin/pip}
-MIGRATE='import config, models; s = config.load(); models.connect_database(s.database_url); models.create_schema()'
+MIGRATE='import os; os.umask(0o077); import config, models; s = config.load(); models.connect_database(s.database_url); models.create_schema()'
 
 say() { printf '==> %s\n' "$*"; }
 fail() { printf 'update.sh: %s\n' "$*" >&2; exit 1; }
@@ -28,15 +31,15 @@ as_app() {
 }
 
 install_requirements() {
-    "$PIP" install -q --disable-pip-version-check -r requirements.txt
+    "$PIP" install -q --disable-pip-version-check --require-hashes -r requirements.lock
 }
 
-# Wait until the service is active and the doctor passes, at most WAIT_SECONDS.
+# Wait until the service is active and the doctor's update gate passes, at most WAIT_SECONDS.
 healthy() {
     local deadline=$((SECONDS + WAIT_SECONDS))
     while true; do
         # active before and after the check: a bot that crashes at start is restarting by then
-        if systemctl is-active --quiet "$SERVICE" && as_app "$PYTHON" bot.py check >"$check_log" 2>&1 \
+        if systemctl is-active --quiet "$SERVICE" && as_app "$PYTHON" doctor.py --update >"$check_log" 2>&1 \
                 && systemctl is-active --quiet "$SERVICE"; then
             return 0
         fi
@@ -60,7 +63,7 @@ rollback() {
         printf 'update.sh: rolled back, but the bot is still not up: see journalctl -u %s -n 50\n' "$SERVICE" >&2
     fi
     if [[ -n $said ]]; then
-        printf '\nWhat bot.py check said about the new version:\n%s\n' "$said" >&2
+        printf '\nWhat the doctor said about the new version:\n%s\n' "$said" >&2
     fi
     printf '\nThe backup taken before the update: %s\n' "$backup" >&2
     printf 'update.sh: update failed\n' >&2
@@ -95,8 +98,12 @@ main() {
     install_requirements || rollback "installing the requirements failed"
     as_app "$PYTHON" -c "$MIGRATE" || rollback "migrating the database failed"
     systemctl restart "$SERVICE" || rollback "systemctl restart $SERVICE failed"
-    healthy || rollback "the bot did not come up (active and passing bot.py check) within ${WAIT_SECONDS}s"
+    healthy || rollback "the bot did not come up (active and passing doctor.py --update) within ${WAIT_SECONDS}s"
     say "updated to ${current:0:12}; the bot is up"
+    if grep -q '^WARN' "$check_log"; then
+        printf '\nWarnings (not caused by the update; the bot serves what it can meanwhile):\n'
+        grep '^WARN' "$check_log"
+    fi
     exit 0
 }
 

@@ -21,11 +21,27 @@ log = logging.getLogger(__name__)
 # Connect just over 3 s, the TCP retransmit window for a lost SYN; read 10 s: the panel answers in
 # milliseconds, but a busy SQLite write on a small VPS can take seconds.
 TIMEOUT = (3.05, 10)
-# The panel's cookie lives 6 h by default and is never refreshed: log in again well before it dies.
-SESSION_MAX_AGE = 5 * 3600
+# The session cookie's names (`session` before v2.3.8). The panel sets Max-Age to its session lifetime and
+# never refreshes it; once the cookie jar drops it, log in again before the next call.
+SESSION_COOKIES = ('3x-ui', 'session')
 # The field that holds a client's key, per inbound protocol; legacy routes address clients by it.
 KEY_FIELDS = {'vless': 'id', 'vmess': 'id', 'trojan': 'password', 'shadowsocks': 'email',
               'hysteria': 'auth', 'hysteria2': 'auth'}
+# The fields of 3x-ui's `type Client` with their JSON types: every write body is decoded into that struct by
+# Go's encoding/json, which refuses a value of the wrong type (e.g. the comma-separated string allowedIPs
+# that a v3.4.2+ ClientRecord carries, where Client has []string). The union of v2.9.4 - v3.6.0 and the
+# unreleased HEAD (resetDay, resetMax, trafficReset, trafficResetDay); a version ignores the keys it lacks.
+# Source: model.go `type Client` at each tag (internal/database/model/model.go from v3.3.1).
+CLIENT_FIELDS = {
+    'id': str, 'security': str, 'password': str, 'flow': str, 'reverse': 'reverse', 'auth': str,
+    'privateKey': str, 'publicKey': str, 'allowedIPs': list, 'preSharedKey': str, 'keepAlive': int,
+    'secret': str, 'adTag': str, 'email': str, 'limitIp': int, 'totalGB': int, 'expiryTime': int,
+    'enable': bool, 'tgId': int, 'subId': str, 'group': str, 'comment': str, 'reset': int,
+    'resetDay': int, 'resetMax': int, 'trafficReset': str, 'trafficResetDay': int,
+}
+# Legacy panels store a settings entry as sent; their web page also keeps a shadowsocks client's `method` there
+# (web/assets/js/model/inbound.js, Shadowsocks.toJson), which xray reads.
+LEGACY_FIELDS = {**CLIENT_FIELDS, 'method': str}
 # Asked for during detection; only whether the route exists matters.
 PROBE_EMAIL = 'spn-generation-probe'
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -33,6 +49,10 @@ EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 class XuiError(Exception):
     """Any failure talking to the 3x-ui panel."""
+
+
+class XuiLoginError(XuiError):
+    """The panel refused the login; the message carries the panel's own words."""
 
 
 class _NoEnvelope(XuiError):
@@ -53,6 +73,11 @@ class _Refused(XuiError):
 
 class _RouteMissing(XuiError):
     """A route answered 404 with a fresh session: the panel's API generation is not the one assumed."""
+
+
+def _panel_msg(payload):
+    """Return an envelope's msg in the panel's words, without the line breaks of Go's fmt.Sprintln."""
+    return str(payload.get('msg') or '').replace('\n', '').strip()
 
 
 def _ms_to_datetime(ms):
@@ -106,13 +131,49 @@ def _traffic_view(row):
             'enable': row.get('enable') is True}
 
 
+def _as_type(value, kind):
+    """Convert one value read from the panel to the JSON type `kind` that Client has for it."""
+    if kind is str:
+        return value if isinstance(value, str) else ''
+    if kind is bool:
+        return value is True
+    if kind is int:
+        if isinstance(value, bool):
+            return 0
+        if isinstance(value, (int, float)):
+            return int(value)
+        try:
+            return int(str(value).strip())
+        except ValueError:
+            return 0
+    if kind is list:
+        # ClientRecord joins Client's []string with commas (ToRecord); ToClient splits and trims them again
+        parts = value if isinstance(value, list) else str(value or '').split(',')
+        return [str(part).strip() for part in parts if isinstance(part, str) and part.strip()]
+    # reverse: an object {"tag": ...} in Client; the record shows it as an object, null, or a raw string
+    tag = value.get('tag') if isinstance(value, dict) else None
+    return {'tag': tag} if isinstance(tag, str) and tag.strip() else None
+
+
+def _client_body(client, fields=CLIENT_FIELDS):
+    """Build a write body from the panel's Client fields only, each converted to its Client type.
+
+    What the panel sent is never echoed: keys not in `fields` are dropped, empty optional ones left out.
+    """
+    body = {}
+    for key, kind in fields.items():
+        if key in client:
+            value = _as_type(client[key], kind)
+            if value is not None and value != []:
+                body[key] = value
+    return body
+
+
 def _record_to_client(record):
-    """Turn a v3.1+ ClientRecord (int `id`, key in `uuid`) into the client object the API accepts."""
-    client = {key: value for key, value in record.items()
-              if key not in ('id', 'uuid', 'inboundIds', 'traffic', 'createdAt', 'updatedAt')}
-    if record.get('uuid'):
-        client['id'] = record['uuid']
-    return client
+    """Turn a v3.1+ ClientRecord (int `id`, key in `uuid`) into a Client body, as the panel's ToClient does."""
+    client = {key: value for key, value in record.items() if key not in ('id', 'uuid')}
+    client['id'] = record.get('uuid') or ''
+    return _client_body(client)
 
 
 def _key_field(protocol):
@@ -166,7 +227,7 @@ class XuiClient:
         self._lock = threading.RLock()  # guards logging in and detection; requests themselves run in parallel
         self._local = threading.local()  # per call: whether it has logged in already
         self._adapter = None
-        self._logged_in_at = None
+        self._logged_in = False
         self._logins = 0
 
     @property
@@ -208,6 +269,25 @@ class XuiClient:
     def subscription_link(self, sub_id):
         """Return the subscription URL for a subId."""
         return self._sub_url + sub_id
+
+    def two_factor_enabled(self):
+        """Ask the panel whether its login needs a two-factor code; None if it cannot say.
+
+        POST {base}getTwoFactorEnable is public (v2.6+) and behind the CSRF check from v3.0; it answers
+        {"obj": true|false}. A bot cannot type the code: such a panel needs XUI_API_TOKEN (v3.0+).
+        :raises XuiError: the panel is unreachable
+        """
+        with self._lock:
+            headers = {}
+            try:
+                headers['X-CSRF-Token'] = str(self._exchange('GET', 'csrf-token'))
+            except _NoEnvelope as exc:
+                if exc.status != 404:  # 404: a v2 panel, which has no CSRF
+                    return None
+            try:
+                return self._exchange('POST', 'getTwoFactorEnable', headers=headers) is True
+            except _NoEnvelope:
+                return None
 
     def check(self):
         """Log in and confirm the inbound exists; return {'generation','inbound_id','protocol'}.
@@ -256,8 +336,10 @@ class XuiClient:
         try:
             inbound = self._api('GET', f'inbounds/get/{self.inbound_id}')
         except _Refused as exc:
-            raise XuiError(f'the panel has no inbound {self.inbound_id} (check XUI_INBOUND_ID): '
-                           f'{exc.panel_msg}') from exc
+            if 'record not found' in exc.panel_msg:  # gorm's own words for a missing row
+                raise XuiError(f'the panel has no inbound {self.inbound_id} (check XUI_INBOUND_ID): '
+                               f'{exc.panel_msg}') from exc
+            raise XuiError(f'the panel refused to show inbound {self.inbound_id}: {exc.panel_msg}') from exc
         settings = (inbound or {}).get('settings')
         if isinstance(settings, str):
             try:
@@ -272,8 +354,7 @@ class XuiClient:
         """Call {base}panel/api/{route} and return the envelope's obj, logging in as needed."""
         path = 'panel/api/' + route
         logins = self._logins
-        if not self._api_token and (self._logged_in_at is None
-                                    or time.monotonic() - self._logged_in_at > SESSION_MAX_AGE):
+        if not self._api_token and not self._session_alive():
             self._login_unless_done(logins)
             logins = self._logins
         try:
@@ -299,10 +380,18 @@ class XuiClient:
         return XuiError(f'the panel at {self._where} answered {what} with HTTP {exc.status} '
                         f'even after logging in again')
 
+    def _session_alive(self):
+        """Tell whether we are logged in and the cookie jar still holds the session cookie."""
+        if not self._logged_in:
+            return False
+        jar = self._session.cookies
+        jar.clear_expired_cookies()
+        return any(cookie.name in SESSION_COOKIES for cookie in jar)
+
     def _login_unless_done(self, logins_seen):
         """Log in, unless another thread has logged in since this one saw `logins_seen` logins."""
         with self._lock:
-            if self._logins == logins_seen or self._logged_in_at is None:
+            if self._logins == logins_seen or not self._logged_in:
                 self._login()
             else:
                 self._local.login_tried = True  # that login counts as this call's one
@@ -310,7 +399,7 @@ class XuiClient:
     def _login(self):
         """Log in once: CSRF handshake where the panel has one (v3.x), then POST login."""
         self._local.login_tried = True
-        self._logged_in_at = None
+        self._logged_in = False
         self._session.cookies.clear()
         self._session.headers.pop('X-CSRF-Token', None)
         try:
@@ -324,13 +413,15 @@ class XuiClient:
         try:
             self._exchange('POST', 'login', data=self._credentials)
         except _Refused as exc:
-            raise XuiError('panel login failed: wrong username or password (check XUI_USERNAME and '
-                           'XUI_PASSWORD; after 5 failures in 5 minutes the panel also refuses the right '
-                           'ones for 15 minutes)') from exc
+            # the panel's words: one answer for a wrong user, password or two-factor code, and for a blocked login
+            raise XuiLoginError(f'the panel at {self._where} refused the login: {exc.panel_msg} (check XUI_USERNAME '
+                                f'and XUI_PASSWORD; a panel with two-factor login needs XUI_API_TOKEN (v3.0+) '
+                                f'instead; after 5 failures in 5 minutes it refuses even the right ones for '
+                                f'15 minutes)') from exc
         except _NoEnvelope as exc:
             raise XuiError(f'panel login failed: the panel at {self._where} answered HTTP {exc.status}; '
                            f'is XUI_URL the panel address, with its secret path?') from exc
-        self._logged_in_at = time.monotonic()
+        self._logged_in = True
         self._logins += 1
         log.info('logged in to the 3x-ui panel at %s', self._where)
 
@@ -360,14 +451,14 @@ class XuiClient:
             except requests.RequestException as exc:
                 raise XuiError(f'{what} to the panel at {self._where} failed: {type(exc).__name__}') from exc
             status = resp.status_code
-            if status >= 500:
-                problem = f'HTTP {status}'
-                continue
             try:
                 payload = resp.json()
             except ValueError:
                 payload = None
             envelope = isinstance(payload, dict) and isinstance(payload.get('success'), bool)
+            if status >= 500:
+                problem = f'HTTP {status}' + (f': {_panel_msg(payload)}' if envelope and payload.get('msg') else '')
+                continue
             if 300 <= status < 400 or status in (401, 404) or (status == 403 and not envelope) or (
                     status < 300 and payload is None):
                 raise _NoEnvelope(f'the panel at {self._where} answered {what} with HTTP {status} and no '
@@ -376,8 +467,7 @@ class XuiClient:
                 raise XuiError(f'the panel at {self._where} gave an unexpected answer to {what} '
                                f'(HTTP {status})')
             if not payload['success']:
-                # service errors end in "\n" (Go's fmt.Sprintln), sometimes inside the parentheses
-                msg = str(payload.get('msg') or '').replace('\n', '').strip()
+                msg = _panel_msg(payload)
                 raise _Refused(f'the panel refused {what}: {msg}', msg)
             return payload.get('obj')
         if cause is not None:
@@ -409,7 +499,7 @@ class _Legacy:
     def ensure(self, fields):
         protocol, settings, client = self._find(fields['email'])
         if client is None:
-            new = {**_new_key(protocol, settings), 'flow': '', 'comment': '', 'reset': 0, **fields}
+            new = _client_body({**_new_key(protocol, settings), 'flow': '', 'comment': '', 'reset': 0, **fields})
             try:
                 self._send('inbounds/addClient', new)
                 return _client_view(new)
@@ -419,7 +509,7 @@ class _Legacy:
                 if client is None:
                     raise
         # updateClient replaces the whole stored client: send every field back, with the same key
-        new = {**client, **fields}
+        new = {**_client_body(client, LEGACY_FIELDS), **fields}
         self._send('inbounds/updateClient/' + quote(str(client.get(_key_field(protocol), '')), safe=''), new)
         return _client_view(new)
 
@@ -481,7 +571,7 @@ class _V3:
         found = self._found(email)
         if found is None:
             protocol, settings = self._xui._inbound()
-            new = {**_new_key(protocol, settings), 'flow': '', 'comment': '', 'reset': 0, **fields}
+            new = _client_body({**_new_key(protocol, settings), 'flow': '', 'comment': '', 'reset': 0, **fields})
             # adding it again (a retry after a lost answer) only re-attaches it: no error
             self._xui._api('POST', 'clients/add', {'client': new, 'inboundIds': [self._xui.inbound_id]})
             return self._stored(email)

@@ -7,14 +7,19 @@
 #
 # Needs python3.11 (or python3) and PostgreSQL's server binaries; as root on Debian it
 # installs PostgreSQL with apt-get when they are missing. The server lives in a temp dir,
-# listens on 127.0.0.1 only, runs as an unprivileged user and is removed on exit.
+# listens on 127.0.0.1 only, runs as an unprivileged user and is removed on exit. Run as root, the
+# server runs as `nobody` (postgres refuses root): no user is created, so several runs at once are
+# safe and nothing is left behind. (Earlier versions created a system user `spntest` and left it;
+# remove it with `userdel spntest` once no older test.sh, bench or soak run is using it.)
+#
+# Packages come from requirements-dev.lock, every file checked against its hash (scripts/lock.sh).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
 DB=${DB:-all}
 DB_NAME=spn_test
-PG_OS_USER=spntest
+PG_OS_USER=nobody
 
 die() {
     echo "test.sh: $*" >&2
@@ -87,11 +92,7 @@ start_postgres() {
 
     PG_DIR=$(mktemp -d /tmp/spn-test-pg.XXXXXX)
     if [[ $EUID -eq 0 ]]; then
-        # postgres refuses to run as root
-        if ! id -u "$PG_OS_USER" >/dev/null 2>&1; then
-            useradd --system --no-create-home --shell /usr/sbin/nologin "$PG_OS_USER" 2>/dev/null || PG_OS_USER=nobody
-        fi
-        chown "$PG_OS_USER" "$PG_DIR"
+        chown "$PG_OS_USER" "$PG_DIR"  # postgres refuses to run as root
     fi
     chmod 700 "$PG_DIR"
 
@@ -123,7 +124,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 [[ -x .venv/bin/python ]] || make_venv
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements-dev.lock
 install_browser
 
 if [[ $DB != sqlite ]]; then

@@ -1,8 +1,9 @@
-"""Soak: run every fault scenario N times against the real bot and print the table of docs/RELIABILITY.md.
+"""Soak: run every fault scenario N times against the real bot and print the table of docs/dev/RELIABILITY.md.
 
     .venv/bin/python soak/run.py                       # SQLite, 3 runs of each scenario
     .venv/bin/python soak/run.py --postgres --runs 5   # on a throwaway PostgreSQL, as scripts/test.sh makes
     .venv/bin/python soak/run.py --only kill --runs 10 # the scenarios whose name contains "kill"
+    .venv/bin/python soak/run.py --panel-version 3.1.0 # the fake 3x-ui panel in another release's shape
 
 The scenarios are tests/test_faults.py's, in real time where CI uses a simulated clock: bot.py runs as a
 process, the fakes break and heal, and the bot recovers on its own schedule (the restarted sender of a
@@ -36,6 +37,7 @@ import xui  # noqa: E402
 from conftest import clear_database  # noqa: E402
 from models import PanelClient, User  # noqa: E402
 from test_e2e import ask, buy, invoice_id_of, person  # noqa: E402
+from fake_xui import NEWEST, VERSIONS  # noqa: E402
 from test_faults import (BUSY, CRASH_POINTS, Outcome, audit, crash, crash_during_check_then_press_again,  # noqa: E402
                          database_outage, long_panel_outage, make_rig, panel_outage,
                          panel_session_expiry, postgres_restart, race_checks_in_threads, race_poller_and_presses,
@@ -108,6 +110,8 @@ SCENARIOS = [
     ('panel session expiring mid-run', panel_session_expiry, 's', False),
     ('panel refusing connections for 2 min, jobs on a simulated clock',
      functools.partial(panel_outage, fault='refused'), 's simulated', False),
+    ('panel refusing connections for 2 min during a renewal, jobs on a simulated clock',
+     functools.partial(panel_outage, fault='refused', returning=True), 's simulated', False),
     ('panel down 10 min, jobs on a simulated clock', long_panel_outage, 's simulated', False),
     ('Crypto Pay answering 503', functools.partial(cryptopay_outage_live, fault='http_5xx', requests=8), 's', False),
     ('Crypto Pay answering 429, Retry-After 7 s',
@@ -119,11 +123,12 @@ SCENARIOS = [
 ]
 
 
-def run_scenario(scenario, database_url):
+def run_scenario(scenario, database_url, panel_version=NEWEST):
     """Run one scenario on an empty database and fresh fakes; a failed assertion is a failed run."""
     clear_database()
     try:
-        with tempfile.TemporaryDirectory(prefix='spn-soak-') as scratch, make_rig(database_url, scratch) as rig:
+        with tempfile.TemporaryDirectory(prefix='spn-soak-') as scratch, \
+                make_rig(database_url, scratch, panel_version) as rig:
             try:
                 return scenario(rig), None
             except Exception:  # noqa: BLE001 — reported as a failed run, with the bots' logs
@@ -208,6 +213,8 @@ def main(argv=None):
     parser.add_argument('--database-url', help='soak this database instead (it is emptied before every run)')
     parser.add_argument('--only', action='append', default=[], help='run the scenarios whose name contains this')
     parser.add_argument('--fuzz-examples', type=int, default=500, help='hypothesis examples per property')
+    parser.add_argument('--panel-version', default=NEWEST, choices=[v for v in VERSIONS if v >= '3.1'],
+                        help=f'the 3x-ui release whose shapes the fake panel speaks (default {NEWEST})')
     args = parser.parse_args(argv)
     logging.disable(logging.CRITICAL)  # the in-process scenarios' expected warnings; bot.py logs to files
     with contextlib.ExitStack() as stack:
@@ -220,8 +227,8 @@ def main(argv=None):
         models.connect_database(url, pool_size=60)
         models.create_schema()
         sqlite = models.is_sqlite()
-        lines = [f'Database: {"SQLite" if sqlite else "PostgreSQL"}; code: {code_version()}; '
-                 f'{args.runs} run(s) of each scenario.', '',
+        lines = [f'Database: {"SQLite" if sqlite else "PostgreSQL"}; 3x-ui panel shape: v{args.panel_version}; '
+                 f'code: {code_version()}; {args.runs} run(s) of each scenario.', '',
                  '| Scenario | Runs | Failed runs | Paid invoices | Lost | Double credits | Longest recovery |',
                  '|---|---|---|---|---|---|---|']
         for name, scenario, clock, postgres_only in SCENARIOS:
@@ -230,7 +237,7 @@ def main(argv=None):
             outcomes, failed = [], 0
             for number in range(1, args.runs + 1):
                 started = time.monotonic()
-                outcome, failure = run_scenario(scenario, url)
+                outcome, failure = run_scenario(scenario, url, args.panel_version)
                 if failure or outcome.problems:
                     failed += 1
                     print(f'FAILED {name} run {number}:\n{failure or outcome.problems}', file=sys.stderr)

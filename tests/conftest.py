@@ -49,6 +49,7 @@ def database(tmp_path):
     """Bind the models to a fresh, empty real database and hold a connection for the test."""
     url = database_url(tmp_path)
     database = models.connect_database(url, pool_size=40)
+    models.use_panels(['main'])  # set per process at start-up, like the database: a Shop of a test sets its own
     models.create_schema()
     with models.db.connection_context():
         clear_database()

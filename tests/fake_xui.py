@@ -1,20 +1,29 @@
 """A loopback fake of a 3x-ui panel that speaks its HTTP API, quirks included (shared/reference/xui-api.md).
 
 Flavours:
-- generation='legacy', csrf=False: v2.8.4 - v2.9.4. Clients under panel/api/inbounds/*, settings as JSON
+- generation='legacy', csrf=False: v2.8.4 - v2.9.4 (version 2.9.4). Clients under panel/api/inbounds/*, settings as JSON
   strings, 404 with an empty body for unauthenticated API calls, no csrf-token route.
   redirect_unauthenticated=True gives the <= v2.8.3 answer instead (401 JSON for XHR, else 307).
-- generation='legacy', csrf=True: v3.0.0 - v3.0.1. Adds the CSRF handshake, the Bearer API token and the
+- generation='legacy', csrf=True: v3.0.0 - v3.0.1 (version 3.0.1). Adds the CSRF handshake, the Bearer API token and the
   login rate limit.
-- generation='v3': v3.1 - v3.3.0. Clients under panel/api/clients/*, the legacy client routes gone (404 even
-  when logged in), settings as objects, 401 for unauthenticated XHR calls, an update that omits the key
-  mints a new one (keeps_key_on_update=True models v3.3.1+).
+- generation='v3': v3.1+. Clients under panel/api/clients/*, the legacy client routes gone (404 even
+  when logged in), settings as objects, 401 for unauthenticated XHR calls. `version` picks the release
+  (default 3.6.0; see VERSIONS): its Client struct, which every body is decoded into the way Go's
+  encoding/json does (fake_xui_types.py), its ClientRecord shape (wireguard fields and the comma-separated
+  string allowedIPs from 3.4.2, secret/adTag from 3.5.0), and its error texts and quirks (an update that
+  omits the key mints a new one before 3.3.1, "Obtain (record not found)" only in 3.6.0, ...).
+  Legacy panels decode the clients inside `settings` with errors ignored (zero values) and store the
+  JSON as sent; so does this fake.
+- two_factor=True: the admin has two-factor login on; logging in without the code fails with the panel's
+  own words, and POST getTwoFactorEnable (public; CSRF on v3.0+) says so.
 
 Knobs for tests (each applies to API calls only; most take a `route` prefix such as
 'POST panel/api/clients/add'): fail_next, hang_next, drop_next, garbage_next, success_false_next,
-redirect_next; also expire_sessions,
-refuse/accept, disable, set_generation. State: clients (our inbound's entries by email), traffic (rows
-by email), records (v3), inbounds, hits (requests per 'METHOD path-below-base').
+redirect_next; also expire_sessions, cookie_max_age (the session cookie's Max-Age: a client's cookie jar
+drops it after that), refuse/accept, disable, set_generation. State: clients (our inbound's entries by
+email, as stored), traffic (rows by email), records (v3, as stored: allowedIPs a comma-separated string,
+reverse a dict or None; every field of the newest shape, shown per version), inbounds, hits (requests per
+'METHOD path-below-base').
 """
 import base64
 import contextlib
@@ -30,51 +39,39 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from fake_xui_types import (INBOUND, LOGIN_FORM, client_struct, create_payload_struct, decode, json_kind, parse,
+                            record_fields, unmarshal, version_tuple)
+
 COOKIE = '3x-ui'
 KEY_FIELDS = {'vless': 'id', 'vmess': 'id', 'trojan': 'password', 'shadowsocks': 'email',
               'hysteria': 'auth', 'hysteria2': 'auth'}
-INT_FIELDS = ('limitIp', 'totalGB', 'expiryTime', 'tgId', 'reset')
-STR_FIELDS = ('id', 'password', 'auth', 'email', 'subId', 'flow', 'security', 'comment', 'group')
+VERSIONS = ('2.9.4', '3.0.1', '3.1.0', '3.2.8', '3.3.0', '3.3.1', '3.4.2', '3.5.0', '3.6.0')
+NEWEST = '3.6.0'
 BAD_CHARS = re.compile(r'[/\\ \x00-\x1f\x7f]')
 LOGIN_OK = 'You have successfully logged into your account.'
 LOGIN_BAD = 'Invalid username or password or two-factor code.'
 BIND_PREFIX = 'Inbound has been successfully updated. '
 LOGIN_PAGE = b'<!DOCTYPE html><html><head><title>Login</title></head><body>3x-ui</body></html>'
 SS_METHOD = '2022-blake3-aes-256-gcm'
+TWO_FACTOR_CODE = '284913'  # the one code a two_factor fake takes (a real panel checks a TOTP)
 
 
 def now_ms():
     return int(time.time() * 1000)
 
 
-def go_kind(value):
-    """Name a JSON value's kind the way Go's encoding/json errors do."""
-    if isinstance(value, bool):
-        return 'bool'
-    if isinstance(value, (int, float)):
-        return 'number'
-    return {str: 'string', list: 'array', dict: 'object'}.get(type(value), 'null')
-
-
-def type_error(client, struct, lenient_tg_id=False):
-    """Return Go's unmarshal error for a client with a wrongly typed field, or None."""
-    for key, value in client.items():
-        if value is None:
-            continue
-        if key in INT_FIELDS and not (isinstance(value, int) and not isinstance(value, bool)):
-            if key == 'tgId' and lenient_tg_id:
-                continue
-            return f'json: cannot unmarshal {go_kind(value)} into Go struct field {struct}.{key} of type int64'
-        if key in STR_FIELDS and not isinstance(value, str):
-            return f'json: cannot unmarshal {go_kind(value)} into Go struct field {struct}.{key} of type string'
-        if key == 'enable' and not isinstance(value, bool):
-            return f'json: cannot unmarshal {go_kind(value)} into Go struct field {struct}.enable of type bool'
-    return None
-
-
 def as_int(value):
     """Read an int field the way typed Go decoding leaves it (a string tgId is dropped)."""
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def as_str(value):
+    return value if isinstance(value, str) else ''
+
+
+def allowed_ips_text(value):
+    """Store allowedIPs as ClientRecord does: Client's []string joined with commas."""
+    return ','.join(value) if isinstance(value, list) else as_str(value)
 
 
 def mint_key(protocol, settings):
@@ -110,19 +107,24 @@ class FakePanel:
 
     def __init__(self, generation='legacy', csrf=None, base_path='/', username='admin', password='admin-pass',
                  api_token=None, protocol='vless', inbound_id=1, other_inbound_id=2,
-                 other_email='Taken@example.com', traffic_unknown_null=False, keeps_key_on_update=False,
-                 redirect_unauthenticated=False, cookie_max_age=21600):
+                 other_email='Taken@example.com', traffic_unknown_null=None, keeps_key_on_update=None,
+                 redirect_unauthenticated=False, cookie_max_age=21600, version=None, two_factor=False):
         if generation not in ('legacy', 'v3'):
             raise ValueError(generation)
         self.generation = generation
         self.csrf = generation == 'v3' if csrf is None else csrf
         if generation == 'v3' and not self.csrf:
             raise ValueError('v3 panels always have CSRF')
+        self.version = version or self._default_version(generation, self.csrf)
+        if version_tuple(self.version) >= (3, 1) and generation != 'v3' or (
+                generation == 'v3' and version_tuple(self.version) < (3, 1)):
+            raise ValueError(f'version {self.version} is not of the {generation} generation')
         self.base_path = '/' + base_path.strip('/') + '/' if base_path.strip('/') else '/'
         self.username, self.password, self.api_token = username, password, api_token
+        self.two_factor = two_factor
         self.protocol, self.inbound_id = protocol, inbound_id
-        self.traffic_unknown_null = traffic_unknown_null
-        self.keeps_key_on_update = keeps_key_on_update
+        self._traffic_unknown_null = traffic_unknown_null
+        self._keeps_key_on_update = keeps_key_on_update
         self.redirect_unauthenticated = redirect_unauthenticated
         self.cookie_max_age = cookie_max_age
         self.inbounds = {}
@@ -197,8 +199,9 @@ class FakePanel:
 
     # test knobs and state
 
-    def fail_next(self, n=1, status=500, route=None):
-        self._knobs.append({'kind': 'fail', 'n': n, 'status': status, 'route': route})
+    def fail_next(self, n=1, status=500, route=None, msg=None):
+        """Answer the next n API calls with this status: an empty body, or an envelope with msg."""
+        self._knobs.append({'kind': 'fail', 'n': n, 'status': status, 'route': route, 'msg': msg})
 
     def hang_next(self, n=1, seconds=1.0, route=None):
         """Apply the next n API calls but answer them only after `seconds`."""
@@ -236,17 +239,54 @@ class FakePanel:
             if email in self.traffic:
                 self.traffic[email]['enable'] = False
 
-    def set_generation(self, generation, csrf=True):
+    def set_generation(self, generation, csrf=True, version=None):
         """Upgrade to v3.1+ or downgrade to legacy (v3.0.x when csrf), keeping clients and sessions."""
         with self._lock:
             if generation == 'v3':
                 self.csrf = True
+                self.generation, self.version = generation, version or NEWEST
                 self._build_records()
             else:
                 self.csrf = csrf
                 self.records.clear()
                 self.links.clear()
-            self.generation = generation
+                self.generation, self.version = generation, version or self._default_version(generation, csrf)
+
+    @staticmethod
+    def _default_version(generation, csrf):
+        if generation == 'v3':
+            return NEWEST
+        return '3.0.1' if csrf else '2.9.4'
+
+    def since(self, version):
+        """Tell whether the panel's version is this one or later."""
+        return version_tuple(self.version) >= version_tuple(version)
+
+    @property
+    def traffic_unknown_null(self):
+        """Whether traffic for an unknown email is success:true, obj:null (v3.2.8+; <= v2.8.0 too)."""
+        if self._traffic_unknown_null is not None:
+            return self._traffic_unknown_null
+        return self.generation == 'v3' and self.since('3.2.8')
+
+    @traffic_unknown_null.setter
+    def traffic_unknown_null(self, value):
+        self._traffic_unknown_null = value
+
+    @property
+    def keeps_key_on_update(self):
+        """Whether an update that omits the key keeps it (v3.3.1+) rather than minting a new one."""
+        if self._keeps_key_on_update is not None:
+            return self._keeps_key_on_update
+        return self.since('3.3.1')
+
+    @keeps_key_on_update.setter
+    def keeps_key_on_update(self, value):
+        self._keeps_key_on_update = value
+
+    @property
+    def client_type(self):
+        return client_struct(self.version)
 
     def count(self, prefix):
         """Count requests whose 'METHOD path-below-base' starts with prefix."""
@@ -305,23 +345,44 @@ class FakePanel:
 
     @staticmethod
     def _record(client, record_id, created):
-        """Build a v3.1 ClientRecord from a client object (fields not sent take Go's zero values)."""
-        return {'id': record_id, 'email': client.get('email') or '', 'subId': client.get('subId') or '',
-                'uuid': client.get('id') or '', 'password': client.get('password') or '',
-                'auth': client.get('auth') or '', 'flow': client.get('flow') or '',
-                'security': client.get('security') or '', 'reverse': None,
+        """Build a ClientRecord as stored (Client.ToRecord) from a client object; what was not sent is zero.
+
+        It holds every field of the newest shape; _record_json shows those of the panel's version.
+        """
+        reverse = client.get('reverse')
+        tag = reverse.get('tag') if isinstance(reverse, dict) else None
+        return {'id': record_id, 'email': as_str(client.get('email')), 'subId': as_str(client.get('subId')),
+                'uuid': as_str(client.get('id')), 'password': as_str(client.get('password')),
+                'auth': as_str(client.get('auth')), 'flow': as_str(client.get('flow')),
+                'security': as_str(client.get('security')), 'privateKey': as_str(client.get('privateKey')),
+                'publicKey': as_str(client.get('publicKey')),
+                'allowedIPs': allowed_ips_text(client.get('allowedIPs')),
+                'preSharedKey': as_str(client.get('preSharedKey')), 'keepAlive': as_int(client.get('keepAlive')),
+                'secret': as_str(client.get('secret')), 'adTag': as_str(client.get('adTag')),
                 'limitIp': as_int(client.get('limitIp')), 'totalGB': as_int(client.get('totalGB')),
                 'expiryTime': as_int(client.get('expiryTime')), 'enable': client.get('enable') is True,
-                'tgId': as_int(client.get('tgId')), 'comment': client.get('comment') or '',
-                'reset': as_int(client.get('reset')), 'createdAt': created, 'updatedAt': now_ms()}
+                'tgId': as_int(client.get('tgId')), 'group': as_str(client.get('group')),
+                'comment': as_str(client.get('comment')), 'reset': as_int(client.get('reset')),
+                'createdAt': created, 'updatedAt': now_ms(),
+                'reverse': {'tag': tag} if isinstance(tag, str) and tag.strip() else None}
+
+    def _record_json(self, record):
+        """Show a stored record the way this version's ClientRecord.MarshalJSON does."""
+        return {key: record.get(key) for key in record_fields(self.version)}
 
     @staticmethod
     def _entry(record, protocol):
-        """Write a record into an inbound's settings the way v3.1+ does."""
+        """Write a record into an inbound's settings the way v3.1+ does (Client's JSON, omitempty fields)."""
         entry = {'email': record['email'], 'flow': record['flow'], 'limitIp': record['limitIp'],
                  'totalGB': record['totalGB'], 'expiryTime': record['expiryTime'], 'enable': record['enable'],
                  'tgId': record['tgId'], 'subId': record['subId'], 'comment': record['comment'],
                  'reset': record['reset'], 'created_at': record['createdAt'], 'updated_at': record['updatedAt']}
+        for key in ('security', 'group', 'privateKey', 'publicKey', 'preSharedKey', 'keepAlive', 'secret', 'adTag',
+                    'reverse'):
+            if record.get(key):
+                entry[key] = record[key]
+        if record.get('allowedIPs'):
+            entry['allowedIPs'] = record['allowedIPs'].split(',')
         if KEY_FIELDS.get(protocol) == 'id':
             entry['id'] = record['uuid']
         elif protocol.startswith('hysteria'):
@@ -385,6 +446,8 @@ class FakePanel:
             return self._csrf_token(session)
         if rel == 'login' and method == 'POST':
             return self._login(headers, body, session)
+        if rel == 'getTwoFactorEnable' and method == 'POST':
+            return self._two_factor_enable(headers, session)
         if rel.startswith('panel/api/'):
             return self._api(method, rel, headers, body, session)
         return Reply(404)
@@ -412,21 +475,18 @@ class FakePanel:
         return Reply(200, {'success': True, 'obj': token}, cookie=cookie)
 
     def _login(self, headers, body, session):
-        ctype = headers.get('Content-Type', '')
-        if 'application/json' in ctype:
-            try:
-                form = json.loads(body or b'null')
-            except ValueError:
-                form = None
-            if not isinstance(form, dict):
-                return fail('The Input data format is invalid.' if self.generation == 'legacy'
-                            else 'The input data format is invalid.')
-        else:
-            form = {k: v[0] for k, v in parse_qs(body.decode()).items()}
-        if self.csrf:
+        json_body = 'application/json' in headers.get('Content-Type', '')
+        form = {} if json_body else {k: v[0] for k, v in parse_qs(body.decode()).items()}
+        if self.csrf:  # the CSRF middleware runs before the handler binds anything
             sent = headers.get('X-CSRF-Token') or form.get('_csrf')
             if session is None or not sent or sent != session['csrf']:
                 return Reply(403)
+        if json_body:  # LoginForm: username, password, twoFactorCode, all strings
+            form, problem = unmarshal(body, LOGIN_FORM)
+            form = form or {}  # null decodes into the zero LoginForm
+            if problem:
+                return fail('The Input data format is invalid.' if self.generation == 'legacy'
+                            else 'The input data format is invalid.')
         username, password = str(form.get('username') or ''), str(form.get('password') or '')
         if not username:
             return fail('Username is required')
@@ -436,7 +496,8 @@ class FakePanel:
         limited = self.csrf  # the login limiter came with v3.0.0, like CSRF
         if limited and self._blocked_until.get(username, 0) > now:
             return fail(LOGIN_BAD)
-        if (username, password) != (self.username, self.password):
+        code = str(form.get('twoFactorCode') or '')
+        if (username, password) != (self.username, self.password) or (self.two_factor and code != TWO_FACTOR_CODE):
             if limited:
                 recent = [t for t in self._failures.get(username, []) if now - t < 300] + [now]
                 self._failures[username] = recent
@@ -448,6 +509,12 @@ class FakePanel:
             self._sessions.pop(session['id'], None)
         cookie = self._new_session(session['csrf'] if session else None, username)
         return Reply(200, ok(msg=LOGIN_OK if self.generation == 'v3' else ' ' + LOGIN_OK).body, cookie=cookie)
+
+    def _two_factor_enable(self, headers, session):
+        """Say whether two-factor login is on: public, but behind the CSRF check on v3.0+."""
+        if self.csrf and (session is None or not session['csrf'] or headers.get('X-CSRF-Token') != session['csrf']):
+            return Reply(403)
+        return ok(self.two_factor)
 
     def _routes(self):
         common = [('GET', r'inbounds/list', self._inbounds_list),
@@ -476,7 +543,7 @@ class FakePanel:
     def _api(self, method, rel, headers, body, session):
         knob = self._knob(method, rel)
         if knob and knob['kind'] == 'fail':
-            return Reply(knob['status'])
+            return Reply(knob['status'], knob['msg'] and {'success': False, 'msg': knob['msg'], 'obj': None})
         if knob and knob['kind'] == 'garbage':
             return Reply(200, LOGIN_PAGE)
         if knob and knob['kind'] == 'refuse':
@@ -528,22 +595,17 @@ class FakePanel:
     # legacy routes (panel/api/inbounds/*)
 
     def _bind_inbound(self, headers, body):
-        """Bind a body like c.ShouldBind(&model.Inbound): JSON or form; return (data, error reply)."""
+        """Bind a body like c.ShouldBind(&model.Inbound): JSON or form; return (data, error reply).
+
+        A bind error is answered with the success-sounding prefix the handler uses for it.
+        """
         if 'application/json' in headers.get('Content-Type', ''):
-            try:
-                data = json.loads(body or b'')
-            except ValueError:
-                return None, fail("Something went wrong (invalid character looking for beginning of value)")
-            if not isinstance(data, dict):
-                return None, fail(BIND_PREFIX + f'(json: cannot unmarshal {go_kind(data)} into Go value of type '
-                                  'model.Inbound)')
-            if 'id' in data and go_kind(data['id']) != 'number':
-                return None, fail(BIND_PREFIX + f'(json: cannot unmarshal {go_kind(data["id"])} into Go struct '
-                                  'field Inbound.id of type int)')
-            if 'settings' in data and not isinstance(data['settings'], str):
-                return None, fail(BIND_PREFIX + f'(json: cannot unmarshal {go_kind(data["settings"])} into Go '
-                                  'struct field Inbound.settings of type string)')
-            return data, None
+            data, problem = parse(body)
+            if problem is None:
+                typed, problem = decode(data, INBOUND)
+            if problem:
+                return None, fail(f'{BIND_PREFIX}({problem})')
+            return typed, None
         data = {k: v[0] for k, v in parse_qs(body.decode()).items()}
         if 'id' in data:
             if not data['id'].isdigit():
@@ -551,65 +613,72 @@ class FakePanel:
             data['id'] = int(data['id'])
         return data, None
 
+    def _typed(self, entry):
+        """Decode one settings entry into Client as GetClients does: type errors ignored, zero values kept."""
+        return decode(entry, self.client_type)[0] or self.client_type.zero()
+
     def _legacy_clients(self, headers, body):
-        """Return (inbound, clients sent in settings) or (None, error reply)."""
+        """Return (inbound, clients as sent, the same typed) or (None, error reply, None)."""
         data, error = self._bind_inbound(headers, body)
         if error:
-            return None, error
+            return None, error, None
         inbound = self.inbounds.get(data.get('id') or 0)
         if inbound is None:
-            return None, fail('Something went wrong (record not found)')
-        try:
-            settings = json.loads(data.get('settings') or '')
-        except ValueError:
-            return None, fail('Something went wrong (unexpected end of JSON input)')
-        if not isinstance(settings, dict) or not isinstance(settings.get('clients'), list):
-            return None, Reply(500)  # the Go type assertion panics; gin's recovery answers 500
+            return None, fail('Something went wrong (record not found)'), None
+        settings, problem = parse(data.get('settings') or '')
+        if problem:
+            problem = 'unexpected end of JSON input' if problem in ('EOF', 'unexpected EOF') else problem
+            return None, fail(f'Something went wrong ({problem})'), None
+        if not isinstance(settings, dict):
+            return None, fail(f'Something went wrong (json: cannot unmarshal {json_kind(settings)} into Go value '
+                              'of type map[string]interface {})'), None
+        if not isinstance(settings.get('clients'), list):
+            return None, Reply(500), None  # the Go type assertion panics; gin's recovery answers 500
         clients = settings['clients']
-        for client in clients:
-            problem = type_error(client, 'Client', lenient_tg_id=True) if isinstance(client, dict) else \
-                f'json: cannot unmarshal {go_kind(client)} into Go value of type model.Client'
-            if problem:
-                return None, fail(f'Something went wrong ({problem})')
-        return inbound, clients
+        return inbound, clients, [self._typed(client) for client in clients]
 
     def _legacy_add(self, body, headers):
-        inbound, clients = self._legacy_clients(headers, body)
+        inbound, clients, typed = self._legacy_clients(headers, body)
         if inbound is None:
             return clients
-        field, seen = KEY_FIELDS[inbound['protocol']], set()
-        for client in clients:
-            if not client.get(field):
-                return fail('Something went wrong (empty client ID\n)')
-            email = client.get('email') or ''
+        seen = set()
+        for client in typed:
+            email = client['email']
             if email and (self._email_clash(email) or email.lower() in seen):
                 return fail(f'Something went wrong (Duplicate email: {email}\n)')
             seen.add(email.lower())
-        for client in clients:
-            stored = {**client, 'created_at': now_ms(), 'updated_at': now_ms()}
+        field = KEY_FIELDS[inbound['protocol']]
+        if any(not client[field] for client in typed):
+            return fail('Something went wrong (empty client ID\n)')
+        for client, view in zip(clients, typed):
+            # the panel stores the JSON it was sent, whatever the typed view made of it
+            stored = {**client, 'created_at': client.get('created_at', now_ms()), 'updated_at': now_ms()} \
+                if isinstance(client, dict) else client
             inbound['settings']['clients'].append(stored)
-            if stored.get('email'):
-                self._new_traffic(stored, inbound['id'])
+            if view['email']:
+                self._new_traffic(view, inbound['id'])
         return ok(msg='Inbound client(s) have been added.')
 
     def _legacy_update(self, client_id, body, headers):
-        inbound, clients = self._legacy_clients(headers, body)
+        inbound, clients, typed = self._legacy_clients(headers, body)
         if inbound is None:
             return clients
+        if not clients:
+            return Reply(500)  # clients[0] panics
         field, stored = KEY_FIELDS[inbound['protocol']], inbound['settings']['clients']
-        index = next((i for i, c in enumerate(stored) if str(c.get(field, '')) == client_id), None)
-        if index is None:
-            return fail(f'Something went wrong (Client Not Found In Inbound For ID: {client_id}\n)')
-        new, old = clients[0], stored[index]
-        if not new.get(field):
+        index = next((i for i, c in enumerate(stored) if self._typed(c)[field] == client_id), None)
+        new, view = clients[0], typed[0]
+        if index is None or not view[field]:
             return fail('Something went wrong (empty client ID\n)')
-        email = new.get('email') or ''
-        if email and self._email_clash(email, owner=old.get('email')):
-            return fail(f'Something went wrong (Duplicate email: {email}\n)')
+        old = self._typed(stored[index])
+        if view['email'] and view['email'] != old['email'] and self._email_clash(view['email'], owner=old['email']):
+            return fail(f'Something went wrong (Duplicate email: {view["email"]}\n)')
         # the new object replaces the old one whole: what was not sent is gone
-        stored[index] = {**new, 'created_at': old.get('created_at', now_ms()), 'updated_at': now_ms()}
-        if email:
-            self._update_traffic(old.get('email'), stored[index])
+        if isinstance(new, dict):
+            new = {**new, 'created_at': stored[index].get('created_at', now_ms()), 'updated_at': now_ms()}
+        stored[index] = new
+        if view['email']:
+            self._update_traffic(old['email'], view)
         return ok(msg='Inbound client has been updated.')
 
     def _legacy_delete(self, inbound_id, client_id, body, headers):
@@ -617,7 +686,7 @@ class FakePanel:
         if inbound is None:
             return fail('Something went wrong (record not found)')
         field, stored = KEY_FIELDS[inbound['protocol']], inbound['settings']['clients']
-        client = next((c for c in stored if str(c.get(field, '')) == client_id), None)
+        client = next((c for c in stored if self._typed(c)[field] == client_id), None)
         if client is None:
             return fail(f'Something went wrong (Client Not Found In Inbound For ID: {client_id}\n)')
         if len(stored) == 1:
@@ -637,46 +706,43 @@ class FakePanel:
 
     # v3.1+ routes (panel/api/clients/*)
 
-    @staticmethod
-    def _bind_json(body):
-        """Bind like ShouldBindJSON: JSON whatever the Content-Type; return (data, error reply)."""
-        if not body:
-            return None, fail('Something went wrong (EOF)')
-        try:
-            return json.loads(body), None
-        except ValueError:
-            return None, fail(f"Something went wrong (invalid character {body[:1].decode()!r} looking for "
-                              f"beginning of value)")
+    def _bind_json(self, body, kind):
+        """Bind like ShouldBindJSON: the body decoded as JSON into `kind` whatever the Content-Type.
+
+        :returns: (typed value, None) or (None, the error reply)
+        """
+        typed, problem = unmarshal(body, kind)
+        if problem:
+            return None, fail(f'Something went wrong ({problem})')
+        return typed, None
 
     def _check_names(self, email, sub_id):
+        if not self.since('3.2.5'):
+            return None
         for name, value in (('email', email), ('subId', sub_id)):
             if value and BAD_CHARS.search(value):
                 return fail(f'Something went wrong (client {name} contains an invalid character: {value}\n)')
         return None
 
     def _v3_add(self, body, headers):
-        data, error = self._bind_json(body)
+        payload, error = self._bind_json(body, create_payload_struct(self.version))
         if error:
             return error
-        client = data.get('client') if isinstance(data, dict) else None
-        if not isinstance(client, dict):
-            return fail('Something went wrong (client email is required\n)')
-        problem = type_error(client, 'Client.client')
-        if problem:
-            return fail(f'Something went wrong ({problem})')
-        email, sub_id = str(client.get('email') or '').strip(), client.get('subId') or ''
+        client = payload['client'] or self.client_type.zero()
+        email, sub_id = client['email'].strip(), client['subId']
         if not email:
             return fail('Something went wrong (client email is required\n)')
         error = self._check_names(email, sub_id)
         if error:
             return error
-        inbound_ids = data.get('inboundIds') or []
+        inbound_ids = payload['inboundIds']
         if not inbound_ids:
             return fail('Something went wrong (at least one inbound is required\n)')
         record = self.records.get(email)
         if record is not None and sub_id != record['subId']:
             return fail(f'Something went wrong (email already in use: {email}\n)')
-        if sub_id and any(r['subId'] == sub_id and r['email'] != email for r in self.records.values()):
+        if self.since('3.2.5') and sub_id and any(r['subId'] == sub_id and r['email'] != email
+                                                  for r in self.records.values()):
             return fail(f'Something went wrong (subId already in use: {sub_id}\n)')
         for inbound_id in inbound_ids:
             inbound = self.inbounds.get(inbound_id)
@@ -700,28 +766,23 @@ class FakePanel:
         return ok(msg='Inbound client(s) have been added.')
 
     def _v3_update(self, email, body, headers):
-        client, error = self._bind_json(body)
+        client, error = self._bind_json(body, self.client_type)
         if error:
             return error
-        if not isinstance(client, dict):
-            return fail(f'Something went wrong (json: cannot unmarshal {go_kind(client)} into Go value of type '
-                        'model.Client)')
-        problem = type_error(client, 'Client')
-        if problem:
-            return fail(f'Something went wrong ({problem})')
         record = self.records.get(email)
         if record is None:
             return fail('Something went wrong (record not found)')
-        new_email = str(client.get('email') or '').strip()
-        if not new_email:
+        new_email = client['email']
+        if not new_email.strip():
             return fail('Something went wrong (client email is required\n)')
-        sub_id = client.get('subId') or record['subId']
-        error = self._check_names(new_email, sub_id)
+        error = self._check_names(new_email, client['subId'])
         if error:
             return error
+        sub_id = client['subId'] or record['subId']
         if new_email != email and (new_email in self.records or self._email_clash(new_email, owner=email)):
             return fail(f'Something went wrong (Duplicate email: {new_email}\n)')
-        if any(r['subId'] == sub_id and r['email'] != email for r in self.records.values()):
+        if self.since('3.2.5') and sub_id != record['subId'] and any(
+                r['subId'] == sub_id and r['email'] != email for r in self.records.values()):
             return fail(f'Something went wrong (Duplicate subId: {sub_id}\n)')
         keyed = {**client, 'email': new_email, 'subId': sub_id}
         for field, current in (('id', record['uuid']), ('password', record['password']), ('auth', record['auth'])):
@@ -744,6 +805,8 @@ class FakePanel:
 
     def _v3_delete(self, email, body, headers):
         if email not in self.records:
+            if not self.since('3.2.0'):
+                return fail('Something went wrong (record not found)')
             return fail(f'Something went wrong (client "{email}" not found in any inbound or client record\n)')
         for inbound in self.inbounds.values():
             inbound['settings']['clients'] = [c for c in inbound['settings']['clients'] if c.get('email') != email]
@@ -755,8 +818,15 @@ class FakePanel:
     def _v3_get(self, email, body, headers):
         record = self.records.get(email)
         if record is None:
-            return fail(' (record not found)')  # v3.1 - v3.5 ask for a missing i18n key: empty prefix
-        return ok({'client': dict(record), 'inboundIds': sorted(self.links.get(email, ()))})
+            # v3.1 - v3.5 ask for the missing i18n key "get": an empty prefix
+            return fail('Obtain (record not found)' if self.since('3.6.0') else ' (record not found)')
+        found = {'client': self._record_json(record), 'inboundIds': sorted(self.links.get(email, ()))}
+        if self.since('3.4.0'):
+            found['externalLinks'] = []
+        if self.since('3.3.1'):
+            row = self.traffic.get(email) or {}
+            found['usedTraffic'] = row.get('up', 0) + row.get('down', 0)
+        return ok(found)
 
     def _v3_traffic(self, email, body, headers):
         row = self.traffic.get(email)
@@ -770,7 +840,7 @@ class FakePanel:
     def _v3_list(self, body, headers):
         result = []
         for record in sorted(self.records.values(), key=lambda r: r['id']):
-            item = {**record, 'inboundIds': sorted(self.links.get(record['email'], ())) or None}
+            item = {**self._record_json(record), 'inboundIds': sorted(self.links.get(record['email'], ())) or None}
             if record['email'] in self.traffic:
                 item['traffic'] = {**self.traffic[record['email']], 'uuid': '', 'subId': ''}
             result.append(item)

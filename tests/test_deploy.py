@@ -43,7 +43,7 @@ STUBS = {
     'pip': '[ ! -e "$STUBS/pip-fails" ]',
     # python3 -c checks for venv; python3 -m venv DIR makes a venv whose pip and python are stubs too
     'python3': '''
-        if [ "$1" = -c ]; then [ ! -e "$STUBS/no-venv" ]; exit; fi
+        if [ "$1" = -c ]; then case "$2" in *ensurepip*) [ ! -e "$STUBS/no-venv" ];; esac; exit; fi
         if [ "$1 $2" = "-m venv" ]; then
             mkdir -p "$3/bin" && cp "$STUBS/pip" "$3/bin/pip" && cp "$STUBS/pip" "$3/bin/python"
         fi''',
@@ -151,7 +151,7 @@ def source(tmp_path):
 
 
 def deploy(source, tmp_path, stubs):
-    env = {'APP_DIR': str(tmp_path / 'srv' / 'shop'), 'SYSTEMD_DIR': str(tmp_path / 'systemd')}
+    env = {'APP_DIR': str(tmp_path / 'srv' / 'shop'), 'SYSTEMD_DIR': str(tmp_path / 'systemd'), 'PYTHONS': 'python3'}
     (tmp_path / 'systemd').mkdir(exist_ok=True)
     return run(source / 'deploy.sh', stubs, env)
 
@@ -176,7 +176,7 @@ def test_deploy_installs_everything_on_a_fresh_server(source, tmp_path):
     assert (app / 'data').is_dir() and (app / 'backups').is_dir()
     assert f'chown vpnbot:vpnbot {app}/data {app}/backups' in log
     assert f'python3 -m venv {app}/.venv' in log
-    assert f'pip install -q --disable-pip-version-check -r {app}/requirements.txt' in log
+    assert f'pip install -q --disable-pip-version-check --require-hashes -r {app}/requirements.lock' in log
     # .env: private, the bot's, SQLite in data/
     env_file = app / '.env'
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
@@ -210,7 +210,7 @@ def test_deploy_again_keeps_the_settings_user_and_venv(source, tmp_path):
     assert 'keeping the existing' in done.stdout
     log = calls(stubs)
     assert not [line for line in log if line.startswith(('useradd', 'python3 -m venv'))]
-    assert f'pip install -q --disable-pip-version-check -r {app}/requirements.txt' in log
+    assert f'pip install -q --disable-pip-version-check --require-hashes -r {app}/requirements.lock' in log
     assert 'systemctl enable vpn-bot' in log
 
 
@@ -290,10 +290,10 @@ def test_update_backs_up_pulls_migrates_and_restarts(server, tmp_path):
     assert f'backup: {backup}' in done.stdout
     assert (tmp_path / 'data' / 'bot.db').exists()  # the migration made the tables
     log = calls(stubs)
-    assert log.index('pip install -q --disable-pip-version-check -r requirements.txt') < log.index(
+    assert log.index('pip install -q --disable-pip-version-check --require-hashes -r requirements.lock') < log.index(
         'systemctl restart vpn-bot')
     assert f'runuser -u vpnbot -- {sys.executable} backup.py make' in log
-    assert f'runuser -u vpnbot -- {sys.executable} bot.py check' in log
+    assert f'runuser -u vpnbot -- {sys.executable} doctor.py --update' in log
     assert 'updated to' in done.stdout
 
 
@@ -312,7 +312,7 @@ def test_update_rolls_back_when_the_new_version_fails_its_check(server, tmp_path
     assert "No module named 'a_module_nobody_installed'" in done.stderr  # what the new version's check said
     log = calls(stubs)
     assert log.count('systemctl restart vpn-bot') == 2
-    assert log.count('pip install -q --disable-pip-version-check -r requirements.txt') == 2
+    assert log.count('pip install -q --disable-pip-version-check --require-hashes -r requirements.lock') == 2
     [backup] = (tmp_path / 'backups').glob('backup_*.tar.gz')
     assert str(backup) in done.stderr
 
@@ -333,7 +333,7 @@ def test_update_rolls_back_when_the_service_does_not_stay_active(server):
 def test_update_rolls_back_when_requirements_fail(server):
     app, upstream, stubs = server
     old = git(app, 'rev-parse', 'HEAD')
-    release(upstream, 'requirements.txt', 'no-such-package==0\n', 'bad requirements')
+    release(upstream, 'requirements.lock', 'no-such-package==0 --hash=sha256:00\n', 'bad requirements')
     (stubs / 'pip-fails').touch()
 
     done = update(app, stubs, WAIT_SECONDS=1)
@@ -365,3 +365,173 @@ def test_update_refuses_local_changes_and_changes_nothing(server, tmp_path):
     assert 'local changes' in done.stderr
     assert git(app, 'rev-parse', 'HEAD') == old
     assert calls(stubs) == [] and not (tmp_path / 'backups').exists()
+
+
+# scripts/test.sh (issue 10, item 12)
+
+
+@pytest.mark.skipif(not shutil.which('pg_ctl') and not list(__import__('pathlib').Path('/usr/lib/postgresql').glob('*/bin/pg_ctl')),
+                    reason='needs PostgreSQL server binaries')
+def test_test_sh_creates_no_system_user(tmp_path):
+    stubs = tmp_path / 'stubs'
+    stubs.mkdir()
+    for name in ['useradd', 'userdel', 'adduser']:  # they only log their calls
+        (stubs / name).write_text(f'#!/bin/sh\necho "{name} $*" >> "$STUBS/calls.log"\n')
+        (stubs / name).chmod(0o755)
+    users_before = set(line.split(':')[0] for line in open('/etc/passwd'))
+    env = {key: value for key, value in os.environ.items() if key != 'TEST_DATABASE_URL'}
+
+    done = subprocess.run(['bash', 'scripts/test.sh', 'tests/test_config.py', '-k', 'good_values', '-p', 'no:randomly'],
+                          cwd=ROOT, env={**env, 'DB': 'postgres', 'STUBS': str(stubs),
+                                         'PATH': f'{stubs}:{os.environ["PATH"]}'},
+                          capture_output=True, text=True, timeout=300)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    [server] = [line for line in done.stdout.splitlines() if line.startswith('test.sh: PostgreSQL')]
+    assert server.endswith(' as nobody'), server
+    assert not [line for line in calls(stubs) if line.startswith(('useradd', 'userdel'))]
+    assert set(line.split(':')[0] for line in open('/etc/passwd')) == users_before
+
+
+# the lock (issue 10, item 13)
+
+
+def pins(path):
+    """Return {name: version} of the == pins in a requirements file, following -r includes."""
+    found = {}
+    for text in (ROOT / path).read_text().splitlines():
+        text = text.split('#')[0].strip()
+        if text.startswith('-r '):
+            found.update(pins(text[3:].strip()))
+        elif '==' in text:
+            name, version = text.rstrip(' \\').split('==')
+            found[re.sub(r'[-_.]+', '-', name.split('[')[0]).lower()] = version.strip()
+    return found
+
+
+@pytest.mark.parametrize('source, lock', [('requirements.txt', 'requirements.lock'),
+                                          ('requirements-dev.txt', 'requirements-dev.lock')])
+def test_the_lock_holds_every_pin_with_hashes(source, lock):
+    locked = pins(lock)
+    stale = {name: version for name, version in pins(source).items() if locked.get(name) != version}
+    assert not stale, f'{lock} is stale for {stale}: run scripts/lock.sh and commit the lock'
+    entries = re.split(r'\n(?=[a-zA-Z])', (ROOT / lock).read_text())
+    assert all('--hash=sha256:' in entry for entry in entries if '==' in entry)
+    assert set(pins('requirements.lock')) <= set(pins('requirements-dev.lock'))
+
+
+def test_every_install_is_hash_checked():
+    for script in ['scripts/run.sh', 'scripts/test.sh', 'deploy.sh', 'update.sh']:
+        installs = [line for line in (ROOT / script).read_text().splitlines()
+                    if re.search(r'pip"? install|PIP"? install', line) and not line.lstrip().startswith('#')]
+        assert installs, script
+        for line in installs:
+            assert '--require-hashes' in line and '.lock' in line, f'{script}: {line}'
+
+
+# deploy.sh's interpreter (issue 10, item 8)
+
+
+def interpreter(folder, name, label):
+    """A python3.11 stub that logs as `label` and makes a venv of stubs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(f'''#!/bin/sh
+echo "{label} $*" >> "$STUBS/calls.log"
+if [ "$1" = -c ]; then exit 0; fi
+if [ "$1 $2" = "-m venv" ]; then
+    mkdir -p "$3/bin" && cp "$STUBS/pip" "$3/bin/pip" && cp "$STUBS/pip" "$3/bin/python"
+fi
+''')
+    path.chmod(0o755)
+    return path
+
+
+def test_deploy_builds_the_venv_with_a_python_the_service_user_can_run(source, tmp_path):
+    stubs = make_stubs(tmp_path / 'stubs')
+    (tmp_path / 'systemd').mkdir()
+    app = tmp_path / 'srv' / 'shop'
+    # root's own interpreter (a pyenv under /root): the service user gets "Permission denied"
+    private = interpreter(tmp_path / 'root' / '.pyenv' / 'shims', 'python3.11', 'pyenv-python3.11')
+    system = interpreter(tmp_path / 'usr' / 'bin', 'python3.11', 'system-python3.11')
+    (stubs / 'runuser').write_text(f'''#!/bin/sh
+echo "runuser $*" >> "$STUBS/calls.log"
+while [ "$1" != -- ]; do shift; done; shift
+case "$1" in {private}) echo "runuser: failed to execute $1: Permission denied" >&2; exit 126;; esac
+exec "$@"
+''')
+
+    done = run(source / 'deploy.sh', stubs, {'APP_DIR': str(app), 'SYSTEMD_DIR': str(tmp_path / 'systemd'),
+                                             'PATH': f'{private.parent}:{stubs}:{os.environ["PATH"]}',
+                                             'PYTHONS': f'python3.11 {system}'})
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = calls(stubs)
+    assert f'system-python3.11 -m venv {app}/.venv' in log, log
+    assert not [line for line in log if line.startswith('pyenv-python3.11 -m venv')]
+    assert f'skipping {private}: vpnbot cannot run it' in done.stderr
+    # and it checks the result as that user: the settings check on a fresh .env
+    assert f'runuser -u vpnbot -- {app}/.venv/bin/python config.py' in log
+
+
+def test_deploy_fails_without_a_python_the_service_user_can_run(source, tmp_path):
+    stubs = make_stubs(tmp_path / 'stubs')
+    (tmp_path / 'systemd').mkdir()
+    (stubs / 'runuser').write_text('#!/bin/sh\necho "runuser: failed to execute: Permission denied" >&2; exit 126\n')
+
+    done = run(source / 'deploy.sh', stubs, {'APP_DIR': str(tmp_path / 'app'), 'SYSTEMD_DIR': str(tmp_path / 'systemd'),
+                                             'PYTHONS': 'python3'})
+
+    assert done.returncode == 1
+    assert 'no Python 3.11 or newer that vpnbot can run' in done.stderr
+    assert not (tmp_path / 'systemd' / 'vpn-bot.service').exists()
+
+
+def test_deploy_again_runs_the_doctor_as_the_service_user(source, tmp_path):
+    stubs = make_stubs(tmp_path / 'stubs')
+    app = tmp_path / 'srv' / 'shop'
+    assert deploy(source, tmp_path, stubs).returncode == 0
+    (stubs / 'calls.log').unlink()
+
+    done = deploy(source, tmp_path, stubs)
+
+    assert done.returncode == 0, done.stderr
+    assert f'runuser -u vpnbot -- {app}/.venv/bin/python bot.py check' in calls(stubs)
+
+
+# update.sh's gate (issue 10, item 7)
+
+
+def test_update_goes_ahead_when_outside_services_are_down(server, panel, cryptopay):
+    app, upstream, stubs = server
+    new = release(upstream, 'CHANGES.md', 'release 2\n', 'release 2')
+    cryptopay.stop()
+    panel.stop()
+
+    done = update(app, stubs)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert git(app, 'rev-parse', 'HEAD') == new
+    assert 'WARN  crypto pay' in done.stdout and 'WARN  panel' in done.stdout
+    assert 'not caused by the update' in done.stdout
+
+
+def test_update_rolls_back_when_telegram_does_not_answer(server, telegram):
+    app, upstream, stubs = server
+    old = git(app, 'rev-parse', 'HEAD')
+    release(upstream, 'CHANGES.md', 'release 2\n', 'release 2')
+    telegram.close()
+
+    done = update(app, stubs, WAIT_SECONDS=3)
+
+    assert done.returncode == 1
+    assert git(app, 'rev-parse', 'HEAD') == old
+    assert 'FAIL  telegram' in done.stderr
+
+
+@pytest.mark.skipif(not shutil.which('systemd-analyze'), reason='systemd-analyze is not installed')
+def test_unit_exposure_is_at_most_1_5():
+    done = subprocess.run(['systemd-analyze', 'security', '--offline=true', '--no-pager', 'vpn-bot.service'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    [score] = re.findall(r'Overall exposure level for vpn-bot.service: ([0-9.]+)', done.stdout)
+    assert float(score) <= 1.5, done.stdout

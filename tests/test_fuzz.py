@@ -18,7 +18,7 @@ from texts import t
 
 ADMIN_ID = 900  # ADMIN_IDS in conftest.settings_env
 BOT_USERNAME = 'spn_test_bot'
-# CI's budget; FUZZ_EXAMPLES=2000 hunts longer (docs/RELIABILITY.md)
+# CI's budget; FUZZ_EXAMPLES=2000 hunts longer (docs/dev/RELIABILITY.md)
 FUZZ = settings(max_examples=int(os.environ.get('FUZZ_EXAMPLES', '80')), deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 COMMANDS = ('start', 'help', 'cancel', 'menu', 'promo') + ADMIN_COMMANDS

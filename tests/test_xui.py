@@ -1,14 +1,20 @@
 """The 3x-ui client against the loopback fake panel, in every API generation and with its failures."""
 import copy
+import json
+import re
 import threading
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
 import requests
 
-from fake_xui import running_panel
-from xui import XuiClient, XuiError
+import config
+from conftest import PANEL_PASSWORD, PANEL_USER, make_shop, settings_env
+from fake_xui import LOGIN_BAD, running_panel
+from models import User
+from xui import XuiClient, XuiError, XuiLoginError
 
 PASSWORD = 'panel-pass-Zq81'
 TOKEN = 'api-token-Xk27sQ'
@@ -20,8 +26,12 @@ FLAVOURS = {
     'v2.8.3': dict(generation='legacy', csrf=False, redirect_unauthenticated=True),
     'v3.0': dict(generation='legacy', csrf=True),
     'v3.0-token': dict(generation='legacy', csrf=True, api_token=TOKEN),
-    'v3.1': dict(generation='v3'),
-    'v3.1-token': dict(generation='v3', api_token=TOKEN),
+    'v3.1': dict(generation='v3', version='3.1.0'),
+    'v3.1-token': dict(generation='v3', version='3.1.0', api_token=TOKEN),
+    'v3.3': dict(generation='v3', version='3.3.0'),
+    'v3.4.2': dict(generation='v3', version='3.4.2'),
+    'v3.6': dict(generation='v3', version='3.6.0'),
+    'v3.6-token': dict(generation='v3', version='3.6.0', api_token=TOKEN),
     'v3-secret-path': dict(generation='v3', base_path=SECRET_PATH),
     'v2-secret-path': dict(generation='legacy', csrf=False, base_path=SECRET_PATH),
 }
@@ -103,6 +113,84 @@ def test_renewal_keeps_fields_the_bot_does_not_manage(panel, xui):
         panel.records['u100@spn']['flow'] = 'xtls-rprx-vision'
     ensure(xui, expiry=EXPIRY + timedelta(days=1))
     assert panel.clients['u100@spn']['flow'] == 'xtls-rprx-vision'
+
+
+WIREGUARD_IPS = '10.0.0.2/32, fd00::2/128'  # as ClientRecord stores them: Client's []string joined by commas
+
+
+def _datetime_ms(naive_utc):
+    return int(naive_utc.replace(tzinfo=timezone.utc).timestamp() * 1000)
+
+
+def made_on_the_panel(panel, allowed_ips=''):
+    """Give the panel a client of our inbound as its own web page would: key, flow, comment, group, reverse,
+    and (3.4.2+) wireguard fields on the record; return its key."""
+    session = logged_in(panel)
+    client = {'email': 'u100@spn', 'subId': 'sub100abc', 'enable': True, 'tgId': 100, 'flow': 'xtls-rprx-vision',
+              'comment': 'made by hand', 'reverse': {'tag': 'rev-out'}}
+    if panel.generation == 'v3':
+        if panel.since('3.2.0'):
+            client['group'] = 'friends'
+        answer = session.post(panel.url + '/panel/api/clients/add', json={'client': client, 'inboundIds': [1]})
+        assert answer.json()['success'] is True, answer.json()
+        if panel.since('3.4.2'):
+            panel.records['u100@spn'].update(allowedIPs=allowed_ips, privateKey='wg-private', keepAlive=25)
+        return panel.records['u100@spn']['uuid']
+    client.update(id=str(uuid.uuid4()), tgId='', totalGB=0, expiryTime=0)  # the legacy web page sends tgId ''
+    answer = session.post(panel.url + '/panel/api/inbounds/addClient',
+                          json={'id': 1, 'settings': json.dumps({'clients': [client]})})
+    assert answer.json()['success'] is True, answer.json()
+    return client['id']
+
+
+# (panel version, the record's allowedIPs): wireguard fields and the string allowedIPs appear in v3.4.2
+SHAPES = [('2.9.4', ''), ('3.0.1', ''), ('3.1.0', ''), ('3.3.0', ''), ('3.4.2', ''), ('3.4.2', WIREGUARD_IPS),
+          ('3.5.0', ''), ('3.5.0', WIREGUARD_IPS), ('3.6.0', ''), ('3.6.0', WIREGUARD_IPS)]
+
+
+@pytest.mark.parametrize('version, allowed_ips', SHAPES)
+def test_renewing_a_client_the_panel_made_on_every_record_shape(version, allowed_ips):
+    legacy = version in ('2.9.4', '3.0.1')
+    with running_panel(generation='legacy' if legacy else 'v3', csrf=version != '2.9.4', version=version,
+                       password=PASSWORD) as panel:
+        key = made_on_the_panel(panel, allowed_ips)
+        xui = make_client(panel)
+        renewed = ensure(xui, expiry=EXPIRY + timedelta(days=30), total_bytes=GIB)
+        stored = panel.clients['u100@spn']
+        assert renewed['uuid'] == key == stored['id'] and stored['subId'] == 'sub100abc'
+        assert stored['expiryTime'] == int((EXPIRY + timedelta(days=30)).timestamp() * 1000)
+        assert (stored['enable'], stored['totalGB'], stored['tgId']) == (True, GIB, 100)
+        assert (stored['flow'], stored['comment'], stored['reverse']) == ('xtls-rprx-vision', 'made by hand',
+                                                                           {'tag': 'rev-out'})
+        if panel.generation == 'v3' and panel.since('3.2.0'):
+            assert panel.records['u100@spn']['group'] == 'friends'
+        if panel.generation == 'v3' and panel.since('3.4.2'):
+            record = panel.records['u100@spn']
+            assert (record['privateKey'], record['keepAlive']) == ('wg-private', 25)
+            assert record['allowedIPs'] == allowed_ips.replace(' ', '')
+        assert panel.traffic['u100@spn']['enable'] is True
+
+
+@pytest.mark.parametrize('version, allowed_ips', [shape for shape in SHAPES if shape[0] not in ('3.4.2', '3.5.0')])
+def test_a_buyer_who_has_a_client_gets_more_days_on_the_panel(database, cryptopay, version, allowed_ips):
+    """Renewal through the shop on the real database: the panel follows the ledger on every record shape."""
+    legacy = version in ('2.9.4', '3.0.1')
+    with running_panel(generation='legacy' if legacy else 'v3', csrf=version != '2.9.4', version=version,
+                       username=PANEL_USER, password=PANEL_PASSWORD) as panel:
+        shop = make_shop(config.load(settings_env(panel, cryptopay, database)))
+        user, _ = shop.register(4242, 'buyer', 'Buyer', 'en')
+        shop.admin_give(900, user, 30, 'first')
+        assert shop.provision(user.id)
+        user = User.get_by_id(user.id)
+        if panel.generation == 'v3' and panel.since('3.4.2'):
+            panel.records[user.panel_email]['allowedIPs'] = allowed_ips  # also on a wireguard inbound, say
+        key = panel.clients[user.panel_email]['id']
+        shop.admin_give(900, user, 10, 'second')  # a renewal, promo, referral bonus or /give: the same push
+        assert shop.provision(user.id)
+        user = User.get_by_id(user.id)
+        stored = panel.clients[user.panel_email]
+        assert stored['expiryTime'] == _datetime_ms(user.expires_at) and stored['enable'] is True
+        assert (stored['id'], stored['subId']) == (key, user.panel_sub_id) and not user.panel_dirty
 
 
 def test_never_expiring_and_naive_utc(panel, xui):
@@ -224,21 +312,23 @@ def test_expired_session_costs_one_login(flavour):
         assert panel.count('POST login') == 2
 
 
-def test_old_session_renewed_before_it_expires():
-    with running_panel(generation='v3', password=PASSWORD) as panel:
+def test_session_cookie_dropped_by_the_jar_means_log_in_first():
+    """The panel's cookie lives Max-Age seconds and is never refreshed: once it is gone, log in before calling."""
+    with running_panel(generation='v3', password=PASSWORD, cookie_max_age=3) as panel:
         xui = make_client(panel)
         xui.get_client('u100@spn')
-        xui._logged_in_at -= 6 * 3600  # six hours later
+        time.sleep(3.1)  # the jar drops the cookie (not a timing assertion: only its lifetime has to pass)
         xui.get_client('u100@spn')
+        # probe + two lookups, none of them refused for want of a session
         assert panel.count('POST login') == 2 and panel.count('GET panel/api/clients/get') == 3
 
 
-@pytest.mark.parametrize('flavour', ['v2', 'v3.0', 'v3.1'])
+@pytest.mark.parametrize('flavour', ['v2', 'v3.0', 'v3.1', 'v3.6'])
 def test_wrong_password_one_login_per_call(flavour):
     with running_panel(password=PASSWORD, **FLAVOURS[flavour]) as panel:
         xui = make_client(panel, password='wrong-pass-Hj3')
         for calls in (1, 2):
-            with pytest.raises(XuiError, match='wrong username or password') as caught:
+            with pytest.raises(XuiLoginError, match=re.escape(LOGIN_BAD)) as caught:
                 ensure(xui)
             assert_no_secrets(caught.value)
             assert panel.count('POST login') == calls
@@ -251,9 +341,45 @@ def test_login_rate_limit_blocks_even_the_right_password():
         for _ in range(5):
             with pytest.raises(XuiError):
                 wrong.check()
-        with pytest.raises(XuiError, match='wrong username or password'):
+        with pytest.raises(XuiLoginError, match=re.escape(LOGIN_BAD)):
             make_client(panel).check()
         assert panel.count('POST login') == 6
+
+
+@pytest.mark.parametrize('flavour', ['v2', 'v3.0', 'v3.6'])
+def test_two_factor_login_keeps_the_panels_words_and_the_panel_says_why(flavour):
+    with running_panel(password=PASSWORD, two_factor=True, **FLAVOURS[flavour]) as panel:
+        xui = make_client(panel)
+        with pytest.raises(XuiLoginError) as caught:
+            xui.check()
+        assert 'Invalid username or password or two-factor code.' in str(caught.value)
+        assert 'XUI_API_TOKEN' in str(caught.value) and 'wrong username or password' not in str(caught.value)
+        assert_no_secrets(caught.value)
+        assert make_client(panel).two_factor_enabled() is True
+        assert panel.count('POST getTwoFactorEnable') == 1
+    with running_panel(password=PASSWORD, **FLAVOURS[flavour]) as panel:
+        xui = make_client(panel)
+        xui.check()
+        assert xui.two_factor_enabled() is False
+        assert xui.get_client('u100@spn') is None and panel.count('POST login') == 1  # the session is kept
+
+
+def test_inbound_refusal_keeps_the_panels_reason():
+    with running_panel(generation='v3', password=PASSWORD) as panel:
+        xui = make_client(panel)
+        panel.success_false_next(1, 'Obtain (database is locked\n)', route='GET panel/api/inbounds/get')
+        with pytest.raises(XuiError) as caught:
+            xui.check()
+        assert 'Obtain (database is locked)' in str(caught.value) and 'no inbound' not in str(caught.value)
+
+
+def test_server_error_with_an_envelope_keeps_its_message():
+    with running_panel(generation='v3', password=PASSWORD) as panel:
+        xui = make_client(panel)
+        xui.check()
+        panel.fail_next(3, status=500, msg='Something went wrong (disk I/O error)')
+        with pytest.raises(XuiError, match=re.escape('HTTP 500: Something went wrong (disk I/O error)')):
+            xui.get_client('u100@spn')
 
 
 def test_api_token_needs_no_login():
@@ -424,7 +550,7 @@ def test_downgrade_to_legacy_is_detected():
 
 def test_v3_update_without_key_would_rotate_it():
     """Guard the fake's v3.1 - v3.3.0 quirk that ensure_client must defend against."""
-    with running_panel(generation='v3', password=PASSWORD) as panel:
+    with running_panel(generation='v3', version='3.3.0', password=PASSWORD) as panel:
         key = ensure(make_client(panel))['uuid']
         session = logged_in(panel)
         record = session.get(panel.url + '/panel/api/clients/get/u100@spn').json()['obj']['client']
@@ -549,3 +675,127 @@ def test_fake_legacy_update_replaces_the_whole_client():
         assert answer.json() == {'success': True, 'msg': 'Inbound client has been updated.', 'obj': None}
         assert 'subId' not in panel.clients['u100@spn'] and panel.traffic['u100@spn']['enable'] is False
 
+
+
+def go_error(field, kind, go_type, struct='Client'):
+    return (f'Something went wrong (json: cannot unmarshal {kind} into Go struct field {struct}.{field} '
+            f'of type {go_type})')
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('allowedIPs', '', go_error('allowedIPs', 'string', '[]string')),
+    ('allowedIPs', [1], go_error('allowedIPs', 'number', 'string')),
+    ('keepAlive', '0', go_error('keepAlive', 'string', 'int')),
+    ('reverse', '', go_error('reverse', 'string', 'model.ClientReverse')),
+    ('reverse', {'tag': 7}, go_error('reverse.tag', 'number', 'string', struct='ClientReverse')),
+    ('privateKey', 0, go_error('privateKey', 'number', 'string')),
+    ('created_at', '1', go_error('created_at', 'string', 'int64')),
+    ('totalGB', 1.5, go_error('totalGB', 'number 1.5', 'int64')),
+    ('expiryTime', 2 ** 63, go_error('expiryTime', f'number {2 ** 63}', 'int64')),
+    ('enable', 'true', go_error('enable', 'string', 'bool')),
+    ('tgId', None, None),  # null leaves the zero value
+    ('Enable', True, None),  # keys match case-insensitively
+    ('usedTraffic', 'x', None),  # unknown keys are ignored
+])
+def test_fake_v3_6_update_decodes_the_body_into_client_as_go_does(field, value, message):
+    with running_panel(generation='v3', version='3.6.0') as panel:
+        key = ensure(make_client(panel))['uuid']
+        body = {'id': key, 'email': 'u100@spn', 'subId': 'sub100abc', field: value}
+        answer = logged_in(panel).post(panel.url + '/panel/api/clients/update/u100@spn', json=body).json()
+        assert (answer['success'], answer['msg']) == ((False, message) if message else
+                                                      (True, 'Inbound client has been updated.'))
+
+
+@pytest.mark.parametrize('version, accepted', [('3.1.0', True), ('3.4.1', True), ('3.4.2', False), ('3.6.0', False)])
+def test_fake_string_allowed_ips_is_refused_from_v3_4_2(version, accepted):
+    with running_panel(generation='v3', version=version) as panel:
+        key = ensure(make_client(panel))['uuid']
+        body = {'id': key, 'email': 'u100@spn', 'enable': True, 'allowedIPs': ''}
+        answer = logged_in(panel).post(panel.url + '/panel/api/clients/update/u100@spn', json=body).json()
+        assert answer['success'] is accepted
+
+
+def test_fake_add_and_top_level_type_errors():
+    with running_panel(generation='v3', version='3.6.0') as panel:
+        session = logged_in(panel)
+        add = panel.url + '/panel/api/clients/add'
+        answer = session.post(add, json={'client': {'email': 'a@spn', 'totalGB': '1'}, 'inboundIds': [1]}).json()
+        assert answer['msg'] == go_error('client.totalGB', 'string', 'int64')
+        answer = session.post(add, json={'client': {'email': 'a@spn'}, 'inboundIds': ['1']}).json()
+        assert answer['msg'] == go_error('inboundIds', 'string', 'int', struct='ClientCreatePayload')
+        answer = session.post(panel.url + '/panel/api/clients/update/x', json=[]).json()
+        assert answer['msg'] == 'Something went wrong (json: cannot unmarshal array into Go value of type model.Client)'
+        answer = session.post(add, data='client=1').json()
+        assert answer['msg'] == "Something went wrong (invalid character 'c' looking for beginning of value)"
+        assert panel.records.keys() == {'Taken@example.com'}
+
+
+def test_fake_legacy_settings_decode_ignores_type_errors_as_the_panel_does():
+    """Legacy panels decode settings.clients with errors ignored (zero values) and store the JSON as sent."""
+    with running_panel(generation='legacy', version='2.9.4') as panel:
+        session = logged_in(panel)
+        key = str(uuid.uuid4())
+        entry = {'id': key, 'email': 'u100@spn', 'enable': True, 'tgId': '', 'totalGB': '5', 'expiryTime': 0}
+        answer = session.post(panel.url + '/panel/api/inbounds/addClient',
+                              json={'id': 1, 'settings': json.dumps({'clients': [entry]})}).json()
+        assert answer == {'success': True, 'msg': 'Inbound client(s) have been added.', 'obj': None}
+        assert panel.clients['u100@spn']['tgId'] == '' and panel.clients['u100@spn']['totalGB'] == '5'
+        assert panel.traffic['u100@spn']['total'] == 0  # the typed view: a string totalGB is zero
+        numeric_key = {'id': 12345, 'email': 'u200@spn', 'enable': True}  # a number key is '' once typed
+        answer = session.post(panel.url + '/panel/api/inbounds/addClient',
+                              json={'id': 1, 'settings': json.dumps({'clients': [numeric_key]})}).json()
+        assert answer['msg'] == 'Something went wrong (empty client ID\n)'
+        unknown = {'id': str(uuid.uuid4()), 'email': 'u100@spn'}
+        answer = session.post(panel.url + '/panel/api/inbounds/updateClient/not-a-key',
+                              json={'id': 1, 'settings': json.dumps({'clients': [unknown]})}).json()
+        assert answer['msg'] == 'Something went wrong (empty client ID\n)'
+        answer = session.post(panel.url + '/panel/api/inbounds/addClient', json={'id': '1', 'settings': '{}'}).json()
+        assert answer['msg'] == ('Inbound has been successfully updated. (json: cannot unmarshal string into Go struct '
+                                 'field Inbound.id of type int)')
+
+
+@pytest.mark.parametrize('version, get_msg, traffic_null, delete_msg', [
+    ('3.1.0', ' (record not found)', False, 'Something went wrong (record not found)'),
+    ('3.2.8', ' (record not found)', True, 'Something went wrong (client "x@spn" not found in any inbound or client '
+                                           'record\n)'),
+    ('3.6.0', 'Obtain (record not found)', True, 'Something went wrong (client "x@spn" not found in any inbound or '
+                                                  'client record\n)'),
+])
+def test_fake_unknown_email_answers_per_version(version, get_msg, traffic_null, delete_msg):
+    with running_panel(generation='v3', version=version) as panel:
+        session = logged_in(panel)
+        assert session.get(panel.url + '/panel/api/clients/get/x@spn').json()['msg'] == get_msg
+        traffic = session.get(panel.url + '/panel/api/clients/traffic/x@spn').json()
+        assert (traffic['success'], traffic['obj']) == (True, None) if traffic_null else traffic['success'] is False
+        assert session.post(panel.url + '/panel/api/clients/del/x@spn').json()['msg'] == delete_msg
+
+
+WIREGUARD_KEYS = {'privateKey', 'publicKey', 'allowedIPs', 'preSharedKey', 'keepAlive'}
+
+
+@pytest.mark.parametrize('version, keys', [
+    ('3.1.0', {'group', 'secret', 'adTag', *WIREGUARD_KEYS}), ('3.3.0', {'secret', 'adTag', *WIREGUARD_KEYS}),
+    ('3.4.2', {'secret', 'adTag'}), ('3.6.0', set())])
+def test_fake_record_shape_per_version(version, keys):
+    with running_panel(generation='v3', version=version) as panel:
+        ensure(make_client(panel))
+        record = logged_in(panel).get(panel.url + '/panel/api/clients/get/u100@spn').json()['obj']['client']
+        newest = {'id', 'email', 'subId', 'uuid', 'password', 'auth', 'flow', 'security', 'privateKey', 'publicKey',
+                  'allowedIPs', 'preSharedKey', 'keepAlive', 'secret', 'adTag', 'limitIp', 'totalGB', 'expiryTime',
+                  'enable', 'tgId', 'group', 'comment', 'reset', 'createdAt', 'updatedAt', 'reverse'}
+        assert set(record) == newest - keys
+        assert list(record)[-1] == 'reverse' and isinstance(record['id'], int)
+        if 'allowedIPs' in record:
+            assert record['allowedIPs'] == '' and record['reverse'] is None
+
+
+@pytest.mark.parametrize('body, msg', [
+    ({'username': 'admin', 'password': 12345}, 'The input data format is invalid.'),
+    (None, 'Username is required'),
+    ({'username': 'admin', 'password': 'admin-pass', 'twoFactorCode': 284913}, 'The input data format is invalid.'),
+])
+def test_fake_login_decodes_a_json_form_as_go_does(body, msg):
+    with running_panel(generation='v3', version='3.6.0') as panel:
+        session = requests.Session()
+        session.headers['X-CSRF-Token'] = session.get(panel.url + '/csrf-token').json()['obj']
+        assert session.post(panel.url + '/login', json=body).json() == {'success': False, 'msg': msg, 'obj': None}
