@@ -452,6 +452,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Server(ThreadingHTTPServer):
+    # a loaded machine may not run the accept loop for a while: queue a burst of connections
+    # instead of dropping SYNs past socketserver's default of 5 (a 1 s retransmission each)
+    request_queue_size = 128
+
     def handle_error(self, request, client_address):
         # a killed bot's reset is no news, nor a client refusing our throwaway certificate
         if not isinstance(sys.exc_info()[1], (ConnectionError, ssl.SSLError)):
