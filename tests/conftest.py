@@ -120,3 +120,23 @@ def make_shop(settings):
 @pytest.fixture
 def shop(settings):
     return make_shop(settings)
+
+
+def pool_in_use():
+    """Return how many pooled PostgreSQL connections are checked out now (SQLite has no pool: 0)."""
+    return len(getattr(models.db.obj, '_in_use', {}))
+
+
+def our_threads():
+    """Return the live threads other than the loopback fakes' request threads (which may hang on purpose)."""
+    import threading
+    return {thread for thread in threading.enumerate() if 'process_request_thread' not in thread.name}
+
+
+def wait_threads_back(before, timeout=10):
+    """Wait until no thread is alive that was not in `before`; return the ones left."""
+    import time
+    deadline = time.monotonic() + timeout
+    while (left := our_threads() - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
