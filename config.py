@@ -77,6 +77,8 @@ class Settings:
     db_pool_size: int
     shop_name: str = texts.DEFAULT_SHOP_NAME
     texts: dict = field(default_factory=dict, hash=False, compare=False)  # the operator's TEXTS_FILE
+    reconcile_time: str = '03:30'
+    outage_alert_minutes: int = 5
 
     def plan(self, days):
         """Return the plan of that many days, or None."""
@@ -335,6 +337,8 @@ def load(environ=None):
         db_pool_size=read('DB_POOL_SIZE', number(1, 1000), '20'),
         shop_name=read('SHOP_NAME', shop_name, texts.DEFAULT_SHOP_NAME),
         texts=texts_file(str(lookup('TEXTS_FILE', '') or '').strip()),
+        reconcile_time=read('RECONCILE_TIME', clock_time, '03:30'),
+        outage_alert_minutes=read('OUTAGE_ALERT_MINUTES', positive_int, '5'),
     )
 
 

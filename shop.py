@@ -35,6 +35,8 @@ PANEL_BACKOFF_CAP = timedelta(minutes=1)  # the link must follow within about a 
 # One push per user at a time in this process, across the Shop instances of the handlers and of the jobs;
 # pushes from other processes are made safe by the expiry guard in _push_to_panel.
 _PROVISION_LOCKS = [threading.Lock() for _ in range(64)]
+# The last failed panel push per user id (the panel's own reason), for the admins' stuck-panel alert.
+_PANEL_ERRORS = {}
 # The users whose invoice is being created in this process right now (one creation per buyer at a time).
 _CREATING = set()
 _CREATING_LOCK = threading.Lock()
@@ -112,6 +114,7 @@ class Shop:
         self.cryptopay = cryptopay
         # two pushes for one user would race to create the same client (see _PROVISION_LOCKS)
         self._provision_locks = _PROVISION_LOCKS
+        self.panel_errors = _PANEL_ERRORS  # user id -> the last XuiError of a failed push, in this process
 
     # Users
 
@@ -339,6 +342,7 @@ class Shop:
         delay = min(timedelta(seconds=30 * 2 ** min(user.panel_failures, 10)), PANEL_BACKOFF_CAP)
         User.update(panel_failures=User.panel_failures + 1, panel_retry_at=now + delay).where(
             User.id == user.id).execute()
+        self.panel_errors[user.id] = error  # the panel's own reason, for the admins' stuck-panel alert
         log.warning('panel update failed user=%s failures=%s: %s', user.telegram_id, user.panel_failures + 1, error)
 
     def claim_notification(self, payment, now=None):
