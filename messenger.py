@@ -162,16 +162,22 @@ class Messenger:
                  report.failed, f' error={report.error}' if report.error else '')
         return report
 
-    def run_broadcast(self, text, chat_id, message_id, **options):
+    def run_broadcast(self, text, chat_id, message_id, progress_text=None, final_text=None, **options):
         """Broadcast text, keeping the admin's status message (chat_id, message_id) up to date; return the report.
 
         Meant as a thread's whole body: it never raises, and it always ends by putting the final
         counts (and why it stopped early, if it did) in the status message, or in a new message when
         that cannot be edited. Progress edits are tried once each: a lost one is no loss.
+
+        :param progress_text, final_text: turn a BroadcastReport into the admin's Telegram HTML
+            (default: BroadcastReport.text() in English).
         """
+        progress_text = progress_text or (lambda report: f'Broadcast: delivered {report.delivered}, '
+                                                         f'blocked {report.blocked}, failed {report.failed}…')
+        final_text = final_text or BroadcastReport.text
+
         def progress(report):
-            self.bot.edit_message_text(f'Broadcast: delivered {report.delivered}, blocked {report.blocked}, '
-                                       f'failed {report.failed}…', chat_id, message_id)
+            self.bot.edit_message_text(clip_html(progress_text(report)), chat_id, message_id, parse_mode='HTML')
 
         report = BroadcastReport(error='it could not start')
         try:
@@ -181,8 +187,9 @@ class Messenger:
             log.exception('broadcast failed')
             report.error = type(exc).__name__
         finally:
-            if self.edit(chat_id, message_id, report.text()) != SENT:
-                self.send(chat_id, report.text())
+            final = final_text(report)
+            if self.edit(chat_id, message_id, final) != SENT:
+                self.send(chat_id, final)
         return report
 
     def _recipients(self, batch):
