@@ -247,3 +247,10 @@ def test_telebot_logs_only_through_the_redacting_logger(monkeypatch, capfd):
     logging.getLogger('TeleBot').error('Threaded polling exception: url /bot%s/getUpdates', BOT_TOKEN)
     out, err = capfd.readouterr()
     assert err == '' and BOT_TOKEN not in out and '/bot***/getUpdates' in out
+
+
+def test_the_unit_restarts_a_failing_bot_ever_more_slowly():
+    unit = (ROOT / 'vpn-bot.service').read_text()
+    directives = dict(line.split('=', 1) for line in unit.splitlines() if '=' in line and not line.startswith('#'))
+    assert directives['Restart'] == 'always' and directives['RestartSec'] == '5'
+    assert int(directives['RestartSteps']) >= 5 and int(directives['RestartMaxDelaySec']) >= 300
