@@ -431,7 +431,10 @@ def recover_command(settings):
 
 
 def restore_command(settings, path, force):
-    """Run `python bot.py restore FILE [--force]`, then recover newer invoices; print a line each, return the exit code."""
+    """Run `python bot.py restore FILE [--force]`, then recover newer invoices; print a line each.
+
+    Return the exit code: 1 if the restore failed, or if Crypto Pay could not be asked afterwards.
+    """
     if not Path(path).is_file():
         print(f'error: no backup file at {path}', file=sys.stderr)
         return 1
