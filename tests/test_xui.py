@@ -422,7 +422,7 @@ def test_server_error_forever_gives_up_after_retries(panel, xui):
 @pytest.mark.parametrize('flavour', ['v2', 'v3.0', 'v3.1'])
 def test_hang_past_read_timeout(flavour):
     with running_panel(password=PASSWORD, **FLAVOURS[flavour]) as panel:
-        xui = make_client(panel, timeout=(5, 0.3))
+        xui = make_client(panel, timeout=(5, 1.5))
         ensure(xui)
         panel.hang_next(1, seconds=5)
         before = panel.count('GET panel/api/')
@@ -436,7 +436,7 @@ def test_hang_past_read_timeout(flavour):
 @pytest.mark.parametrize('generation', ['legacy', 'v3'])
 def test_add_whose_answer_was_lost_converges(generation):
     with running_panel(generation=generation) as panel:
-        xui = make_client(panel, timeout=(5, 0.3))
+        xui = make_client(panel, timeout=(5, 1.5))
         add = 'POST panel/api/clients/add' if generation == 'v3' else 'POST panel/api/inbounds/addClient'
         panel.hang_next(1, seconds=5, route=add)
         with pytest.raises(XuiError, match='did not answer'):
