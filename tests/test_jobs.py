@@ -50,9 +50,8 @@ def test_poller_settles_paid_provisions_and_tells_the_buyer_once(shop, cryptopay
 
 def test_poller_batches_by_one_thousand(shop, cryptopay, telegram, messenger):
     user = customer(shop, telegram)
-    for number in range(2500):
-        Payment.create(invoice_id=10_000_000 + number, user=user, plan_days=30, amount=100, currency='RUB',
-                       pay_url='x', created_at=NOW)
+    Payment.insert_many([dict(invoice_id=10_000_000 + number, user=user, plan_days=30, amount=100, currency='RUB',
+                              pay_url='x', created_at=NOW) for number in range(2500)]).execute()
     calls_before = len(cryptopay.calls)
     jobs.poll_payments(shop, messenger, now=NOW + timedelta(hours=2))
     polls = [params for method, params in cryptopay.calls[calls_before:] if method == 'getInvoices']
