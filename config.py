@@ -338,7 +338,7 @@ def load(environ=None):
         shop_name=read('SHOP_NAME', shop_name, texts.DEFAULT_SHOP_NAME),
         texts=texts_file(str(lookup('TEXTS_FILE', '') or '').strip()),
         reconcile_time=read('RECONCILE_TIME', clock_time, '03:30'),
-        outage_alert_minutes=read('OUTAGE_ALERT_MINUTES', positive_int, '5'),
+        outage_alert_minutes=read('OUTAGE_ALERT_MINUTES', number(1, 1440, ' minutes'), '5'),
     )
 
 

@@ -358,15 +358,11 @@ def test_outage_news_reaches_the_admins_once_each_way(shop, cryptopay, telegram,
     assert texts[1].startswith('✅ Crypto Pay is back after')
 
 
-def test_reconciliation_runs_at_reconcile_time(settings):
+def test_reconciliation_runs_at_reconcile_time(settings, panel, cryptopay, database):
     import config
+    from conftest import settings_env
     assert settings.reconcile_time == '03:30'
-    later = config.load({**settings_env_for(settings), 'RECONCILE_TIME': '5:07'})
+    later = config.load({**settings_env(panel, cryptopay, database), 'RECONCILE_TIME': '5:07'})
     scheduler = jobs.build_scheduler(None, None, later)
     times = {job.job_func.func.__name__: job.at_time for job in scheduler.jobs if job.at_time}
     assert str(times['report_reconcile']) == '05:07:00'
-
-
-def settings_env_for(settings):
-    return {'BOT_TOKEN': settings.bot_token, 'XUI_URL': settings.xui_url, 'XUI_USERNAME': 'a', 'XUI_PASSWORD': 'b',
-            'XUI_INBOUND_ID': '1', 'XUI_SUB_URL': settings.xui_sub_url, 'CRYPTOPAY_TOKEN': 'x:y'}
