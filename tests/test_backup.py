@@ -455,7 +455,7 @@ def test_invoices_created_after_the_backup_are_recovered_and_settled_once(shop, 
     newcomer, _ = shop.register(1002, 'new', 'New', 'ru')  # registered after the backup
     paid_later = shop.create_invoice(old, 90)
     newcomers = shop.create_invoice(newcomer, 30)
-    still_open = shop.create_invoice(old, 30)
+    still_open = shop.create_invoice(old, 180)  # another plan: a pending invoice of the same plan is reused
     cryptopay.pay(paid_later.invoice_id)
     cryptopay.pay(newcomers.invoice_id)
     stranger = cryptopay._create_invoice({'currency_type': 'fiat', 'fiat': 'RUB', 'amount': '5',
