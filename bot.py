@@ -10,6 +10,7 @@ import re
 import signal
 import sys
 import threading
+import time
 
 import telebot
 import zxingcpp
@@ -27,6 +28,7 @@ import panels
 import tgsender
 from cryptobot import CryptoPayClient, CryptoPayError
 from messenger import Messenger
+from outages import Outage, Watched, cryptopay_unreachable, describe, telegram_unreachable
 from shop import InvoiceInProgress, Shop, TooManyInvoices, language_for as shop_language
 import texts
 from markup import (MAX_CALLBACK_ANSWER, MAX_CAPTION, MAX_DESCRIPTION, MAX_MESSAGE, MAX_SHORT_DESCRIPTION, Html, clip_html,
@@ -43,6 +45,10 @@ LONG_POLL_SECONDS = 25
 # A button press must be answered within ~15 s (Telegram then refuses the answer): inside handlers each
 # outside call is tried once, with these timeouts; only the jobs retry with backoff.
 HANDLER_TIMEOUT = (3.05, 5)
+# Start-up tries to reach Telegram again after 5 s, 10 s, 20 s ... at most 5 minutes apart.
+START_RETRY_FIRST, START_RETRY_MAX = 5, 300
+# getMe answers at once when Telegram is up; a hang is reported this soon instead of after READ_TIMEOUT.
+START_READ_TIMEOUT = 10
 
 
 class RedactSecrets(logging.Filter):
@@ -69,13 +75,36 @@ class RedactSecrets(logging.Filter):
 
 
 def setup_logging(secrets=()):
-    """Log one line per event to stdout (journald adds the time stamps under systemd)."""
+    """Log one line per event to stdout (journald adds the time stamps under systemd), secrets redacted.
+
+    Every other way out goes through the same handler: an uncaught error in the main thread or in
+    any other thread, and telebot's own logger (which would print to stderr by itself).
+    """
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))
     handler.addFilter(RedactSecrets(secrets))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
+    logging.getLogger('TeleBot').handlers[:] = []  # propagate to the redacting handler only
+    sys.excepthook = log_uncaught
+    threading.excepthook = log_thread_death
+
+
+def log_uncaught(kind, error, trace):
+    """Log an error that ended the program (sys.excepthook), instead of Python's raw traceback on stderr."""
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, error, trace)
+        return
+    log.critical('stopped by an unexpected %s', kind.__name__, exc_info=(kind, error, trace))
+
+
+def log_thread_death(args):
+    """Log an error that ended a thread (threading.excepthook), redacted like every other line."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else '?'
+    log.error('thread %s died', name, exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 def secrets_of(settings):
@@ -535,56 +564,88 @@ class ShopBot:
         # cut the plain text to Telegram's visible limit first, then escape it: '&' is one character to Telegram
         text = html(clip_plain(argument, MAX_MESSAGE))
 
-        def progress(report):
-            self.edit_quietly(status, t(lang, 'adm_broadcast_progress', delivered=report.delivered,
-                                        blocked=report.blocked, failed=report.failed))
+        def say(report, key):
+            counts = dict(delivered=report.delivered, blocked=report.blocked, failed=report.failed)
+            if key == 'adm_broadcast_done' and report.error:
+                return t(lang, 'adm_broadcast_stopped', error=report.error, **counts)
+            return t(lang, key, **counts)
 
-        def run():
-            with models.db.connection_context():
-                report = self.messenger.broadcast(text, progress)
-            self.edit_quietly(status, t(lang, 'adm_broadcast_done', delivered=report.delivered,
-                                        blocked=report.blocked, failed=report.failed))
-
-        threading.Thread(target=run, name='broadcast', daemon=True).start()
-
-    def edit_quietly(self, message, text):
-        try:
-            self.bot.edit_message_text(clip_html(text), message.chat.id, message.message_id, parse_mode='HTML')
-        except ApiTelegramException as exc:
-            log.info('progress not shown: %s', exc.description)
+        threading.Thread(target=self.messenger.run_broadcast, args=(text, status.chat.id, status.message_id),
+                         kwargs={'progress_text': lambda report: say(report, 'adm_broadcast_progress'),
+                                 'final_text': lambda report: say(report, 'adm_broadcast_done')},
+                         name='broadcast', daemon=True).start()
 
     def admin_sync(self, message, user, _):
         self.reply(message.chat.id, '\n\n'.join(report.text(user.language) for report in jobs.reconcile_all(self.shop)))
 
 
 class LogErrors(telebot.ExceptionHandler):
-    """Log an unexpected handler error with its traceback and keep polling (telebot would pause or stop)."""
+    """Log an unexpected handler error with its traceback and keep polling (telebot would pause or stop).
+
+    A reply lost because Telegram is unreachable is one line for the whole outage, not a traceback each.
+    """
+
+    def __init__(self, outage):
+        self.outage = outage
 
     def handle(self, exception):
-        log.error('update failed', exc_info=exception)
+        if telegram_unreachable(exception):
+            self.outage.failed(describe(exception))
+        elif isinstance(exception, ApiTelegramException):
+            log.warning('telegram refused a call: %s', exception.description)
+        else:
+            log.error('update failed', exc_info=exception)
         return True
 
 
-def make_bot(settings):
+class PollingBot(telebot.TeleBot):
+    """A TeleBot whose long poll tells the Telegram Outage how it went and waits an outage out quietly."""
+
+    def __init__(self, *args, outage, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.outage = outage
+        self.stopping = threading.Event()
+
+    def get_updates(self, *args, **kwargs):
+        try:
+            updates = super().get_updates(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 — sorted by telegram_unreachable, the rest re-raised
+            if not telegram_unreachable(exc):
+                raise
+            self.stopping.wait(self.outage.failed(describe(exc)))
+            return []
+        self.outage.ok()
+        return updates
+
+    def stop_polling(self):
+        self.stopping.set()
+        super().stop_polling()
+
+
+def make_bot(settings, outage=None):
     """Create the TeleBot, pointed at TELEGRAM_API_URL, with explicit timeouts."""
     apihelper.API_URL = settings.telegram_api_url + '/bot{0}/{1}'
     apihelper.FILE_URL = settings.telegram_api_url + '/file/bot{0}/{1}'
     apihelper.CONNECT_TIMEOUT = 10
     apihelper.READ_TIMEOUT = 30
     apihelper.CUSTOM_REQUEST_SENDER = tgsender.RequestSender()  # urllib3, kept-alive; telebot's errors
-    return telebot.TeleBot(settings.bot_token, threaded=True, num_threads=settings.worker_threads,
-                           skip_pending=False, exception_handler=LogErrors())
+    outage = outage or Outage('Telegram', alert_after=settings.outage_alert_minutes * 60, alert_while_down=False)
+    return PollingBot(settings.bot_token, threaded=True, num_threads=settings.worker_threads,
+                      skip_pending=False, exception_handler=LogErrors(outage), outage=outage)
 
 
-def build_shop(settings, for_jobs=False):
-    """Create a Shop with its panels' and Crypto Pay clients.
+def build_shop(settings, for_jobs=False, cryptopay_outage=None):
+    """Create a Shop with its panels' and Crypto Pay clients (Crypto Pay's calls watched for outages).
 
     The handlers' shop tries each outside call once within HANDLER_TIMEOUT, so a button is answered in time
     and no handler thread sleeps; the jobs' shop (for_jobs) retries with backoff and honours Retry-After.
     """
     retry = {} if for_jobs else {'timeout': HANDLER_TIMEOUT, 'retries': 0}
     cryptopay = CryptoPayClient(settings.cryptopay_token, settings.cryptopay_url, **retry)
-    return Shop(settings, panels.connect(settings.panels, lambda config: panel_client(config, **retry)), cryptopay)
+    outage = cryptopay_outage or Outage('Crypto Pay', alert_after=settings.outage_alert_minutes * 60)
+    watched = Watched(cryptopay, outage, CryptoPayError, cryptopay_unreachable,
+                      methods=('get_me', 'create_invoice', 'get_invoices', 'delete_invoice'))
+    return Shop(settings, panels.connect(settings.panels, lambda config: panel_client(config, **retry)), watched)
 
 
 def panel_client(config, **retry):
@@ -593,33 +654,65 @@ def panel_client(config, **retry):
                      password=config.password or None, api_token=config.api_token or None, **retry)
 
 
+def start_telegram(bot, shop_bot, settings):
+    """Ask Telegram who the bot is and set it up; while Telegram cannot be reached, say so and try again.
+
+    Each failed try is one line naming what could not be reached, never the token; the tries back off
+    from START_RETRY_FIRST to START_RETRY_MAX seconds. Return False when Telegram refuses (a wrong token).
+    """
+    delay = START_RETRY_FIRST
+    while True:
+        apihelper.READ_TIMEOUT = START_READ_TIMEOUT
+        try:
+            shop_bot.username = bot.get_me().username
+            bot.delete_webhook()
+            shop_bot.set_commands()
+            return True
+        except Exception as exc:  # noqa: BLE001 — sorted below; nothing reaches Python's stderr traceback
+            if isinstance(exc, ApiTelegramException) and not telegram_unreachable(exc):
+                log.error('Telegram refused to start the bot (check BOT_TOKEN and TELEGRAM_API_URL): %s',
+                          exc.description)
+                return False
+            if not telegram_unreachable(exc):
+                raise
+            log.error('cannot reach Telegram at %s (%s); trying again in %s s', settings.telegram_api_url,
+                      describe(exc), delay)
+        finally:
+            apihelper.READ_TIMEOUT = 30
+        time.sleep(delay)
+        delay = min(delay * 2, START_RETRY_MAX)
+
+
 def run(settings):
     """Run the bot: long polling plus the jobs thread, until SIGTERM; return the exit code."""
+    stop_jobs = threading.Event()
+    bot = None
+
+    def stop(signum, frame):
+        log.info('stopping on signal %s', signum)
+        stop_jobs.set()
+        if bot is not None:
+            bot.stop_polling()
+        raise SystemExit(0)  # leave the long poll now; unconfirmed updates come again on the next start
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         models.connect_database(settings.database_url, settings.db_pool_size)
         models.create_schema()
     except (OperationalError, InterfaceError) as exc:
         log.error('database unreachable (check DATABASE_URL): %s', exc)
         return 1
-    shop = build_shop(settings)
-    bot = make_bot(settings)
+    alert_after = settings.outage_alert_minutes * 60
+    telegram = Outage('Telegram', alert_after=alert_after, alert_while_down=False)
+    cryptopay = Outage('Crypto Pay', alert_after=alert_after)
+    shop = build_shop(settings, cryptopay_outage=cryptopay)
+    bot = make_bot(settings, telegram)
     shop_bot = ShopBot(bot, shop, settings)
-    try:
-        shop_bot.username = bot.get_me().username
-        bot.delete_webhook()
-        shop_bot.set_commands()
-    except apihelper.ApiException as exc:
-        log.error('Telegram refused to start the bot (check BOT_TOKEN and TELEGRAM_API_URL): %s', exc)
+    shop_bot.messenger.outage = telegram
+    if not start_telegram(bot, shop_bot, settings):
         return 1
-    stop_jobs = jobs.start(build_shop(settings, for_jobs=True), shop_bot.messenger, settings)
-
-    def stop(signum, frame):
-        log.info('stopping on signal %s', signum)
-        stop_jobs.set()
-        bot.stop_polling()
-        raise SystemExit(0)  # leave the long poll now; unconfirmed updates come again on the next start
-
-    signal.signal(signal.SIGTERM, stop)
+    jobs.start(build_shop(settings, for_jobs=True, cryptopay_outage=cryptopay), shop_bot.messenger, settings,
+               stop=stop_jobs, outages=(telegram, cryptopay), redact=RedactSecrets(secrets_of(settings)).redact)
     log.info('bot @%s started', shop_bot.username)
     bot.infinity_polling(timeout=LONG_POLL_SECONDS, long_polling_timeout=LONG_POLL_SECONDS,
                          logger_level=logging.WARNING)

@@ -81,6 +81,8 @@ class Settings:
     panels: tuple = ()  # PanelConfig of every panel, from PANELS_FILE or the XUI_* settings
     shop_name: str = texts.DEFAULT_SHOP_NAME
     texts: dict = field(default_factory=dict, hash=False, compare=False)  # the operator's TEXTS_FILE
+    reconcile_time: str = '03:30'
+    outage_alert_minutes: int = 5
 
     def plan(self, days):
         """Return the plan of that many days, or None."""
@@ -269,10 +271,21 @@ def shop_name(text):
     return text
 
 
+def file_path(name, text):
+    """Return the path a setting names (relative to the bot's folder, or absolute).
+
+    :raises SettingError: the value holds a line break or another control character (no file is named so)
+    """
+    if not text.isprintable():
+        raise SettingError(f'{name} must be a file path on one line, like /opt/vpn-bot/data/{name.lower()}.toml')
+    return HERE / text
+
+
 def texts_file(text):
     """Read the operator's texts file (a path relative to the bot's folder or absolute); '' means none."""
     if not text:
         return {}
+    file_path('TEXTS_FILE', text)
     try:
         return texts.load_overrides(HERE / text)
     except ValueError as exc:
@@ -305,7 +318,7 @@ def load(environ=None):
         return lambda text: parse(text) if text else ''
 
     # PANELS_FILE replaces the XUI_* settings
-    panels_file = read('PANELS_FILE', optional(lambda text: str((HERE / text).resolve())), '')
+    panels_file = read('PANELS_FILE', optional(lambda text: str(file_path('PANELS_FILE', text).resolve())), '')
     xui_default = '' if panels_file else None
     api_token_value = read('XUI_API_TOKEN', optional(api_token), '')
     # With an API token the panel login is not needed.
@@ -346,6 +359,8 @@ def load(environ=None):
         texts=texts_file(str(lookup('TEXTS_FILE', '') or '').strip()),
         panels_file=panels_file,
         public_url=read('PUBLIC_URL', optional(http_url('https://vpn.example.com')), ''),
+        reconcile_time=read('RECONCILE_TIME', clock_time, '03:30'),
+        outage_alert_minutes=read('OUTAGE_ALERT_MINUTES', number(1, 1440, ' minutes'), '5'),
     )
     return replace(settings, panels=read_panels(settings))
 

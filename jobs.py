@@ -3,11 +3,13 @@
 Each job is a plain function that tests call directly with a chosen `now`.
 """
 import contextlib
+import inspect
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
+from html import escape
 
 import schedule
 from html import escape
@@ -27,7 +29,9 @@ log = logging.getLogger('jobs')
 
 POLL_BATCH = 1000  # getInvoices takes at most 1000 ids per call
 MISSING_GRACE = timedelta(minutes=10)  # Crypto Pay's clock and ours may differ a little
-ALERT_AFTER_FAILURES = 5
+ALERT_AFTER_FAILURES = 5  # failed pushes before the admins hear of a stuck client (a timeout may pass)
+ALERT_AFTER_REFUSALS = 2  # ... when the panel itself refused (e.g. "Duplicate email"): it will not pass
+LOG_REPEAT_EVERY = 20  # a job failing again and again logs one line per this many failed runs
 PUSH_BATCH = 200  # clients pushed per panel per run (every 20 s)
 ANNOUNCE_PER_ROUND = 100  # buyers told about their new link per run (every minute), through the paced messenger
 BACKFILL_PER_ROUND = 100  # buyers put onto a newly added panel per run: 5 a second, the panel is not flooded
@@ -38,9 +42,14 @@ REMINDERS = (  # kind, expiring no later than now + this, and later than now + t
 )
 
 
-def poll_payments(shop, messenger, now=None):
-    """Ask Crypto Pay about every pending invoice, in batches; settle the paid, expire the dead."""
+def poll_payments(shop, messenger, now=None, counts=None):
+    """Ask Crypto Pay about every pending invoice, in batches; settle the paid, expire the dead.
+
+    :param counts: a dict that gets the running counts (settled, expired), read if the run fails.
+    """
     now = now or utcnow()
+    counts = counts if counts is not None else {}
+    counts.update(settled=0, expired=0)
     # An invoice missing from an answer counts as gone only once it could no longer be paid anyway,
     # so a partial answer never expires a payable invoice.
     missing_before = now - timedelta(seconds=shop.settings.invoice_expires_seconds) - MISSING_GRACE
@@ -64,11 +73,13 @@ def poll_payments(shop, messenger, now=None):
             if invoice is not None and invoice.get('status') == 'paid':
                 if shop.apply_invoice_state(payment, invoice, now=now):
                     settled += 1
+                    counts['settled'] = settled
                     shop.provision(payment.user_id, now=now)
                     deliver_link(shop, messenger, Payment.get_by_id(payment.id), now)
             elif invoice is not None and invoice.get('status') == 'expired' or (
                     invoice is None and payment.created_at <= missing_before):
                 if shop.expire_payment(payment.invoice_id):
+                    counts['expired'] += 1
                     tell_expired(messenger, payment)
     alert_mismatches(shop, messenger)
     return settled
@@ -112,19 +123,24 @@ def deliver_link(shop, messenger, payment, now=None):
     return True
 
 
-def retry_provisioning(shop, messenger, now=None):
+def retry_provisioning(shop, messenger, now=None, counts=None):
     """Push every client whose panel update is due, each panel on its own thread; tell waiting buyers;
     alert the admins once per stuck client, naming the panel and its reason."""
     now = now or utcnow()
+    counts = counts if counts is not None else {}
+    counts.update(pushed=0, delivered=0)
     panels = shop.enabled_panels
     if len(panels) == 1:
-        retry_panel(shop, panels[0], now)
+        counts['pushed'] += retry_panel(shop, panels[0], now)
     else:  # a panel that is down or slow delays only its own copies
         with ThreadPoolExecutor(max_workers=len(panels), thread_name_prefix='panel-retry') as pool:
-            list(pool.map(lambda panel: retry_panel(shop, panel, now, own_connection=True), panels))
+            counts['pushed'] += sum(pool.map(lambda panel: retry_panel(shop, panel, now, own_connection=True),
+                                             panels))
     waiting = Payment.select().where(Payment.status == PAID, Payment.notified_at.is_null(),
                                      Payment.provisioned_at.is_null(False))
-    delivered = sum(deliver_link(shop, messenger, payment, now) for payment in waiting)
+    for payment in waiting:
+        counts['delivered'] += deliver_link(shop, messenger, payment, now)
+    delivered = counts['delivered']
     alert_stuck(shop, messenger)
     return delivered
 
@@ -136,29 +152,50 @@ def retry_panel(shop, panel, now, own_connection=False):
                .where(PanelClient.panel == panel.name, PanelClient.dirty == True,  # noqa: E712
                       PanelClient.retry_at.is_null() | (PanelClient.retry_at <= now))
                .order_by(PanelClient.retry_at.asc(nulls='first'), PanelClient.id).limit(PUSH_BATCH))
+        pushed = 0
         for row in list(due):
             if not shop.provision_on(panel, row.user_id, now=now):
                 break  # one failed call per run is enough to know the panel is down
+            pushed += 1
+        return pushed
 
 
 def alert_stuck(shop, messenger):
-    """Tell the admins once about clients a panel keeps refusing, grouped by panel, with the reason."""
+    """Tell the admins once about clients whose panel push keeps failing, naming the panel and its reason.
+
+    A refusal by the panel ("Duplicate email", a bad inbound) does not pass by itself and needs an
+    admin, so it is reported after ALERT_AFTER_REFUSALS tries; a timeout or a refused connection after
+    ALERT_AFTER_FAILURES.
+    """
     stuck = list(PanelClient.select(PanelClient, User.telegram_id).join(User)
                  .where(PanelClient.dirty == True, PanelClient.alerted == False,  # noqa: E712
-                        PanelClient.failures >= ALERT_AFTER_FAILURES).limit(1000))
+                        ((PanelClient.refused == True) & (PanelClient.failures >= ALERT_AFTER_REFUSALS))  # noqa: E712
+                        | (PanelClient.failures >= ALERT_AFTER_FAILURES))
+                 .order_by(PanelClient.panel, PanelClient.id).limit(1000))
     if not stuck:
         return
     PanelClient.update(alerted=True).where(PanelClient.id.in_([row.id for row in stuck])).execute()
-    by_panel = {}
-    for row in stuck:
-        by_panel.setdefault(row.panel, []).append(row)
-    for name, rows in sorted(by_panel.items()):
-        ids = ', '.join(str(row.user.telegram_id) for row in rows[:20])
-        text = (f'⚠️ Panel {escape(name)} has refused updates for {len(rows)} user(s) '
-                f'{ALERT_AFTER_FAILURES}+ times: {ids}. Last reason: {escape(rows[0].last_error or "unknown")}. '
-                'Their days are safe in the database and will be pushed when the panel takes them.')
-        for admin_id in shop.settings.admin_ids:
-            messenger.send(admin_id, text)
+    several = len(shop.enabled_panels) > 1
+    lines = []
+    for row in stuck[:20]:
+        where = f' on {row.panel}' if several else ''
+        if row.refused:
+            lines.append(f'• {row.user.telegram_id}{where}: the panel says "{row.last_error}". This will not pass '
+                         'by itself: fix the client on the panel (or remove it), then /sync.')
+        else:
+            lines.append(f'• {row.user.telegram_id}{where}: {row.last_error or "no answer"}. It is retried until '
+                         'the panel answers.')
+    more = f'\n…and {len(stuck) - 20} more.' if len(stuck) > 20 else ''
+    who = 'Panel ' + ', '.join(sorted({row.panel for row in stuck})) if several else 'The panel'
+    text = (f'⚠️ {who} has refused updates for {len(stuck)} user(s). Their days are safe in the database.\n'
+            + '\n'.join(lines) + more)
+    tell_admins(shop.settings, messenger, text)
+
+
+def tell_admins(settings, messenger, text):
+    """Send a plain-text notice to every admin (escaped: it may quote the panel, Crypto Pay or an error)."""
+    for admin_id in settings.admin_ids:
+        messenger.send(admin_id, escape(text, quote=False))
 
 
 def announce_new_link(shop, messenger, now=None, per_round=ANNOUNCE_PER_ROUND):
@@ -192,13 +229,13 @@ def backfill_panels(shop, now=None, per_round=BACKFILL_PER_ROUND):
     now = now or utcnow()
     added = {}
     for panel in shop.enabled_panels:
-        missing = (User.select(User.id, Value(panel.name), Value(True), Value(0), Value(False))
+        missing = (User.select(User.id, Value(panel.name), Value(True), Value(0), Value(False), Value(False))
                    .where(User.expires_at > now,
                           ~fn.EXISTS(PanelClient.select(PanelClient.id)
                                      .where(PanelClient.user == User.id, PanelClient.panel == panel.name)))
                    .order_by(User.id).limit(per_round))
         insert = (PanelClient.insert_from(missing, [PanelClient.user, PanelClient.panel, PanelClient.dirty,
-                                                    PanelClient.failures, PanelClient.alerted])
+                                                    PanelClient.failures, PanelClient.refused, PanelClient.alerted])
                   .on_conflict_ignore())
         count = models.db.execute(insert).rowcount  # peewee's execute() gives the last id, not the count
         if count:
@@ -210,14 +247,15 @@ def backfill_panels(shop, now=None, per_round=BACKFILL_PER_ROUND):
     return added
 
 
-def send_reminders(shop, messenger, now=None):
+def send_reminders(shop, messenger, now=None, counts=None):
     """Send each expiry reminder once per subscription period; a renewal moves the period and re-arms them.
 
     A reminder is sent only when it says something new: not when the latest grant set this expiry already
     within the reminder's reach (a 3-day gift was just granted with its end date; "ends in 3 days" is no news).
     """
     now = now or utcnow()
-    sent = 0
+    counts = counts if counts is not None else {}
+    sent = counts['sent'] = 0
     for kind, until, after in REMINDERS:
         already = Reminder.select().where(Reminder.user == User.id, Reminder.kind == kind,
                                           Reminder.period_end == User.expires_at)
@@ -234,6 +272,7 @@ def send_reminders(shop, messenger, now=None):
                 continue
             text = t(user.language, f'reminder_{kind}', expiry=show_date(user.expires_at, shop.settings.timezone))
             sent += messenger.send(user.telegram_id, text, keyboards.renew(user.language)) == 'sent'
+            counts['sent'] = sent
     return sent
 
 
@@ -248,7 +287,7 @@ def news(user, until):
     return latest.expires_after - latest.created_at > until
 
 
-def backup_database(settings, now=None):
+def backup_database(settings, now=None, counts=None):
     """Write today's backup and drop the ones older than BACKUP_KEEP_DAYS."""
     path = backup.make_backup(settings.backup_dir, now=now)
     removed = backup.prune_backups(settings.backup_dir, settings.backup_keep_days, now=now)
@@ -339,37 +378,117 @@ def report_reconcile(shop, messenger, now=None):
     return reports
 
 
-def guarded(job):
-    """Run a job with its own database connection; log any failure with its traceback and carry on."""
-    def run(*args, **kwargs):
+def report_outages(shop, messenger, outages):
+    """Try Crypto Pay again while it is away (as its backoff allows), and send the admins due outage news."""
+    for outage in outages:
+        if outage.name == 'Crypto Pay' and outage.is_down and outage.due():
+            try:
+                shop.cryptopay.get_me()
+            except CryptoPayError:
+                pass  # the outage has counted it
+        for text in outage.take_messages():
+            tell_admins(shop.settings, messenger, text)
+
+
+class Guarded:
+    """Run a job with its own database connection, returned whatever happens; the jobs thread never dies.
+
+    A run that fails is logged (with its traceback the first time in a row, then one line per
+    LOG_REPEAT_EVERY runs) and the admins are told once per streak, with what the run had done
+    (its `counts` dict), and again when the job works; `every_failure` tells them of each failure
+    (a daily job). A failure of the outside service in `needs` is that Outage's news, not the job's:
+    while the service is away the job waits out the Outage's backoff instead of its schedule.
+    """
+
+    def __init__(self, job, settings=None, messenger=None, needs=None, every_failure=False, redact=str):
+        self.job = job
+        self.__name__ = job.__name__
+        self.settings = settings
+        self.messenger = messenger
+        self.needs = needs
+        self.every_failure = every_failure
+        self.redact = redact
+        self.failures = 0
+        self.takes_counts = 'counts' in inspect.signature(job).parameters
+
+    def __call__(self, *args, **kwargs):
+        if self.needs is not None and not self.needs.due():
+            return None
+        counts = {}
+        if self.takes_counts:
+            kwargs['counts'] = counts
         try:
             with models.db.connection_context():
-                return job(*args, **kwargs)
+                result = self.job(*args, **kwargs)
         except (CryptoPayError, XuiError) as exc:
-            log.warning('job %s: outside service failed: %s', job.__name__, exc)
-        except Exception:  # noqa: BLE001 — a job must never kill the jobs thread; it runs again next time
-            log.exception('job %s failed', job.__name__)
-    run.__name__ = job.__name__
-    return run
+            if self.needs is None or not self.needs.is_down:
+                log.warning('job %s: outside service failed: %s', self.__name__, exc)
+            return None
+        except Exception as exc:  # noqa: BLE001 — a job must never kill the jobs thread; it runs again next time
+            self.failed(exc, counts)
+            return None
+        if self.failures:
+            log.info('job %s works again after %s failed run(s)', self.__name__, self.failures)
+            self.tell(f'✅ Job {self.__name__} works again after {self.failures} failed run(s).')
+            self.failures = 0
+        return result
+
+    def failed(self, exc, counts):
+        self.failures += 1
+        if self.failures == 1:
+            log.exception('job %s failed', self.__name__)
+        elif self.failures % LOG_REPEAT_EVERY == 0:
+            log.error('job %s failed %s times in a row: %s', self.__name__, self.failures, type(exc).__name__)
+        if self.failures == 1 or self.every_failure:
+            done = ', '.join(f'{name} {value}' for name, value in counts.items()) or 'nothing done'
+            self.tell(f'⚠️ Job {self.__name__} failed ({done} before the failure): {reason_of(exc)}. '
+                      'It runs again on schedule; the log has the details.')
+
+    def tell(self, text):
+        if self.messenger is not None and self.settings is not None:
+            tell_admins(self.settings, self.messenger, self.redact(text))
 
 
-def build_scheduler(shop, messenger, settings):
-    """Return a Scheduler with every job registered."""
+def guarded(job, **options):
+    """Return the job wrapped by Guarded (see there)."""
+    return Guarded(job, **options)
+
+
+def reason_of(exc):
+    """Say why a job failed in one short line: an OSError's own words, otherwise the error's type."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f'{type(exc).__name__}: {exc.strerror}' + (f' ({exc.filename})' if exc.filename else '')
+    first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''
+    return f'{type(exc).__name__}: {first_line}' if first_line else type(exc).__name__
+
+
+def build_scheduler(shop, messenger, settings, outages=(), redact=str):
+    """Return a Scheduler with every job registered.
+
+    :param outages: the Outages of Telegram and Crypto Pay, whose news the admins get.
+    """
+    cryptopay = next((outage for outage in outages if outage.name == 'Crypto Pay'), None)
+    told = dict(settings=settings, messenger=messenger, redact=redact)
     scheduler = schedule.Scheduler()
-    scheduler.every(settings.payment_poll_seconds).seconds.do(guarded(poll_payments), shop, messenger)
-    scheduler.every(20).seconds.do(guarded(retry_provisioning), shop, messenger)
-    scheduler.every(20).seconds.do(guarded(backfill_panels), shop)
-    scheduler.every(1).minutes.do(guarded(announce_new_link), shop, messenger)
-    scheduler.every(5).minutes.do(guarded(send_reminders), shop, messenger)
-    scheduler.every().day.at(settings.backup_time).do(guarded(backup_database), settings)
-    scheduler.every().day.at('03:30').do(guarded(report_reconcile), shop, messenger)
+    scheduler.every(settings.payment_poll_seconds).seconds.do(
+        guarded(poll_payments, needs=cryptopay, **told), shop, messenger)
+    scheduler.every(20).seconds.do(guarded(retry_provisioning, **told), shop, messenger)
+    scheduler.every(20).seconds.do(guarded(backfill_panels, **told), shop)
+    scheduler.every(1).minutes.do(guarded(announce_new_link, **told), shop, messenger)
+    scheduler.every(5).minutes.do(guarded(send_reminders, **told), shop, messenger)
+    scheduler.every().day.at(settings.backup_time).do(guarded(backup_database, every_failure=True, **told),
+                                                      settings)
+    scheduler.every().day.at(settings.reconcile_time).do(guarded(report_reconcile, every_failure=True, **told),
+                                                         shop, messenger)
+    if outages:
+        scheduler.every(30).seconds.do(guarded(report_outages, **told), shop, messenger, outages)
     return scheduler
 
 
-def start(shop, messenger, settings):
+def start(shop, messenger, settings, stop=None, outages=(), redact=str):
     """Start the jobs thread; return the Event that stops it."""
-    scheduler = build_scheduler(shop, messenger, settings)
-    stop = threading.Event()
+    scheduler = build_scheduler(shop, messenger, settings, outages, redact)
+    stop = stop or threading.Event()
 
     def loop():
         while not stop.is_set():

@@ -171,7 +171,8 @@ class PanelClient(BaseModel):
     uuid = CharField(max_length=64, null=True)
     failures = IntegerField(default=0)
     retry_at = DateTimeField(null=True)
-    last_error = TextField(null=True)
+    last_error = TextField(null=True)  # the panel's own words when it refused, else what went wrong
+    refused = BooleanField(default=False)  # the last failure was the panel refusing (it will not pass by itself)
     alerted = BooleanField(default=False)
 
     class Meta:
@@ -223,9 +224,9 @@ def move_panel_state(migrator):
     A client the panel already matched keeps pushed_expiry = expires_at; a dirty one is pushed again.
     """
     db.execute_sql(
-        'INSERT INTO panel_clients (user_id, panel, dirty, pushed_expiry, uuid, failures, retry_at, alerted) '
+        'INSERT INTO panel_clients (user_id, panel, dirty, pushed_expiry, uuid, failures, retry_at, refused, alerted) '
         "SELECT id, 'main', panel_dirty, CASE WHEN panel_dirty THEN NULL ELSE expires_at END, panel_uuid, "
-        'panel_failures, panel_retry_at, panel_alerted FROM users WHERE expires_at IS NOT NULL')
+        'panel_failures, panel_retry_at, false, panel_alerted FROM users WHERE expires_at IS NOT NULL')
     return [migrator.drop_index('users', 'user_panel_dirty')] + [
         migrator.drop_column('users', column) for column in
         ('panel_uuid', 'panel_dirty', 'panel_failures', 'panel_retry_at', 'panel_alerted')]

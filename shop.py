@@ -37,6 +37,7 @@ PANEL_BACKOFF_CAP = timedelta(minutes=1)  # the link must follow within about a 
 # One push per user at a time in this process, across the Shop instances of the handlers and of the jobs;
 # pushes from other processes are made safe by the expiry guard in _push_to_panel.
 _PROVISION_LOCKS = [threading.Lock() for _ in range(64)]
+# The last failed panel push per user id (the panel's own reason), for the admins' stuck-panel alert.
 # The users whose invoice is being created in this process right now (one creation per buyer at a time).
 _CREATING = set()
 _CREATING_LOCK = threading.Lock()
@@ -391,9 +392,15 @@ class Shop:
         return False
 
     def record_panel_failure(self, row, user, panel, error, now):
-        """Count a failed push to one panel, keep its reason, schedule the next try (30 s, then every minute)."""
+        """Count a failed push to one panel, keep its reason, schedule the next try (30 s, then every minute).
+
+        A refusal by the panel itself ("Duplicate email") is kept as the panel's own words and marked, as it
+        will not pass by itself; anything else (a timeout, a refused connection) is kept as our description.
+        """
         delay = min(timedelta(seconds=30 * 2 ** min(row.failures, 10)), PANEL_BACKOFF_CAP)
-        (PanelClient.update(failures=PanelClient.failures + 1, retry_at=now + delay, last_error=str(error)[:500])
+        panel_msg = getattr(error, 'panel_msg', None)
+        (PanelClient.update(failures=PanelClient.failures + 1, retry_at=now + delay, refused=panel_msg is not None,
+                            last_error=(panel_msg if panel_msg is not None else str(error))[:500])
          .where(PanelClient.id == row.id).execute())
         log.warning('panel update failed user=%s panel=%s failures=%s: %s', user.telegram_id, panel.name,
                     row.failures + 1, error)

@@ -89,6 +89,7 @@ TEXTS = {
         'adm_broadcast_started': 'Broadcast started…',
         'adm_broadcast_progress': 'Broadcast: delivered {delivered}, blocked {blocked}, failed {failed}…',
         'adm_broadcast_done': 'Broadcast finished: delivered {delivered}, blocked {blocked}, failed {failed}.',
+        'adm_broadcast_stopped': 'Broadcast stopped early ({error}): delivered {delivered}, blocked {blocked}, failed {failed}.',
         'adm_sync': 'Sync: {checked} active users checked, {fixed} fixed, {failed} not fixed.\nMissing on the panel: {missing}\nWrong expiry: {wrong_expiry}\nDisabled while paid: {disabled}\nPanel ahead of the ledger: {ahead}\nUnknown panel clients (left alone): {unknown}',
         'adm_sync_failed': 'Sync failed: {error}',
         'adm_panel': '<b>{name}</b>: {state}\nClients: {clients} · pending pushes: {pending}{last_error}',

@@ -452,6 +452,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Server(ThreadingHTTPServer):
+    # a loaded machine may not run the accept loop for a while: queue a burst of connections
+    # instead of dropping SYNs past socketserver's default of 5 (a 1 s retransmission each)
+    request_queue_size = 128
+
     def handle_error(self, request, client_address):
         # a killed bot's reset is no news, nor a client refusing our throwaway certificate
         if not isinstance(sys.exc_info()[1], (ConnectionError, ssl.SSLError)):
@@ -499,6 +503,7 @@ class FakeTelegram:
         self._poll_generation = 0
         self._polling = 0
         self._limits = []
+        self._breaks = []  # transport faults from break_next
         self._recent_sends = collections.deque()
         self._cursors = collections.defaultdict(int)
         self._closing = False
@@ -550,6 +555,26 @@ class FakeTelegram:
         """Answer the next n calls of method (any method if None) with 429 Too Many Requests."""
         with self._cond:
             self._limits.append({"method": method, "left": n, "retry_after": retry_after})
+
+    def break_next(self, n, kind, method=None, seconds=5.0):
+        """Make the next n calls of method (any method if None) fail below the API, as a network does.
+
+        kind: "drop" closes the connection unanswered (the client sees a ConnectionError), "hang"
+        holds the call for `seconds` before serving it (a read timeout), "bad_gateway" answers
+        502 with nginx's HTML page, as Telegram's front end does while the API is down.
+        """
+        if kind not in ("drop", "hang", "bad_gateway"):
+            raise ValueError(kind)
+        with self._cond:
+            self._breaks.append({"method": method, "left": n, "kind": kind, "seconds": seconds})
+
+    def _take_break(self, method):
+        with self._cond:
+            for fault in self._breaks:
+                if fault["left"] > 0 and fault["method"] in (None, method):
+                    fault["left"] -= 1
+                    return fault
+        return None
 
     def block_user(self, chat_id, announce=True):
         """Make the user block the bot: sends to that chat get 403, as after a real block."""
@@ -841,6 +866,22 @@ class FakeTelegram:
         url = urlsplit(handler.path)
         body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
         match = PATH_RE.fullmatch(url.path)
+        fault = self._take_break(self._canonical.get(match[2].lower(), match[2])) if match else None
+        if fault and fault["kind"] == "drop":
+            handler.close_connection = True
+            return
+        if fault and fault["kind"] == "hang":
+            with self._cond:
+                self._cond.wait_for(lambda: self._closing, timeout=fault["seconds"])
+        if fault and fault["kind"] == "bad_gateway":
+            page = b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n" \
+                   b"<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+            handler.send_response(502)
+            handler.send_header("Content-Type", "text/html")
+            handler.send_header("Content-Length", str(len(page)))
+            handler.end_headers()
+            handler.wfile.write(page)
+            return
         try:
             if url.path == "/_fake/stats":
                 status, payload = 200, self.stats()

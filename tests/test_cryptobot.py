@@ -40,7 +40,7 @@ def sleeps():
 
 @pytest.fixture
 def client(fake, sleeps):
-    with CryptoPayClient(fake.token, fake.url + '/', timeout=(0.5, 0.3), retries=RETRIES, backoff=BACKOFF,
+    with CryptoPayClient(fake.token, fake.url + '/', timeout=(5, 1.5), retries=RETRIES, backoff=BACKOFF,
                          max_retry_after=0.05, sleep=sleeps) as crypto:
         yield crypto
 
@@ -254,7 +254,7 @@ def test_429_forever_gives_up(client, fake):
 
 def test_hanging_read_times_out_after_bounded_retries(fake, sleeps):
     fake.hang_next(100, seconds=5)
-    with CryptoPayClient(fake.token, fake.url, timeout=(0.5, 0.3), retries=1, backoff=BACKOFF, sleep=sleeps) \
+    with CryptoPayClient(fake.token, fake.url, timeout=(5, 1.5), retries=1, backoff=BACKOFF, sleep=sleeps) \
             as client, pytest.raises(CryptoPayError) as caught:
         client.get_me()
     assert (caught.value.status, caught.value.name) == (None, 'TIMEOUT')
@@ -337,7 +337,7 @@ def test_token_never_appears_in_errors_logs_or_repr(fake, caplog):
 
     def failure(action, url):
         """Run action on a client with our token; return the (status, name) it failed with."""
-        with CryptoPayClient(token, url, timeout=(0.5, 0.3), retries=1, backoff=0, sleep=lambda s: None) as client:
+        with CryptoPayClient(token, url, timeout=(5, 1.5), retries=1, backoff=0, sleep=lambda s: None) as client:
             texts.append(repr(client))
             with pytest.raises(CryptoPayError) as caught:
                 action(client)

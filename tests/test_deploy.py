@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason='deploy.sh and update.
 
 # what a release holds: every module of the bot, its templates, and the files the scripts use
 PROJECT_FILES = sorted(path.name for path in ROOT.glob('*.py')) + [
-    'templates', 'requirements.txt', '.env.example', 'vpn-bot.service', 'deploy.sh', 'update.sh']
+    'templates', 'requirements.txt', 'requirements.lock', '.env.example', 'vpn-bot.service', 'deploy.sh', 'update.sh']
 GIT_ENV = {'GIT_AUTHOR_NAME': 'Test', 'GIT_AUTHOR_EMAIL': 'test@example.test', 'GIT_COMMITTER_NAME': 'Test',
            'GIT_COMMITTER_EMAIL': 'test@example.test', 'GIT_CONFIG_NOSYSTEM': '1'}
 

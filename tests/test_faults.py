@@ -28,7 +28,7 @@ import config
 import jobs
 import models
 from bot import ShopBot
-from conftest import (BOT_TOKEN, CRYPTOPAY_TOKEN, PANEL_PASSWORD, PANEL_USER, PG_URL, ROOT,
+from conftest import (BOT_TOKEN, CRYPTOPAY_TOKEN, PANEL_PASSWORD, PANEL_USER, PG_URL, ROOT, TIMEOUT,
                       settings_env)
 from cryptobot import CryptoPayClient
 from fake_cryptopay import FakeCryptoPay
@@ -219,7 +219,7 @@ class Rig:
     def settings(self):
         return config.load(settings_env(self.panel, self.cryptopay, self.database_url))
 
-    def shop(self, panel_timeout=(1, 2), pay_timeout=(1, 2), sleep=time.sleep):
+    def shop(self, panel_timeout=TIMEOUT, pay_timeout=TIMEOUT, sleep=time.sleep):
         """Build a Shop on the fakes with short timeouts, one retry and tiny backoffs."""
         settings = self.settings()
         panel = XuiClient(settings.xui_url, settings.xui_inbound_id, settings.xui_sub_url,
@@ -595,7 +595,7 @@ def test_kill_9_inside_a_check_press_then_pressing_again_gives_the_link(rig):
 
 # Outages: the panel
 
-def start_panel_fault(panel, fault, tries=2, hang=1.0):
+def start_panel_fault(panel, fault, tries=2, hang=4.0):
     """Break the panel one way (knob faults heal once used): `tries` per call, `hang` past the read timeout."""
     write = 'POST panel/api/clients/'  # add for a new buyer, update for a returning one
     if fault == 'refused':
@@ -615,7 +615,7 @@ def panel_outage(rig, fault, outage=timedelta(minutes=2), returning=False):
     simulated time from the panel healing to the buyer having their link. A returning buyer already has
     a client on the panel, so the broken write is a renewal (clients/update) rather than clients/add.
     """
-    shop = rig.shop(panel_timeout=(0.5, 0.3))
+    shop = rig.shop(panel_timeout=(5, 1.5))
     chat, messenger = Chat(rig, shop), rig.messenger()
     buyer = person(6001)
     paid_before = []
@@ -692,7 +692,7 @@ def test_panel_session_expiring_mid_run_is_invisible_to_buyers(rig):
 
 def long_panel_outage(rig, outage=timedelta(minutes=10)):
     """A buyer pays at the start of a long panel outage: how long after the panel is back do they get the link?"""
-    shop, messenger = rig.shop(panel_timeout=(0.5, 0.3)), rig.messenger()
+    shop, messenger = rig.shop(panel_timeout=(5, 1.5)), rig.messenger()
     invoice_id = rig.customer(shop, 6201)
     rig.panel.refuse()
     start = clock = utcnow()
@@ -716,7 +716,7 @@ def test_link_follows_within_about_a_minute_of_a_long_panel_outage(rig):
 
 # Outages: Crypto Pay
 
-def start_cryptopay_fault(cryptopay, fault, requests=2, hang=1.0):
+def start_cryptopay_fault(cryptopay, fault, requests=2, hang=4.0):
     """Make the next `requests` Crypto Pay calls fail one way (a hang lasts past the read timeout)."""
     if fault == 'http_5xx':
         cryptopay.fail_next(requests, status=503)
@@ -729,7 +729,7 @@ def start_cryptopay_fault(cryptopay, fault, requests=2, hang=1.0):
 def cryptopay_outage(rig, fault):
     """A paid buyer presses Check, the poller runs and another buyer picks a plan, all while Crypto Pay fails."""
     slept = []
-    shop = rig.shop(pay_timeout=(0.5, 0.3), sleep=slept.append)
+    shop = rig.shop(pay_timeout=(5, 1.5), sleep=slept.append)
     chat, messenger = Chat(rig, shop), rig.messenger()
     buyer = person(6301)
     invoice = chat.buy(buyer)

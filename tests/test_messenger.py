@@ -1,4 +1,14 @@
 """Outgoing messages against the loopback Bot API: 429s waited out, blocked users marked, broadcasts paced."""
+import logging
+import time
+
+import pytest
+import requests
+from peewee import OperationalError
+from telebot import apihelper
+
+import models
+from conftest import BOT_TOKEN, our_threads, pool_in_use, wait_threads_back
 from messenger import BLOCKED, FAILED, SENT
 from models import User
 
@@ -61,3 +71,77 @@ def test_telegram_unreachable_is_a_failure_not_a_crash(database, telegram, messe
     telegram.close()
     messenger.sleep = lambda seconds: None
     assert messenger.send(5000, 'hello') == FAILED
+
+
+# A broadcast whose outside calls fail (issue 9 item 5)
+
+ADMIN = 900
+FAULTS = ['drop', 'hang', 'bad_gateway']  # connection error, read timeout, 5xx from Telegram's front end
+
+
+def start_status(telegram, messenger):
+    telegram.add_user({'id': ADMIN, 'first_name': 'Boss'})
+    return messenger.bot.send_message(ADMIN, 'Broadcast started…')
+
+
+def final_status(telegram):
+    """The last text the admin has about the broadcast: the edited status message or a newer message."""
+    texts = [telegram.get_message(ADMIN, call.result['message_id'])['text'] for call in telegram.sent
+             if call.status == 200 and call.method in ('sendMessage', 'editMessageText')
+             and str(call.params['chat_id']) == str(ADMIN)]
+    return texts[-1]
+
+
+def test_a_failing_progress_call_stops_nothing_and_leaves_no_sender_behind(database, telegram, messenger):
+    """The broadcast of issue 9 item 5: a network error in a progress edit killed the pacing thread and
+    left 4 senders waiting forever, each holding a pooled connection."""
+    users(telegram, 20)
+    before = our_threads()
+
+    def progress(report):
+        raise requests.ConnectionError('HTTPSConnectionPool: Max retries exceeded with url: /bot<token>/edit')
+
+    report = messenger.broadcast('News', progress=progress, rate=200, progress_every=0)
+    assert (report.delivered, report.failed) == (20, 0)
+    assert wait_threads_back(before) == set()
+    models.db.close()
+    assert pool_in_use() == 0
+
+
+def test_a_broadcast_whose_database_fails_stops_its_senders_and_says_so(database, telegram, messenger):
+    users(telegram, 20)
+    before = our_threads()
+
+    def recipients(batch):
+        yield 5000
+        raise OperationalError('server closed the connection unexpectedly')
+
+    messenger._recipients = recipients
+    report = messenger.broadcast('News', rate=200)
+    assert report.error == 'OperationalError' and report.delivered == 1
+    assert 'stopped early (OperationalError)' in report.text()
+    assert wait_threads_back(before) == set()
+
+
+@pytest.mark.parametrize('fault', FAULTS)
+@pytest.mark.parametrize('method', ['sendMessage', 'editMessageText'])
+def test_each_failing_telegram_call_ends_the_broadcast_cleanly_and_the_admin_gets_the_counts(
+        database, telegram, messenger, monkeypatch, caplog, capfd, method, fault):
+    ids = users(telegram, 30)
+    status = start_status(telegram, messenger)
+    monkeypatch.setattr(apihelper, 'READ_TIMEOUT', 0.5)
+    messenger.sleep = lambda seconds: time.sleep(min(seconds, 0.05))
+    telegram.break_next(3, fault, method=method, seconds=2)
+    before = our_threads()
+    with caplog.at_level(logging.INFO):
+        report = messenger.run_broadcast('News', ADMIN, status.message_id, rate=200, progress_every=0)
+    assert report.done == len(ids) and report.blocked == 0
+    assert wait_threads_back(before) == set()
+    models.db.close()
+    assert pool_in_use() == 0
+    final = final_status(telegram)
+    assert final == report.text() and f'delivered {report.delivered}' in final
+    out, err = capfd.readouterr()
+    for secret in (BOT_TOKEN, BOT_TOKEN.split(':')[1]):
+        assert secret not in out + err + caplog.text
+    assert 'Traceback' not in err

@@ -105,9 +105,8 @@ def test_a_failed_upgrade_leaves_the_database_as_it_was(wave1):
         # a stray row that makes the data move fail half-way
         models.db.create_tables([models.PanelClient])
         user_id = models.db.execute_sql('SELECT id FROM users WHERE telegram_id = 1').fetchone()[0]
-        models.db.execute_sql("INSERT INTO panel_clients (user_id, panel, dirty, failures, alerted) "
-                              "VALUES (%s, 'main', %s, 0, %s)" % (user_id, 'true' if not models.is_sqlite() else 1,
-                                                                 'false' if not models.is_sqlite() else 0))
+        models.db.execute_sql("INSERT INTO panel_clients (user_id, panel, dirty, failures, refused, alerted) "
+                              "VALUES (%s, 'main', true, 0, false, false)" % user_id)
         with pytest.raises(IntegrityError):
             models.create_schema()
     assert 'panel_dirty' in column_names('users')  # nothing dropped
