@@ -49,3 +49,215 @@ def test_a_paid_invoice_we_had_marked_expired_settles_once(shop, cryptopay):
     assert [(g.reason, g.reference, g.days) for g in grants()] == [('payment', str(payment.invoice_id), 30)]
     assert shop.settle(payment.invoice_id) is False  # a late poller or a second press credits nothing
     assert len(grants()) == 1
+
+
+# Panel retries: the backoff, and whose row a failure touches
+
+def test_a_failed_push_backs_off_30_s_then_every_minute_for_that_user_only(shop, panel):
+    buyer, bystander = customer(shop, telegram_id=1001), customer(shop, telegram_id=1002)
+    for user in (buyer, bystander):
+        models.grant_days(user.id, 30, 'admin', f'a{user.id}', now=NOW)
+    panel.refuse()
+    assert shop.provision(buyer.id, now=NOW) is False
+    assert (fresh(buyer).panel_failures, fresh(buyer).panel_retry_at) == (1, NOW + timedelta(seconds=30))
+    assert shop.provision(buyer.id, now=NOW + DAY) is False
+    assert (fresh(buyer).panel_failures, fresh(buyer).panel_retry_at) == (2, NOW + DAY + timedelta(seconds=60))
+    for _ in range(12):
+        shop.provision(buyer.id, now=NOW + DAY)
+    assert fresh(buyer).panel_retry_at == NOW + DAY + timedelta(seconds=60)  # capped at a minute
+    assert (fresh(bystander).panel_failures, fresh(bystander).panel_retry_at) == (0, None)
+
+
+def test_retry_pushes_every_due_user_in_one_run_and_waits_for_the_due_time(shop, panel, telegram, messenger):
+    users = [customer(shop, telegram, telegram_id) for telegram_id in (1001, 1002, 1003)]
+    for user in users:
+        models.grant_days(user.id, 30, 'admin', f'a{user.id}', now=NOW)
+    panel.refuse()
+    shop.provision(users[2].id, now=NOW)  # due again at NOW + 30 s exactly
+    panel.accept()
+    jobs.retry_provisioning(shop, messenger, now=NOW + timedelta(seconds=29))
+    assert [fresh(user).panel_dirty for user in users] == [False, False, True]
+    jobs.retry_provisioning(shop, messenger, now=NOW + timedelta(seconds=30))
+    assert [fresh(user).panel_dirty for user in users] == [False, False, False]
+
+
+def test_retry_tries_never_tried_users_first_when_the_panel_is_down(shop, panel, telegram, messenger):
+    waiting, new = customer(shop, telegram, 1001), customer(shop, telegram, 1002)
+    models.grant_days(waiting.id, 30, 'admin', 'w', now=NOW)
+    panel.refuse()
+    shop.provision(waiting.id, now=NOW)  # failed once, due again at NOW + 30 s
+    models.grant_days(new.id, 30, 'admin', 'n', now=NOW)
+    User.update(panel_retry_at=NOW).where(User.id == waiting.id).execute()  # due, but tried before
+    jobs.retry_provisioning(shop, messenger, now=NOW + DAY)  # one failed call per run
+    assert (fresh(waiting).panel_failures, fresh(new).panel_failures) == (1, 1)
+    assert fresh(new).panel_retry_at == NOW + DAY + timedelta(seconds=30)
+    assert fresh(waiting).panel_retry_at == NOW  # not tried this run
+
+
+def test_a_down_panel_still_lets_waiting_links_go_out(shop, cryptopay, panel, telegram, messenger):
+    buyer, other = customer(shop, telegram, 1001), customer(shop, telegram, 1002)
+    payment = shop.create_invoice(buyer, 30)
+    cryptopay.pay(payment.invoice_id)
+    assert shop.settle(payment.invoice_id, now=NOW) and shop.provision(buyer.id, now=NOW)  # then the process died
+    assert Payment.get_by_id(payment.id).notified_at is None
+    models.grant_days(other.id, 30, 'admin', 'o', now=NOW)
+    panel.refuse()
+    assert jobs.retry_provisioning(shop, messenger, now=NOW + DAY) == 1  # the link, despite the panel
+    assert Payment.get_by_id(payment.id).notified_at is not None
+
+
+def test_admins_are_alerted_at_the_fifth_failure_with_the_stuck_ids_once_each(shop, panel, telegram, messenger):
+    telegram.add_user({'id': 900, 'first_name': 'Boss'})
+    first, later, fine = (customer(shop, telegram, telegram_id) for telegram_id in (1001, 1002, 1003))
+    models.grant_days(first.id, 30, 'admin', 'f', now=NOW)
+    panel.refuse()
+    for failure in range(1, jobs.ALERT_AFTER_FAILURES + 1):
+        alerts = [call for call in telegram.sent if str(call.params.get('chat_id')) == '900']
+        assert not alerts, f'alerted before failure {failure}'
+        jobs.retry_provisioning(shop, messenger, now=NOW + failure * DAY)
+    models.grant_days(fine.id, 1, 'admin', 'x', now=NOW)  # dirty, one failure below: not stuck
+    User.update(panel_retry_at=NOW + 100 * DAY).where(User.id == fine.id).execute()
+    alerts = [call.params['text'] for call in telegram.sent if str(call.params.get('chat_id')) == '900']
+    assert alerts == ['⚠️ The panel has refused updates for 1 user(s) 5+ times: 1001. Their days are safe in the '
+                      'database and will be pushed when the panel answers.']
+    models.grant_days(later.id, 30, 'admin', 'l', now=NOW)
+    for failure in range(6, 24):  # one failed call per run, the two stuck users take turns
+        jobs.retry_provisioning(shop, messenger, now=NOW + failure * DAY)
+    alerts = [call.params['text'] for call in telegram.sent if str(call.params.get('chat_id')) == '900']
+    assert len(alerts) == 2 and ': 1002.' in alerts[1]  # the later one alerted too, the first not again
+    assert not fresh(fine).panel_alerted
+
+
+def test_releasing_a_notification_touches_only_that_unsent_payment(shop, cryptopay, telegram):
+    user = customer(shop, telegram)
+    first, second = shop.create_invoice(user, 30), shop.create_invoice(user, 90)
+    for payment in (first, second):
+        cryptopay.pay(payment.invoice_id)
+        shop.check_payment(user.telegram_id, payment.invoice_id)
+    sent = Payment.get_by_id(first.id)
+    assert sent.notified_at is not None  # check_payment marks it told
+    Payment.update(notified_at=None, notify_claimed_at=None).where(Payment.id == second.id).execute()
+    assert shop.claim_notification(Payment.get_by_id(second.id), now=NOW)
+    shop.release_notification(Payment.get_by_id(first.id))  # already told: nothing to release
+    assert Payment.get_by_id(first.id).notify_claimed_at == sent.notify_claimed_at
+    assert Payment.get_by_id(second.id).notify_claimed_at == NOW
+    shop.release_notification(Payment.get_by_id(second.id))
+    assert Payment.get_by_id(second.id).notify_claimed_at is None
+
+
+# Gifts and promo codes
+
+def test_the_gift_is_recorded_as_the_trial_with_its_reference(shop, settings):
+    user = customer(shop)
+    assert shop.claim_gift(user, now=NOW)
+    assert [(gift.telegram_id, gift.kind) for gift in Gift.select()] == [(1001, 'trial')]
+    assert [(g.reason, g.reference, g.days) for g in grants()] == [('gift', '1001:trial', settings.trial_days)]
+
+
+def test_promo_expiry_is_judged_at_the_given_moment_and_is_exclusive(shop):
+    user, other = customer(shop, telegram_id=1001), customer(shop, telegram_id=1002)
+    PromoCode.create(code='EDGE1234', days=5, max_uses=5, expires_at=NOW)
+    PromoCode.create(code='LATER123', days=5, max_uses=5, expires_at=NOW + DAY)  # past by the wall clock
+    assert shop.redeem_promo(user, 'EDGE1234', now=NOW)[0] == 'expired'
+    assert shop.redeem_promo(user, 'EDGE1234', now=NOW - timedelta(seconds=1))[0] == 'ok'
+    assert shop.redeem_promo(other, 'LATER123', now=NOW)[0] == 'ok'
+    assert [row.created_at for row in Redemption.select().order_by(Redemption.id)] == \
+        [NOW - timedelta(seconds=1), NOW]
+    assert shop.redeem_promo(user, None, now=NOW)[0] == 'invalid'
+    assert shop.redeem_promo(user, '', now=NOW)[0] == 'invalid'
+
+
+# The link after a payment: told once, in the buyer's language and time zone, retried when it failed
+
+def links_sent(telegram):
+    return [call for call in telegram.sent if call.method == 'sendMessage' and call.ok]
+
+
+def paid_and_provisioned(shop, cryptopay, user, days=30):
+    payment = shop.create_invoice(user, days)
+    cryptopay.pay(payment.invoice_id)
+    assert shop.settle(payment.invoice_id, now=NOW) and shop.provision(user.id, now=NOW)
+    return Payment.get_by_id(payment.id)
+
+
+def test_the_link_goes_once_in_the_buyers_language_and_the_shops_time_zone(panel, cryptopay, database, telegram,
+                                                                           messenger):
+    import config
+    from conftest import make_shop, settings_env
+    shop = make_shop(config.load(settings_env(panel, cryptopay, database, TIMEZONE='Europe/Moscow')))
+    user = customer(shop, telegram, lang='ru')
+    payment = paid_and_provisioned(shop, cryptopay, user)
+    assert jobs.deliver_link(shop, messenger, payment, now=NOW + DAY) is True
+    [sent] = links_sent(telegram)
+    expiry = (NOW + 30 * DAY + timedelta(hours=3)).strftime('%d.%m.%Y %H:%M')  # Moscow is UTC+3
+    assert str(sent.params['chat_id']) == '1001'
+    assert sent.params['text'] == (f'✅ Ваш VPN готов, активен до <b>{expiry}</b>.\n\nВаша ссылка:\n'
+                                   f'<code>{shop.subscription_link(fresh(user))}</code>')
+    assert sent.params['reply_markup'] == {'inline_keyboard': [[{'text': '« Меню', 'callback_data': 'menu'}]]}
+    stored = Payment.get_by_id(payment.id)
+    assert stored.notified_at == NOW + DAY and stored.notify_claimed_at == NOW + DAY
+    assert jobs.deliver_link(shop, messenger, stored, now=NOW + 2 * DAY) is False
+    assert len(links_sent(telegram)) == 1
+
+
+def test_no_link_for_an_unpaid_unprovisioned_or_claimed_payment(shop, cryptopay, panel, telegram, messenger):
+    user = customer(shop, telegram)
+    pending = shop.create_invoice(user, 30)
+    assert jobs.deliver_link(shop, messenger, Payment.get_by_id(pending.id), now=NOW) is False
+    unpushed = shop.create_invoice(user, 90)
+    cryptopay.pay(unpushed.invoice_id)
+    panel.refuse()
+    assert shop.settle(unpushed.invoice_id, now=NOW) and not shop.provision(user.id, now=NOW)
+    assert jobs.deliver_link(shop, messenger, Payment.get_by_id(unpushed.id), now=NOW) is False
+    panel.accept()
+    assert shop.provision(user.id, now=NOW)
+    claimed = Payment.get_by_id(unpushed.id)
+    assert shop.claim_notification(claimed, now=NOW)  # another sender has it
+    assert jobs.deliver_link(shop, messenger, Payment.get_by_id(unpushed.id), now=NOW + timedelta(seconds=1)) \
+        is False
+    assert links_sent(telegram) == []
+
+
+def test_a_link_that_could_not_be_sent_is_released_for_the_next_run(shop, cryptopay, telegram, messenger):
+    from messenger import Messenger
+    user = customer(shop, telegram)
+    payment = paid_and_provisioned(shop, cryptopay, user)
+    telegram.close()  # Telegram unreachable: the send fails after its retries
+    hasty = Messenger(messenger.bot, sleep=lambda seconds: None)
+    assert jobs.deliver_link(shop, hasty, payment, now=NOW) is False
+    stored = Payment.get_by_id(payment.id)
+    assert (stored.notified_at, stored.notify_claimed_at) == (None, None)
+
+
+def test_notification_claims_and_marks_touch_one_payment_and_respect_the_lease(shop, cryptopay, telegram):
+    from shop import NOTIFY_LEASE
+    user = customer(shop, telegram)
+    first, second = paid_and_provisioned(shop, cryptopay, user), paid_and_provisioned(shop, cryptopay, user, 90)
+    assert shop.claim_notification(first, now=NOW)
+    assert Payment.get_by_id(second.id).notify_claimed_at is None
+    assert not shop.claim_notification(first, now=NOW + NOTIFY_LEASE)  # the lease runs until its end
+    assert shop.claim_notification(first, now=NOW + NOTIFY_LEASE + timedelta(seconds=1))
+    shop.mark_notified(first, now=NOW + DAY)
+    shop.mark_notified(first, now=NOW + 2 * DAY)  # told once: the first time stays
+    assert Payment.get_by_id(first.id).notified_at == NOW + DAY
+    assert Payment.get_by_id(second.id).notified_at is None
+    assert not shop.claim_notification(Payment.get_by_id(first.id), now=NOW + 3 * DAY)  # told: never again
+
+
+# Invoice checks
+
+def test_a_check_returns_the_payment_it_looked_at(shop, cryptopay):
+    user = customer(shop)
+    payment = shop.create_invoice(user, 30)
+    assert shop.check_payment(user.telegram_id, payment.invoice_id).payment.invoice_id == payment.invoice_id
+    cryptopay.pay(payment.invoice_id)
+    paid = shop.check_payment(user.telegram_id, payment.invoice_id)
+    assert (paid.payment.invoice_id, paid.payment.status) == (payment.invoice_id, PAID)
+
+
+def test_an_invoice_gone_from_crypto_pay_is_expired_at_the_check(shop, cryptopay):
+    user = customer(shop)
+    payment = shop.create_invoice(user, 30)
+    cryptopay.delete(payment.invoice_id)
+    assert shop.check_payment(user.telegram_id, payment.invoice_id).status == EXPIRED
+    assert Payment.get_by_id(payment.id).status == EXPIRED and grants() == []
