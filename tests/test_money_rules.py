@@ -261,3 +261,70 @@ def test_an_invoice_gone_from_crypto_pay_is_expired_at_the_check(shop, cryptopay
     cryptopay.delete(payment.invoice_id)
     assert shop.check_payment(user.telegram_id, payment.invoice_id).status == EXPIRED
     assert Payment.get_by_id(payment.id).status == EXPIRED and grants() == []
+
+
+def test_the_poller_records_crypto_pays_payment_time_and_grants_at_its_own_clock(shop, cryptopay, telegram,
+                                                                                   messenger):
+    from cryptobot import parse_time
+    user = customer(shop, telegram)
+    payment = shop.create_invoice(user, 30)
+    paid_at = parse_time(cryptopay.pay(payment.invoice_id)['paid_at']).replace(tzinfo=None)
+    assert jobs.poll_payments(shop, messenger, now=NOW) == 1
+    assert Payment.get_by_id(payment.id).paid_at == paid_at != NOW
+    [grant] = grants()
+    assert (grant.created_at, grant.expires_after) == (NOW, NOW + 30 * DAY)
+
+
+def test_applying_an_invoice_state_says_whether_it_settled_now(shop, cryptopay):
+    user = customer(shop)
+    payment = shop.create_invoice(user, 30)
+    assert shop.apply_invoice_state(payment, {'status': 'active'}, now=NOW) is False
+    assert Payment.get_by_id(payment.id).status == PENDING
+    assert shop.apply_invoice_state(payment, {'status': 'paid'}, now=NOW) is True  # no paid_at: our clock
+    assert Payment.get_by_id(payment.id).paid_at == NOW
+    assert shop.apply_invoice_state(payment, {'status': 'paid'}, now=NOW) is False
+    other = shop.create_invoice(user, 30)
+    assert shop.apply_invoice_state(other, {'status': 'expired'}, now=NOW) is False
+    assert Payment.get_by_id(other.id).status == EXPIRED
+    third = shop.create_invoice(user, 30)
+    assert shop.apply_invoice_state(third, None, now=NOW) is False
+    assert Payment.get_by_id(third.id).status == EXPIRED and len(grants()) == 1
+
+
+def test_each_code_once_per_user_and_a_racing_second_try_is_already(shop, settings):
+    import threading
+    from conftest import make_shop
+    user = customer(shop)
+    shop.create_promo(900, days=3, uses=100, code='FIRST123')
+    shop.create_promo(900, days=4, uses=100, code='SECOND12')
+    assert shop.redeem_promo(user, 'FIRST123', now=NOW)[0] == 'ok'
+    assert shop.redeem_promo(user, 'SECOND12', now=NOW)[0] == 'ok'  # another code is another redemption
+    shop.create_promo(900, days=5, uses=100, code='RACE1234')
+    outcomes, barrier = [], threading.Barrier(8)
+
+    def redeem():
+        with models.db.connection_context():
+            barrier.wait()  # all past the "already?" look-up together: the unique index decides
+            outcomes.append(make_shop(settings).redeem_promo(user, 'RACE1234', now=NOW)[0])
+
+    threads = [threading.Thread(target=redeem) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ['already'] * 7 + ['ok']
+    assert PromoCode.get(PromoCode.code == 'RACE1234').used == 1
+    assert [g.days for g in grants('promo')] == [3, 4, 5]
+
+
+def test_clean_users_never_crowd_a_due_push_out_of_the_retry_batch(shop, panel, telegram, messenger):
+    with models.transaction():
+        for telegram_id in range(20_000, 20_501):  # more clean users than one run takes
+            User.create(telegram_id=telegram_id, panel_email=f'spn-{telegram_id}')
+    user = customer(shop, telegram)
+    models.grant_days(user.id, 30, 'admin', 'a', now=NOW)
+    panel.refuse()
+    shop.provision(user.id, now=NOW)
+    panel.accept()
+    jobs.retry_provisioning(shop, messenger, now=NOW + DAY)
+    assert not fresh(user).panel_dirty and user.panel_email in panel.clients
