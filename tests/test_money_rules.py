@@ -328,3 +328,145 @@ def test_clean_users_never_crowd_a_due_push_out_of_the_retry_batch(shop, panel, 
     panel.accept()
     jobs.retry_provisioning(shop, messenger, now=NOW + DAY)
     assert not fresh(user).panel_dirty and user.panel_email in panel.clients
+
+
+# Settlement touches one invoice; referrals pay once per invited user, at the settlement's clock
+
+def test_settling_one_invoice_leaves_the_others_alone(shop, cryptopay):
+    user, other = customer(shop, telegram_id=1001), customer(shop, telegram_id=1002)
+    mine, also_mine, theirs = shop.create_invoice(user, 30), shop.create_invoice(user, 90), \
+        shop.create_invoice(other, 30)
+    shop.expire_payment(also_mine.invoice_id)
+    assert shop.settle(mine.invoice_id, now=NOW)
+    assert [Payment.get_by_id(p.id).status for p in (mine, also_mine, theirs)] == [PAID, EXPIRED, PENDING]
+    assert [(g.user_id, g.reference) for g in grants()] == [(user.id, str(mine.invoice_id))]
+
+
+def test_expiring_touches_only_that_pending_invoice(shop, cryptopay):
+    user = customer(shop)
+    first, second, paid = (shop.create_invoice(user, 30) for _ in range(3))
+    cryptopay.pay(paid.invoice_id)
+    assert shop.settle(paid.invoice_id, now=NOW)
+    assert shop.expire_payment(first.invoice_id) is True
+    assert shop.expire_payment(first.invoice_id) is False  # already expired
+    assert shop.expire_payment(paid.invoice_id) is False  # paid stays paid
+    assert [Payment.get_by_id(p.id).status for p in (first, second, paid)] == [EXPIRED, PENDING, PAID]
+
+
+def test_each_invited_user_pays_their_inviter_once_at_the_settlement_time(shop, settings):
+    inviter = customer(shop, telegram_id=1001)
+    first = customer(shop, telegram_id=1002, invite_code=f'  {inviter.invite_code.upper()} ')
+    second = customer(shop, telegram_id=1003, invite_code=inviter.invite_code)
+    payments = [shop.create_invoice(user, 30) for user in (first, first, second)]
+    assert shop.settle(payments[0].invoice_id, now=NOW)
+    assert Referral.get(Referral.invited == first.id).rewarded_at == NOW
+    assert Referral.get(Referral.invited == second.id).rewarded_at is None
+    assert shop.settle(payments[1].invoice_id, now=NOW + DAY)  # the same invited user again: no bonus
+    assert shop.settle(payments[2].invoice_id, now=NOW + 2 * DAY)
+    bonus = settings.referral_bonus_days
+    assert [(g.user_id, g.reference, g.days, g.created_at) for g in grants('referral')] == \
+        [(inviter.id, str(first.id), bonus, NOW), (inviter.id, str(second.id), bonus, NOW + 2 * DAY)]
+    assert fresh(inviter).expires_at == NOW + 2 * bonus * DAY
+    assert shop.referral_counts(fresh(inviter)) == (2, 2)
+
+
+def test_registering_again_refreshes_the_profile_and_never_the_inviter(shop):
+    inviter = customer(shop, telegram_id=1001)
+    user, created = shop.register(1002, 'ann\x00a', 'An\x00na', 'ru', invite_code=inviter.invite_code + '\x00')
+    assert created and (user.username, user.first_name, user.language) == ('anna', 'Anna', 'ru')
+    assert user.panel_email == 'spn-1002' and Referral.get().inviter_id == inviter.id
+    User.update(blocked=True).where(User.id == user.id).execute()
+    again, created = shop.register(1002, 'anna', 'Anna', 'ru')  # nothing changed but the block
+    assert not created and again.blocked is False and fresh(user).blocked is False
+    again, created = shop.register(1002, 'anna_b', None, 'en', invite_code=inviter.invite_code)
+    assert not created and (again.username, again.first_name, again.language) == ('anna_b', '', 'en')
+    assert fresh(user).username == 'anna_b' and fresh(inviter).username == 'u1001'
+    assert Referral.select().count() == 1
+
+
+def test_registering_the_same_user_at_once_on_many_threads_creates_one(shop, settings):
+    import threading
+    from conftest import make_shop
+    outcomes, barrier = [], threading.Barrier(6)
+
+    def start():
+        with models.db.connection_context():
+            barrier.wait()
+            user, created = make_shop(settings).register(1009, 'zed', 'Zed', 'en')
+            outcomes.append((user.telegram_id, created))
+
+    threads = [threading.Thread(target=start) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == [(1009, False)] * 5 + [(1009, True)]
+    assert User.select().count() == 1
+
+
+# The day grant and the panel push
+
+def test_days_extend_from_the_later_of_now_and_the_expiry_in_whole_seconds(shop):
+    user = customer(shop)
+    moment = NOW.replace(microsecond=654321)
+    assert models.grant_days(user.id, 30, 'admin', 'a', granted_by=900, now=moment) == NOW + 30 * DAY
+    assert models.grant_days(user.id, 5, 'promo', 'p', now=NOW + DAY) == NOW + 35 * DAY  # from the expiry
+    assert models.grant_days(user.id, 2, 'gift', 'g', now=NOW + 40 * DAY) == NOW + 42 * DAY  # lapsed: from now
+    assert [(g.reason, g.days, g.granted_by, g.expires_before, g.expires_after, g.created_at) for g in grants()] == [
+        ('admin', 30, 900, None, NOW + 30 * DAY, NOW),
+        ('promo', 5, None, NOW + 30 * DAY, NOW + 35 * DAY, NOW + DAY),
+        ('gift', 2, None, NOW + 35 * DAY, NOW + 42 * DAY, NOW + 40 * DAY)]
+    with pytest.raises(IntegrityError):
+        models.grant_days(user.id, 2, 'gift', 'g', now=NOW + 50 * DAY)
+    assert fresh(user).expires_at == NOW + 42 * DAY == models.derive_expiry(user.id)
+
+
+def test_a_grant_marks_the_user_for_a_fresh_push_and_clears_the_backoff(shop, panel):
+    user, other = customer(shop, telegram_id=1001), customer(shop, telegram_id=1002)
+    models.grant_days(user.id, 30, 'admin', 'a', now=NOW)
+    panel.refuse()
+    for _ in range(3):
+        shop.provision(user.id, now=NOW)
+    models.grant_days(other.id, 30, 'admin', 'o', now=NOW)
+    assert fresh(user).panel_failures == 3 and fresh(user).panel_retry_at is not None
+    models.grant_days(user.id, 1, 'admin', 'b', now=NOW)
+    assert (fresh(user).panel_dirty, fresh(user).panel_failures, fresh(user).panel_retry_at) == (True, 0, None)
+    assert fresh(other).expires_at == NOW + 30 * DAY  # one user's grant moves one user
+
+
+def test_a_push_sends_the_ledger_to_the_panel_and_marks_only_that_users_paid_payments(shop, cryptopay, panel):
+    from test_shop import panel_expiry
+    user, other = customer(shop, telegram_id=1001), customer(shop, telegram_id=1002)
+    assert shop.provision(user.id, now=NOW) is True and panel.count('') == 0  # no days: nothing to push
+    mine, theirs = shop.create_invoice(user, 30), shop.create_invoice(other, 30)
+    pending = shop.create_invoice(user, 90)
+    for payment in (mine, theirs):
+        cryptopay.pay(payment.invoice_id)
+        shop.settle(payment.invoice_id, now=NOW)
+    panel.refuse()
+    shop.provision(user.id, now=NOW)
+    assert fresh(user).panel_failures == 1
+    panel.accept()
+    assert shop.provision(user.id, now=NOW + DAY) is True
+    stored = fresh(user)
+    client = panel.clients[stored.panel_email]
+    assert (client['subId'], client['tgId'], client['enable']) == (stored.panel_sub_id, 1001, True)
+    assert panel_expiry(panel, stored) == stored.expires_at == NOW + 30 * DAY
+    assert stored.panel_uuid == client['id'] and not stored.panel_dirty
+    assert (stored.panel_failures, stored.panel_retry_at, stored.panel_alerted) == (0, None, False)
+    assert [Payment.get_by_id(p.id).provisioned_at for p in (mine, theirs, pending)] == [NOW + DAY, None, None]
+    calls = panel.count('')
+    assert shop.provision(user.id, now=NOW + 2 * DAY) is True  # clean: nothing to push, no panel call
+    assert panel.count('') == calls
+    assert Payment.get_by_id(mine.id).provisioned_at == NOW + DAY
+
+
+def test_the_poller_expires_a_missing_invoice_from_the_exact_end_of_its_grace(shop, telegram, messenger, settings):
+    user = customer(shop, telegram)
+    Payment.create(invoice_id=424242, user=user, plan_days=30, amount=100, currency='RUB', pay_url='x',
+                   created_at=NOW)
+    gone_from = NOW + timedelta(seconds=settings.invoice_expires_seconds) + jobs.MISSING_GRACE
+    jobs.poll_payments(shop, messenger, now=gone_from - timedelta(seconds=1))
+    assert Payment.get().status == PENDING
+    jobs.poll_payments(shop, messenger, now=gone_from)
+    assert Payment.get().status == EXPIRED
