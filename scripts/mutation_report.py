@@ -55,8 +55,8 @@ def main():
     chosen = [(name, code) for name, code in results() if any(fnmatch.fnmatch(name, glob) for glob in args.globs)]
     statuses = Counter(STATUS.get(code, f'exit {code}') for _, code in chosen)
     known = equivalents()
-    survivors = [name for name, code in chosen if STATUS.get(code) in ('survived', 'no tests', 'timeout')
-                 or STATUS.get(code) is None and code is not None]
+    # a timeout is a mutant the tests stopped (a loop that never ends); anything unknown is looked at
+    survivors = [name for name, code in chosen if STATUS.get(code, 'unknown') in ('survived', 'no tests', 'unknown')]
     unexplained, explained = [], []
     for name in sorted(survivors):
         written = written_lines(name)
