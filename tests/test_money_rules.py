@@ -126,6 +126,9 @@ def test_admins_are_alerted_at_the_fifth_failure_with_the_stuck_ids_once_each(sh
     alerts = [call.params['text'] for call in telegram.sent if str(call.params.get('chat_id')) == '900']
     assert len(alerts) == 2 and ': 1002.' in alerts[1]  # the later one alerted too, the first not again
     assert not fresh(fine).panel_alerted
+    panel.accept()
+    jobs.retry_provisioning(shop, messenger, now=NOW + 30 * DAY)
+    assert (fresh(first).panel_dirty, fresh(first).panel_alerted) == (False, False)  # re-armed for next time
 
 
 def test_releasing_a_notification_touches_only_that_unsent_payment(shop, cryptopay, telegram):
@@ -354,9 +357,9 @@ def test_expiring_touches_only_that_pending_invoice(shop, cryptopay):
 
 
 def test_each_invited_user_pays_their_inviter_once_at_the_settlement_time(shop, settings):
-    inviter = customer(shop, telegram_id=1001)
+    inviter, other_inviter = customer(shop, telegram_id=1001), customer(shop, telegram_id=1004)
     first = customer(shop, telegram_id=1002, invite_code=f'  {inviter.invite_code.upper()} ')
-    second = customer(shop, telegram_id=1003, invite_code=inviter.invite_code)
+    second = customer(shop, telegram_id=1003, invite_code=other_inviter.invite_code)
     payments = [shop.create_invoice(user, 30) for user in (first, first, second)]
     assert shop.settle(payments[0].invoice_id, now=NOW)
     assert Referral.get(Referral.invited == first.id).rewarded_at == NOW
@@ -365,9 +368,10 @@ def test_each_invited_user_pays_their_inviter_once_at_the_settlement_time(shop, 
     assert shop.settle(payments[2].invoice_id, now=NOW + 2 * DAY)
     bonus = settings.referral_bonus_days
     assert [(g.user_id, g.reference, g.days, g.created_at) for g in grants('referral')] == \
-        [(inviter.id, str(first.id), bonus, NOW), (inviter.id, str(second.id), bonus, NOW + 2 * DAY)]
-    assert fresh(inviter).expires_at == NOW + 2 * bonus * DAY
-    assert shop.referral_counts(fresh(inviter)) == (2, 2)
+        [(inviter.id, str(first.id), bonus, NOW), (other_inviter.id, str(second.id), bonus, NOW + 2 * DAY)]
+    assert fresh(inviter).expires_at == NOW + bonus * DAY
+    assert fresh(other_inviter).expires_at == NOW + 2 * DAY + bonus * DAY
+    assert shop.referral_counts(fresh(inviter)) == (1, 1)
 
 
 def test_registering_again_refreshes_the_profile_and_never_the_inviter(shop):
@@ -458,7 +462,11 @@ def test_a_push_sends_the_ledger_to_the_panel_and_marks_only_that_users_paid_pay
     calls = panel.count('')
     assert shop.provision(user.id, now=NOW + 2 * DAY) is True  # clean: nothing to push, no panel call
     assert panel.count('') == calls
-    assert Payment.get_by_id(mine.id).provisioned_at == NOW + DAY
+    later = shop.create_invoice(user, 30)
+    cryptopay.pay(later.invoice_id)
+    shop.settle(later.invoice_id, now=NOW + 3 * DAY)
+    assert shop.provision(user.id, now=NOW + 3 * DAY)
+    assert [Payment.get_by_id(p.id).provisioned_at for p in (mine, later)] == [NOW + DAY, NOW + 3 * DAY]
 
 
 def test_the_poller_expires_a_missing_invoice_from_the_exact_end_of_its_grace(shop, telegram, messenger, settings):
