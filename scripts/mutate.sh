@@ -41,7 +41,9 @@ if [[ ! -x .venv/bin/python ]]; then
     python=$(command -v python3.11 || command -v python3) || { echo "mutate.sh: python3.11 is required" >&2; exit 1; }
     "$python" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -r requirements-mutation.txt
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements-dev.lock
+# mutmut (pinned) and what it pulls in; kept out of the hash-locked files: it never runs in the service or CI
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-mutation.txt
 
 rm -rf mutants
 mkdir mutants
