@@ -281,15 +281,16 @@ def test_the_poller_records_crypto_pays_payment_time_and_grants_at_its_own_clock
 def test_applying_an_invoice_state_says_whether_it_settled_now(shop, cryptopay):
     user = customer(shop)
     payment = shop.create_invoice(user, 30)
-    assert shop.apply_invoice_state(payment, {'status': 'active'}, now=NOW) is False
+    assert shop.apply_invoice_state(payment, dict(cryptopay.invoices[payment.invoice_id]), now=NOW) is False
     assert Payment.get_by_id(payment.id).status == PENDING
-    assert shop.apply_invoice_state(payment, {'status': 'paid'}, now=NOW) is True  # no paid_at: our clock
+    invoice = {key: value for key, value in cryptopay.pay(payment.invoice_id).items() if key != 'paid_at'}
+    assert shop.apply_invoice_state(payment, invoice, now=NOW) is True  # no paid_at: our clock
     assert Payment.get_by_id(payment.id).paid_at == NOW
-    assert shop.apply_invoice_state(payment, {'status': 'paid'}, now=NOW) is False
+    assert shop.apply_invoice_state(payment, invoice, now=NOW) is False
     other = shop.create_invoice(user, 30)
-    assert shop.apply_invoice_state(other, {'status': 'expired'}, now=NOW) is False
+    assert shop.apply_invoice_state(other, {'status': 'expired', 'invoice_id': other.invoice_id}, now=NOW) is False
     assert Payment.get_by_id(other.id).status == EXPIRED
-    third = shop.create_invoice(user, 30)
+    third = shop.create_invoice(user, 90)
     assert shop.apply_invoice_state(third, None, now=NOW) is False
     assert Payment.get_by_id(third.id).status == EXPIRED and len(grants()) == 1
 
@@ -315,7 +316,7 @@ def test_each_code_once_per_user_and_a_racing_second_try_is_already(shop, settin
         thread.start()
     for thread in threads:
         thread.join()
-    assert sorted(outcomes) == ['already'] * 7 + ['ok']
+    assert outcomes.count('ok') == 1 and set(outcomes) - {'ok'} <= {'already', 'locked'}, outcomes
     assert PromoCode.get(PromoCode.code == 'RACE1234').used == 1
     assert [g.days for g in grants('promo')] == [3, 4, 5]
 
@@ -347,7 +348,7 @@ def test_settling_one_invoice_leaves_the_others_alone(shop, cryptopay):
 
 def test_expiring_touches_only_that_pending_invoice(shop, cryptopay):
     user = customer(shop)
-    first, second, paid = (shop.create_invoice(user, 30) for _ in range(3))
+    first, second, paid = (shop.create_invoice(user, days) for days in (30, 90, 180))  # a plan's pending one is reused
     cryptopay.pay(paid.invoice_id)
     assert shop.settle(paid.invoice_id, now=NOW)
     assert shop.expire_payment(first.invoice_id) is True
@@ -360,7 +361,7 @@ def test_each_invited_user_pays_their_inviter_once_at_the_settlement_time(shop, 
     inviter, other_inviter = customer(shop, telegram_id=1001), customer(shop, telegram_id=1004)
     first = customer(shop, telegram_id=1002, invite_code=f'  {inviter.invite_code.upper()} ')
     second = customer(shop, telegram_id=1003, invite_code=other_inviter.invite_code)
-    payments = [shop.create_invoice(user, 30) for user in (first, first, second)]
+    payments = [shop.create_invoice(user, days) for user, days in ((first, 30), (first, 90), (second, 30))]
     assert shop.settle(payments[0].invoice_id, now=NOW)
     assert Referral.get(Referral.invited == first.id).rewarded_at == NOW
     assert Referral.get(Referral.invited == second.id).rewarded_at is None
