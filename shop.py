@@ -362,8 +362,10 @@ class Shop:
         for _ in range(5):
             user = User.get_by_id(user_id)
             row = PanelClient.get_or_none(PanelClient.user == user_id, PanelClient.panel == panel.name)
-            if user.expires_at is None or row is None:
-                return False  # nothing to push yet; a grant or the backfill makes the row
+            if user.expires_at is None:
+                return True  # no days, nothing to push: the panel matches the ledger
+            if row is None:
+                return False  # days but no row yet: the backfill of a newly added panel makes it
             if not row.dirty and not stale:
                 return row.pushed_expiry == user.expires_at
             try:
