@@ -2,6 +2,7 @@
 
 Handlers decode the update, call a plain Shop method and format the reply.
 """
+import concurrent.futures
 import functools
 import io
 import logging
@@ -25,6 +26,7 @@ import jobs
 import keyboards
 import models
 import tgsender
+import stars
 from cryptobot import CryptoPayClient, CryptoPayError
 from messenger import Messenger
 from outages import Outage, Watched, cryptopay_unreachable, describe, telegram_unreachable
@@ -38,7 +40,7 @@ from xui import XuiClient
 log = logging.getLogger('bot')
 
 MEMBER_STATUSES = ('member', 'administrator', 'creator')
-ADMIN_COMMANDS = ('stats', 'newcode', 'user', 'give', 'broadcast', 'sync')
+ADMIN_COMMANDS = ('stats', 'newcode', 'user', 'give', 'broadcast', 'sync', 'refund')
 # Telegram holds getUpdates open this long; the read timeout must exceed it.
 LONG_POLL_SECONDS = 25
 # A button press must be answered within ~15 s (Telegram then refuses the answer): inside handlers each
@@ -162,6 +164,13 @@ class ShopBot:
             'video_note', 'poll', 'dice', 'venue'])
         bot.register_callback_query_handler(self.guarded(self.on_button), func=pressed_in_private)
         bot.register_callback_query_handler(self.on_button_elsewhere, func=lambda call: True)
+        # Telegram Stars: the payment arrives as a message; a pre-checkout query must be answered within 10 s,
+        # so it skips the handler threads' queue and is answered on threads of its own.
+        self.stars = stars.Stars(shop, bot)
+        bot.register_message_handler(self.guarded(self.on_successful_payment), content_types=['successful_payment'],
+                                     chat_types=private)
+        self.checkout_pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix='checkout')
+        bot.process_new_pre_checkout_query = self.on_pre_checkout_queries
 
     # Plumbing
 
@@ -231,7 +240,8 @@ class ShopBot:
                           BotCommand('user', '<id|@username> — look a customer up'),
                           BotCommand('give', '<id|@username> <days> — extend by hand'),
                           BotCommand('broadcast', '<text> — message every user'),
-                          BotCommand('sync', 'Compare the panel with the ledger')]
+                          BotCommand('sync', 'Compare the panel with the ledger'),
+                          BotCommand('refund', '<telegram_payment_charge_id> — refund a Stars payment')]
         for admin_id in self.settings.admin_ids:
             try:
                 self.bot.set_my_commands(admin_commands, scope=BotCommandScopeChat(admin_id))
@@ -343,9 +353,71 @@ class ShopBot:
 
     def button_buy(self, call, user, _):
         self.show(call, t(user.language, 'choose_plan'),
-                  keyboards.plans(user.language, self.settings.plans, self.settings.currency))
+                  keyboards.plans(user.language, self.settings.plans, self.settings.currency, self.settings.stars_plans))
 
     def button_plan(self, call, user, days):
+        lang = user.language
+        crypto, in_stars = self.settings.plan(days), self.settings.stars_plan(days)
+        if crypto is not None and in_stars is not None:
+            self.show(call, t(lang, 'choose_method', plan=plan_name(lang, days)), keyboards.pay_methods(lang, days))
+            return None
+        if in_stars is not None:
+            return self.button_stars(call, user, days)
+        return self.button_crypto(call, user, days)
+
+    def button_stars(self, call, user, days):
+        lang = user.language
+        if self.settings.stars_plan(days) is None:
+            return t(lang, 'stale')
+        payment = self.stars.offer(user, days)
+        self.show(call, t(lang, 'stars_invoice_sent', plan=plan_name(lang, days), amount=int(payment.amount)),
+                  keyboards.back_to_menu(lang))
+        try:
+            self.stars.send_invoice(user, payment, call.message.chat.id)
+        except ApiTelegramException as exc:
+            log.warning('stars invoice not sent user=%s: %s', user.telegram_id, exc.description)
+            return t(lang, 'service_down')
+        return None
+
+    def on_pre_checkout_queries(self, queries):
+        """Answer each pre-checkout query on the checkout threads, never behind busy handler threads."""
+        for query in queries:
+            self.checkout_pool.submit(self.answer_pre_checkout, query)
+
+    def answer_pre_checkout(self, query):
+        """ok only for our pending Stars payment of that user and amount; otherwise a reason the buyer reads."""
+        lang = shop_language(query.from_user.language_code)
+        try:
+            with models.connection():
+                reason = self.stars.pre_checkout(query.from_user.id, query.currency, query.total_amount,
+                                                 query.invoice_payload)
+        except Exception as exc:  # noqa: BLE001 — the buyer must get an answer, never silence
+            log.error('pre-checkout not judged user=%s: %s', query.from_user.id, type(exc).__name__)
+            reason = 'stars_refuse_busy'
+        try:
+            if reason is None:
+                self.bot.answer_pre_checkout_query(query.id, ok=True)
+            else:
+                self.bot.answer_pre_checkout_query(query.id, ok=False, error_message=plain(lang, reason))
+            log.info('pre-checkout answered user=%s payload=%.40s ok=%s', query.from_user.id,
+                     query.invoice_payload, reason is None)
+        except apihelper.ApiException as exc:
+            log.warning('pre-checkout answer failed user=%s: %s', query.from_user.id, exc)
+
+    def on_successful_payment(self, message):
+        """Settle a Stars payment once by its charge id; the buyer gets the link (the jobs retry the panel)."""
+        paid = message.successful_payment
+        result = self.stars.settle(message.from_user.id, paid.invoice_payload, paid.telegram_payment_charge_id,
+                                   paid.currency, paid.total_amount)
+        if result.outcome == 'settled':
+            if not self.stars.deliver(result.payment, self.messenger):
+                user = self.shop.get_user(message.from_user.id)
+                self.reply(message.chat.id, t(user.language, 'paid_wait_panel'))
+        elif result.outcome == 'foreign':
+            log.error('stars payment not ours, not credited: charge=%s user=%s: %s',
+                      paid.telegram_payment_charge_id, message.from_user.id, result.detail)
+
+    def button_crypto(self, call, user, days):
         if self.settings.plan(days) is None:
             return t(user.language, 'stale')
         try:
@@ -467,7 +539,27 @@ class ShopBot:
     # Admin commands (reached only for ADMIN_IDS)
 
     def admin_stats(self, message, user, _):
-        self.reply(message.chat.id, t(user.language, 'adm_stats', **self.shop.stats()))
+        revenue = self.stars.revenue()
+        lines = ', '.join(f'{count} · {total} {"⭐" if currency == stars.XTR else currency}'
+                          for currency, (count, total) in sorted(revenue.items())) or 'none'
+        self.reply(message.chat.id, t(user.language, 'adm_stats', **self.shop.stats()) + '\n' +
+                   t(user.language, 'adm_revenue', lines=lines))
+
+    def admin_refund(self, message, user, argument):
+        lang = user.language
+        if not argument or len(argument.split()) != 1:
+            self.reply(message.chat.id, t(lang, 'adm_refund_usage'))
+            return
+        result = self.stars.refund(argument)
+        if result.outcome == 'refunded':
+            customer = models.User.get_by_id(result.payment.user_id)
+            self.reply(message.chat.id, t(lang, 'adm_refunded', amount=int(result.payment.amount),
+                                          id=customer.telegram_id, days=result.payment.plan_days,
+                                          expiry=self.date(customer.expires_at)))
+        elif result.outcome == 'refused':
+            self.reply(message.chat.id, t(lang, 'adm_refund_refused', reason=result.detail))
+        else:
+            self.reply(message.chat.id, t(lang, f'adm_refund_{result.outcome}'))
 
     def admin_newcode(self, message, user, argument):
         lang = user.language
@@ -506,7 +598,8 @@ class ShopBot:
             lang, 'adm_user', name=customer.first_name, username=customer.username or '-', id=customer.telegram_id,
             language=customer.language, expiry=self.date(customer.expires_at) if customer.expires_at else 'none',
             flags=flags, registered=self.date(customer.created_at), invited=customer.referrer_id is not None,
-            payments=', '.join(f'#{p.invoice_id} {p.amount} {p.currency} {p.status}' for p in payments) or 'none',
+            payments=', '.join(f'{p.provider} {p.provider_id or "#" + str(p.id)} {p.amount} {p.currency} {p.status}'
+                               for p in payments) or 'none',
             grants=', '.join(f'+{g.days}d {g.reason}' for g in grants) or 'none'))
 
     def admin_give(self, message, user, argument):

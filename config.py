@@ -76,6 +76,8 @@ class Settings:
     worker_threads: int
     db_pool_size: int
     shop_name: str = texts.DEFAULT_SHOP_NAME
+    stars_plans: tuple = ()  # Plans priced in whole Telegram Stars (STARS_PLANS); empty: Stars off
+    stars_recurring: bool = False
     texts: dict = field(default_factory=dict, hash=False, compare=False)  # the operator's TEXTS_FILE
     reconcile_time: str = '03:30'
     outage_alert_minutes: int = 5
@@ -83,6 +85,10 @@ class Settings:
     def plan(self, days):
         """Return the plan of that many days, or None."""
         return next((plan for plan in self.plans if plan.days == days), None)
+
+    def stars_plan(self, days):
+        """Return the price in Stars (an int) of the plan of that many days, or None."""
+        return next((plan.price for plan in self.stars_plans if plan.days == days), None)
 
 
 PLANS_FORMAT = 'PLANS must be days:price pairs, like 30:100,90:270'
@@ -111,6 +117,23 @@ def parse_plans(text, currency='RUB'):
             price = price.quantize(Decimal(1).scaleb(-places))  # 99.990 is 99.99
         plans[days] = Plan(days, price)
     return tuple(sorted(plans.values(), key=lambda plan: plan.days))
+
+
+def parse_stars_plans(text):
+    """Turn '30:250,90:700' into Plans priced in whole Stars (1..100000 each); '' means Stars off."""
+    if not text:
+        return ()
+    plans = parse_plans(text)
+    for plan in plans:
+        if plan.price != int(plan.price) or not 1 <= plan.price <= 100000:
+            raise ValueError(text)
+    return tuple(Plan(plan.days, int(plan.price)) for plan in plans)
+
+
+def flag(text):
+    if text not in ('0', '1'):
+        raise ValueError(text)
+    return text == '1'
 
 
 def parse_ids(text):
@@ -336,6 +359,8 @@ def load(environ=None):
         worker_threads=read('WORKER_THREADS', number(1, 256), '16'),
         db_pool_size=read('DB_POOL_SIZE', number(1, 1000), '20'),
         shop_name=read('SHOP_NAME', shop_name, texts.DEFAULT_SHOP_NAME),
+        stars_plans=read('STARS_PLANS', parse_stars_plans, ''),
+        stars_recurring=read('STARS_RECURRING', flag, '0'),
         texts=texts_file(str(lookup('TEXTS_FILE', '') or '').strip()),
         reconcile_time=read('RECONCILE_TIME', clock_time, '03:30'),
         outage_alert_minutes=read('OUTAGE_ALERT_MINUTES', number(1, 1440, ' minutes'), '5'),
