@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+from datetime import datetime, timezone
 
 import telebot
 import zxingcpp
@@ -370,6 +371,15 @@ class ShopBot:
         if self.settings.stars_plan(days) is None:
             return t(lang, 'stale')
         payment = self.stars.offer(user, days)
+        if self.stars.recurring(days):
+            try:
+                link = self.stars.subscription_link(user, payment)
+            except ApiTelegramException as exc:
+                log.warning('stars subscription link not made user=%s: %s', user.telegram_id, exc.description)
+                return t(lang, 'service_down')
+            self.show(call, t(lang, 'stars_subscribe', amount=int(payment.amount)),
+                      keyboards.subscribe(lang, link, int(payment.amount)))
+            return None
         self.show(call, t(lang, 'stars_invoice_sent', plan=plan_name(lang, days), amount=int(payment.amount)),
                   keyboards.back_to_menu(lang))
         try:
@@ -407,8 +417,10 @@ class ShopBot:
     def on_successful_payment(self, message):
         """Settle a Stars payment once by its charge id; the buyer gets the link (the jobs retry the panel)."""
         paid = message.successful_payment
+        until = (datetime.fromtimestamp(paid.subscription_expiration_date, timezone.utc).replace(tzinfo=None)
+                 if paid.subscription_expiration_date else None)
         result = self.stars.settle(message.from_user.id, paid.invoice_payload, paid.telegram_payment_charge_id,
-                                   paid.currency, paid.total_amount)
+                                   paid.currency, paid.total_amount, subscription_until=until)
         if result.outcome == 'settled':
             if not self.stars.deliver(result.payment, self.messenger):
                 user = self.shop.get_user(message.from_user.id)
@@ -480,9 +492,31 @@ class ShopBot:
             lines.append(t(lang, 'sub_traffic', used=human_bytes(traffic['up'] + traffic['down']), limit=limit))
         link = self.shop.subscription_link(user)
         lines += [t(lang, 'sub_link', link=link), t(lang, 'sub_howto')]
-        self.show(call, '\n\n'.join(lines), keyboards.renew(lang) if not user.is_active() else
-                  keyboards.back_to_menu(lang))
+        markup = keyboards.renew(lang) if not user.is_active() else keyboards.back_to_menu(lang)
+        renewing = self.stars.subscription(user)
+        if renewing is not None:  # a monthly Stars subscription: its state and the button that flips it
+            lines.insert(1, t(lang, 'stars_renewal_off' if renewing.renewal_canceled else 'stars_renews',
+                              date=self.date(renewing.subscription_until)))
+            keyboards.add_renewal_button(markup, lang, canceled=bool(renewing.renewal_canceled))
+        self.show(call, '\n\n'.join(lines), markup)
         self.send_qr(user.telegram_id, user, link, clip_plain(plain(lang, 'qr_caption'), MAX_CAPTION))
+        return None
+
+    def button_renoff(self, call, user, _):
+        return self.flip_renewal(call, user, canceled=True)
+
+    def button_renon(self, call, user, _):
+        return self.flip_renewal(call, user, canceled=False)
+
+    def flip_renewal(self, call, user, canceled):
+        lang = user.language
+        try:
+            root = self.stars.set_renewal(user, canceled)
+        except stars.StarsError as exc:
+            log.warning('stars renewal not changed user=%s: %s', user.telegram_id, exc)
+            return t(lang, 'service_down')
+        self.show(call, t(lang, 'stars_renewal_off' if canceled else 'stars_renews',
+                          date=self.date(root.subscription_until)), keyboards.back_to_menu(lang))
         return None
 
     def send_qr(self, chat_id, user, link, caption):
@@ -598,7 +632,10 @@ class ShopBot:
             lang, 'adm_user', name=customer.first_name, username=customer.username or '-', id=customer.telegram_id,
             language=customer.language, expiry=self.date(customer.expires_at) if customer.expires_at else 'none',
             flags=flags, registered=self.date(customer.created_at), invited=customer.referrer_id is not None,
-            payments=', '.join(f'{p.provider} {p.provider_id or "#" + str(p.id)} {p.amount} {p.currency} {p.status}'
+            payments=', '.join(f'{p.provider} {p.provider_id or "#" + str(p.id)} '
+                               f'{int(p.amount) if p.currency == stars.XTR else p.amount} {p.currency} {p.status}'
+                               + (f' (subscription until {self.date(p.subscription_until)}, renewal '
+                                  f'{"canceled" if p.renewal_canceled else "on"})' if p.subscription_until else '')
                                for p in payments) or 'none',
             grants=', '.join(f'+{g.days}d {g.reason}' for g in grants) or 'none'))
 

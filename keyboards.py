@@ -5,7 +5,7 @@ from telebot.types import InlineKeyboardButton, InlineKeyboardMarkup
 
 from texts import plain, plan_name
 
-MENU_ACTIONS = ('menu', 'buy', 'sub', 'gift', 'promo', 'invite', 'help')
+MENU_ACTIONS = ('menu', 'buy', 'sub', 'gift', 'promo', 'invite', 'help', 'renoff', 'renon')
 MAX_CALLBACK_DATA = 64  # bytes, Telegram's limit
 CALLBACK_PATTERN = re.compile(r'^(?P<action>[a-z]{3,8})(?::(?P<number>\d{1,19}))?$')
 
@@ -73,6 +73,21 @@ def invoice(lang, payment):
                                     url=payment.pay_url))
     markup.row(button(plain(lang, 'btn_check'), f'check:{payment.invoice_id}'))
     markup.row(button(plain(lang, 'btn_back'), 'menu'))
+    return markup
+
+
+def subscribe(lang, link, amount):
+    """The Subscribe button of a monthly Stars subscription (its invoice link)."""
+    markup = InlineKeyboardMarkup()
+    markup.row(InlineKeyboardButton(plain(lang, 'btn_subscribe', amount=amount), url=link))
+    markup.row(button(plain(lang, 'btn_back'), 'menu'))
+    return markup
+
+
+def add_renewal_button(markup, lang, canceled):
+    """Add 'Cancel renewal' (or 'Resume renewal') above a keyboard's rows."""
+    markup.keyboard.insert(0, [button(plain(lang, 'btn_resume' if canceled else 'btn_cancel_renewal'),
+                                      'renon' if canceled else 'renoff')])
     return markup
 
 

@@ -78,6 +78,9 @@ class Payment(BaseModel):
     invoice_id = BigIntegerField(unique=True, null=True)  # Crypto Pay's invoice id
     provider = CharField(max_length=16, default=CRYPTOPAY)
     provider_id = CharField(max_length=128, null=True)
+    # A Stars subscription (STARS_RECURRING), on its first payment's row: paid until, and renewal canceled
+    subscription_until = DateTimeField(null=True)
+    renewal_canceled = BooleanField(null=True)
     user = ForeignKeyField(User, backref='payments', index=True)
     plan_days = IntegerField()
     amount = DecimalField(max_digits=12, decimal_places=2, auto_round=False)
@@ -206,7 +209,7 @@ class InvoiceMismatch(BaseModel):
 
 class Cursor(BaseModel):
     """Where a job stopped reading an outside list (e.g. 'stars': how many getStarTransactions it has read)."""
-    name = CharField(max_length=32, primary_key=True)
+    name = CharField(max_length=32, unique=True)
     position = BigIntegerField(default=0)
     updated_at = DateTimeField(default=utcnow)
 
@@ -296,7 +299,9 @@ def grants_with_refunds(migrator):
 
 
 # Schema changes after the first release: (version, function(migrator) -> list of operations).
-MIGRATIONS = [(20, add_qr_columns), (40, payments_for_providers), (41, grants_with_refunds)]
+MIGRATIONS = [(20, add_qr_columns), (40, payments_for_providers), (41, grants_with_refunds),
+              (42, lambda migrator: [migrator.add_column('payments', 'subscription_until', Payment.subscription_until),
+                                     migrator.add_column('payments', 'renewal_canceled', Payment.renewal_canceled)])]
 
 class ReconnectingPostgresqlDatabase(ReconnectMixin, PooledPostgresqlDatabase):
     """A pooled PostgreSQL database that survives a server restart (or Neon dropping idle connections).

@@ -11,7 +11,7 @@ Outside facts: https://core.telegram.org/bots/api#payments and /bots/payments-st
 import logging
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 from peewee import IntegrityError, fn
@@ -27,6 +27,7 @@ log = logging.getLogger('stars')
 
 XTR = 'XTR'
 PAYLOAD_PATTERN = re.compile(r'^stars:([0-9]{1,18})$')
+SUBSCRIPTION_PERIOD = 2592000  # 30 days in seconds: the only subscription period Telegram allows
 PAGE = 100  # getStarTransactions returns at most 100 per call
 OVERLAP = 20  # transactions re-read each round, in case Telegram's list shifted (settling is idempotent)
 
@@ -118,9 +119,56 @@ class Stars:
             return 'stars_refuse_paid' if payment.status == PAID else 'stars_refuse_closed'
         return None
 
+    def recurring(self, days):
+        """Tell whether this plan is sold as a monthly Stars subscription (STARS_RECURRING=1, the 30-day plan)."""
+        return self.settings.stars_recurring and days * 86400 == SUBSCRIPTION_PERIOD
+
+    def subscription_link(self, user, payment):
+        """Return the invoice link of a monthly Stars subscription (createInvoiceLink, subscription_period 30 days).
+
+        :raise ApiTelegramException: Telegram refused it.
+        """
+        if payment.pay_url:
+            return payment.pay_url
+        lang = user.language
+        title = plain(lang, 'stars_title', plan=plan_name(lang, payment.plan_days))[:32]
+        description = plain(lang, 'stars_description', plan=plan_name(lang, payment.plan_days))[:255]
+        link = self.bot.create_invoice_link(title, description, payload_of(payment), provider_token='',
+                                            currency=XTR, prices=[LabeledPrice(title, int(payment.amount))],
+                                            subscription_period=SUBSCRIPTION_PERIOD)
+        Payment.update(pay_url=link).where(Payment.id == payment.id).execute()
+        return link
+
+    def subscription(self, user, now=None):
+        """Return the buyer's running Stars subscription (its first payment's row), or None."""
+        return (Payment.select().where(Payment.user == user.id, Payment.provider == STARS,
+                                       Payment.subscription_until > (now or utcnow()))
+                .order_by(Payment.id.desc()).first())
+
+    def set_renewal(self, user, canceled, now=None):
+        """Cancel (or resume) the renewal of the buyer's subscription (editUserStarSubscription); return the row.
+
+        :raise StarsError: no running subscription, or Telegram refused (its reason).
+        """
+        root = self.subscription(user, now)
+        if root is None:
+            raise StarsError('no running subscription')
+        try:
+            self.bot.edit_user_star_subscription(user.telegram_id, root.provider_id, canceled)
+        except ApiTelegramException as exc:
+            if 'SUBSCRIPTION_NOT_MODIFIED' not in (exc.description or ''):
+                raise StarsError(exc.description or str(exc)) from None
+        except ApiException as exc:
+            raise StarsError(f'Telegram did not answer ({type(exc).__name__})') from None
+        Payment.update(renewal_canceled=canceled).where(Payment.id == root.id).execute()
+        log.info('stars renewal %s user=%s charge=%s', 'canceled' if canceled else 'resumed', user.telegram_id,
+                 root.provider_id)
+        return Payment.get_by_id(root.id)
+
     # Settlement
 
-    def settle(self, telegram_id, payload, charge_id, currency, total_amount, paid_at=None, now=None):
+    def settle(self, telegram_id, payload, charge_id, currency, total_amount, paid_at=None, now=None,
+               subscription_until=None):
         """Credit one Telegram charge exactly once, whoever calls (the update, a re-delivery, the job).
 
         The payment row is locked first, so concurrent callers with the same charge queue up and all but one
@@ -150,6 +198,10 @@ class Stars:
                                          status=PAID, paid_at=stamp, created_at=stamp)
             grant_days(payment.user_id, payment.plan_days, 'payment', payload_of(payment), now=now)
             self.shop.reward_referral(payment.user_id, now)
+            if subscription_until is not None:  # a subscription's payment: its first row knows until when
+                root = Payment.get_by_id(payment_of(payload).id)
+                if root.subscription_until is None or root.subscription_until < subscription_until:
+                    Payment.update(subscription_until=subscription_until).where(Payment.id == root.id).execute()
         log.info('stars payment settled user=%s payment=%s charge=%s days=%s', telegram_id, payment.id, charge_id,
                  payment.plan_days)
         return Settlement('settled', Payment.get_by_id(payment.id))
@@ -196,8 +248,10 @@ class Stars:
         if source is not None and getattr(source, 'type', None) == 'user' and \
                 getattr(source, 'transaction_type', 'invoice_payment') in (None, 'invoice_payment'):
             paid_at = datetime.fromtimestamp(item.date, timezone.utc).replace(tzinfo=None)
+            period = getattr(source, 'subscription_period', None)
+            until = paid_at + timedelta(seconds=period) if period else None
             result = self.settle(source.user.id, source.invoice_payload, item.id, XTR, item.amount,
-                                 paid_at=paid_at, now=now)
+                                 paid_at=paid_at, now=now, subscription_until=until)
             if result.outcome == 'settled':
                 self.deliver(result.payment, messenger, now)
             elif result.outcome == 'foreign':

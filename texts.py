@@ -174,6 +174,11 @@ TEXTS['en'].update({
     'adm_refund_unknown': 'No Stars payment with this charge id.',
     'adm_refund_refused': 'Telegram refused the refund, nothing changed: {reason}',
     'adm_revenue': '<b>By currency</b> (paid, revenue): {lines}',
+    'stars_subscribe': 'Monthly subscription: <b>{amount} ⭐</b> a month, renewed by Telegram until you cancel it (in “My subscription”).',
+    'btn_subscribe': '⭐ Subscribe: {amount} ⭐ a month', 'btn_cancel_renewal': '⏹ Cancel renewal',
+    'btn_resume': '▶️ Resume renewal',
+    'stars_renews': '🔁 Renews on <b>{date}</b> (Telegram Stars).',
+    'stars_renewal_off': '⏹ Renewal canceled: paid until <b>{date}</b>.',
 })
 TEXTS['ru'].update({
     'choose_method': 'Тариф: <b>{plan}</b>. Как хотите оплатить?',
@@ -187,6 +192,11 @@ TEXTS['ru'].update({
     'stars_refuse_closed': 'Этот счёт больше нельзя оплатить. Выберите тариф снова.',
     'stars_refuse_busy': 'Магазин сейчас не может принять оплату. Попробуйте чуть позже.',
     'stars_foreign': '⚠️ Платежи в Stars со счётом, который мы не выставляли ({count}): не зачислены.',
+    'stars_subscribe': 'Ежемесячная подписка: <b>{amount} ⭐</b> в месяц, Telegram продлевает её, пока вы её не отмените (в «Моя подписка»).',
+    'btn_subscribe': '⭐ Подписаться: {amount} ⭐ в месяц', 'btn_cancel_renewal': '⏹ Отменить продление',
+    'btn_resume': '▶️ Возобновить продление',
+    'stars_renews': '🔁 Продлится <b>{date}</b> (Telegram Stars).',
+    'stars_renewal_off': '⏹ Продление отменено: оплачено до <b>{date}</b>.',
 })
 
 

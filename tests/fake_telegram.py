@@ -727,10 +727,11 @@ class FakeTelegram:
     def renew(self, charge_id, drop=False):
         """Charge a subscription's next period (Telegram does it by itself); return the new charge id."""
         with self._cond:
-            first = self.charges[charge_id]
+            root = self.charges[charge_id]["root"]
+            first = self.charges[root]
             if first["canceled"]:
                 raise ValueError("the subscription was canceled: Telegram would not renew it")
-            return self._charge(first["user"], first["invoice"], drop, recurring=True)
+            return self._charge(first["user"], first["invoice"], drop, root=root)
 
     # -- observing the bot ---------------------------------------------------
 
@@ -1012,7 +1013,7 @@ class FakeTelegram:
         return TelegramError(429, f"Too Many Requests: retry after {retry_after}",
                              {"retry_after": retry_after})
 
-    def _charge(self, user, invoice, drop, recurring=False):
+    def _charge(self, user, invoice, drop, root=None):
         charge_id = "stx" + secrets.token_urlsafe(48)
         now = self._now()
         payment = {"currency": invoice["currency"], "total_amount": invoice["total_amount"],
@@ -1021,10 +1022,10 @@ class FakeTelegram:
         period = invoice.get("subscription_period")
         if period:
             payment.update({"subscription_expiration_date": now + period, "is_recurring": True})
-            if not recurring:
+            if root is None:
                 payment["is_first_recurring"] = True
         self.charges[charge_id] = {"user": user, "invoice": invoice, "refunded": False, "canceled": False,
-                                   "amount": invoice["total_amount"]}
+                                   "amount": invoice["total_amount"], "root": root or charge_id}
         source = {"type": "user", "transaction_type": "invoice_payment", "user": user,
                   "invoice_payload": invoice["payload"]}
         if period:
@@ -1139,9 +1140,10 @@ class FakeTelegram:
         canceled = _flag(params, "is_canceled")
         if "is_canceled" not in params:
             raise bad_request("Parameter \"is_canceled\" is required")
-        if charge["canceled"] == canceled:
+        root = self.charges[charge["root"]]  # the state belongs to the subscription, whichever charge names it
+        if root["canceled"] == canceled:
             raise bad_request("SUBSCRIPTION_NOT_MODIFIED")
-        charge["canceled"] = canceled
+        root["canceled"] = canceled
         return True
 
     # -- internals: API methods ----------------------------------------------

@@ -105,6 +105,18 @@ def test_buyer_chooses_stars_pays_and_gets_days_link_and_referral_bonus(stars_bo
     assert panel_expiry(panel, user.panel_email) == user.expires_at
     assert Referral.get(Referral.invited == user).rewarded_at is not None
     assert Grant.get(Grant.reason == 'referral').user.telegram_id == 2001
+    # the same successful_payment delivered again (Telegram re-sends what the bot did not confirm)
+    again = {'message_id': 999, 'from': {'id': 2002, 'is_bot': False, 'first_name': 'Olga'},
+             'chat': {'id': 2002, 'type': 'private', 'first_name': 'Olga'}, 'date': int(time.time()),
+             'successful_payment': {'currency': 'XTR', 'total_amount': 250, 'invoice_payload': f'stars:{payment.id}',
+                                    'telegram_payment_charge_id': answer['charge_id'],
+                                    'provider_payment_charge_id': ''}}
+    telegram.inject({'message': again})
+    telegram.inject({'message': again})
+    assert eventually(lambda: telegram.pending_updates() == 0)
+    time.sleep(0.5)
+    assert [grant.days for grant in payment_grants()] == [30] and Grant.select().count() == 2
+    assert len([m for m in telegram.messages_to(2002) if '/sub/' in text_of(m)]) == 1
 
 
 def test_one_method_skips_the_choice(stars_bot, telegram, cryptopay):
@@ -220,7 +232,7 @@ def test_the_job_pages_through_many_transactions(telegram, provider):
     made = [charge(telegram, provider, person(3000 + n))[0] for n in range(130)]
     assert shop_stars.sync_transactions(messenger) == 130
     assert Payment.select().where(Payment.status == PAID).count() == 130 == len(made)
-    assert models.Cursor.get_by_id('stars').position == 130
+    assert models.Cursor.get(models.Cursor.name == 'stars').position == 130
 
 
 def test_a_payload_we_never_issued_is_reported_not_credited(telegram, provider):
@@ -263,6 +275,10 @@ def test_refund_takes_the_days_back_once_and_the_panel_follows(stars_bot, telegr
     assert 'already refunded' in again and Grant.select().where(Grant.reason == 'refund').count() == 1
     assert telegram.counts['refundStarPayment'] == 1
     assert 'Usage' in text_of(ask(telegram, ADMIN, '/refund'))
+    stats = text_of(ask(telegram, ADMIN, '/stats'))
+    assert 'By currency' in stats and '⭐' not in stats.split('By currency')[1]  # refunded: no Stars revenue
+    card = text_of(ask(telegram, ADMIN, '/user 2020'))
+    assert f'stars {charge_id} 250 XTR refunded' in card, card
     assert 'No Stars payment' in text_of(ask(telegram, ADMIN, '/refund stx-nothing-like-it'))
 
 
@@ -369,3 +385,78 @@ def drop_all(url):
     with models.db.connection_context():
         for name in models.db.get_tables():
             models.db.execute_sql(f'DROP TABLE IF EXISTS "{name}"' + ('' if models.is_sqlite() else ' CASCADE'))
+
+
+def test_kill_9_between_the_charge_and_our_commit_is_recovered_by_the_job(telegram, panel, cryptopay, database,
+                                                                             tmp_path):
+    running = start_bot(telegram, panel, cryptopay, database, tmp_path, STARS_PLANS=STARS_PLANS)
+    alice = person(2050)
+    try:
+        invoice = stars_invoice(telegram, alice)
+        payment = Payment.get(Payment.provider == 'stars')
+        with models.transaction():  # hold the payment row: the bot's settlement waits inside its transaction
+            models.locked(Payment.select().where(Payment.id == payment.id)).get()
+            answer = telegram.wait_for_pre_checkout(telegram.pay(alice, invoice))
+            assert answer['ok']
+            eventually(lambda: telegram.pending_updates() == 0, timeout=5)  # the bot has taken the update
+            time.sleep(1)
+            os.kill(running.process.pid, signal.SIGKILL)
+            running.process.wait(10)
+    finally:
+        running.stop()
+    assert Payment.get_by_id(payment.id).status == PENDING and not payment_grants()  # charged, not credited
+    assert telegram.pending_updates() == 0  # the bot confirmed the update before it died: it never comes again
+    (tmp_path / 'again').mkdir()
+    restarted = start_bot(telegram, panel, cryptopay, database, tmp_path / 'again', STARS_PLANS=STARS_PLANS)
+    try:
+        assert eventually(lambda: Payment.get_by_id(payment.id).status == PAID, timeout=20), restarted.output()
+        assert Payment.get_by_id(payment.id).provider_id == answer['charge_id']
+        telegram.wait_for_message(2050, contains='/sub/', timeout=20)
+        assert [grant.days for grant in payment_grants()] == [30]
+    finally:
+        restarted.stop()
+
+
+# Monthly subscriptions (STARS_RECURRING=1)
+
+
+def test_monthly_subscription_renews_three_times_once_each_and_can_be_canceled_and_resumed(
+        telegram, panel, cryptopay, database, tmp_path):
+    running = start_bot(telegram, panel, cryptopay, database, tmp_path, STARS_PLANS=STARS_PLANS, STARS_RECURRING=1)
+    try:
+        alice = person(2060)
+        menu = ask(telegram, alice, '/start')
+        press(telegram, alice, menu, 'buy')
+        press(telegram, alice, current(telegram, menu), 'plan:30')
+        press(telegram, alice, current(telegram, menu), 'stars:30')
+        link = next(url for text, url in telegram.buttons(current(telegram, menu)) if text.startswith('⭐ Subscribe'))
+        assert telegram.invoice_links[link]['subscription_period'] == 2592000
+        first = telegram.wait_for_pre_checkout(telegram.pay(alice, link))['charge_id']
+        telegram.wait_for_message(2060, contains='/sub/')
+        root = Payment.get(Payment.provider_id == first)
+        assert eventually(lambda: Payment.get_by_id(root.id).subscription_until is not None)
+        renewals = [telegram.renew(first), telegram.renew(first, drop=True), telegram.renew(first)]
+        assert eventually(lambda: len(payment_grants()) == 4, timeout=20), running.output()
+        charges = {p.provider_id for p in Payment.select().where(Payment.provider == 'stars', Payment.status == PAID)}
+        assert charges == {first, *renewals}
+        user = User.get(User.telegram_id == 2060)
+        assert user.expires_at == Grant.select().where(Grant.reason == 'payment').order_by(Grant.id).first() \
+            .expires_after + timedelta(days=90)
+        time.sleep(1.5)  # the job's next round finds nothing more to credit
+        assert len(payment_grants()) == 4
+
+        menu = ask(telegram, alice, '/start', contains='👋')
+        press(telegram, alice, menu, 'sub')
+        assert 'Renews on' in text_of(current(telegram, menu))
+        press(telegram, alice, current(telegram, menu), 'renoff')
+        assert telegram.charges[first]['canceled'] and 'Renewal canceled' in text_of(current(telegram, menu)), (text_of(current(telegram, menu)), running.output()[-3000:])
+        with pytest.raises(ValueError):
+            telegram.renew(first)
+        menu = ask(telegram, alice, '/start', contains='👋')
+        press(telegram, alice, menu, 'sub')
+        press(telegram, alice, current(telegram, menu), 'renon')
+        assert not telegram.charges[first]['canceled'] and 'Renews on' in text_of(current(telegram, menu))
+        telegram.add_user(ADMIN)
+        assert 'renewal on' in text_of(ask(telegram, ADMIN, '/user 2060'))
+    finally:
+        running.stop()
