@@ -19,10 +19,9 @@ from fake_telegram import FakeTelegram
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason='deploy.sh and update.sh run as root')
 
-PROJECT_FILES = ['backup.py', 'bot.py', 'config.py', 'cryptobot.py', 'doctor.py', 'jobs.py', 'keyboards.py',
-                 'markup.py', 'messenger.py', 'models.py', 'outages.py', 'shop.py', 'stars.py', 'texts.py', 'tgsender.py',
-                 'xui.py', 'requirements.txt', 'requirements.lock', '.env.example', 'vpn-bot.service', 'deploy.sh',
-                 'update.sh']
+# what a release holds: every module of the bot and the files the scripts use
+PROJECT_FILES = sorted(path.name for path in ROOT.glob('*.py')) + [
+    'requirements.txt', 'requirements.lock', '.env.example', 'vpn-bot.service', 'deploy.sh', 'update.sh']
 GIT_ENV = {'GIT_AUTHOR_NAME': 'Test', 'GIT_AUTHOR_EMAIL': 'test@example.test', 'GIT_COMMITTER_NAME': 'Test',
            'GIT_COMMITTER_EMAIL': 'test@example.test', 'GIT_CONFIG_NOSYSTEM': '1'}
 

@@ -460,3 +460,12 @@ def test_monthly_subscription_renews_three_times_once_each_and_can_be_canceled_a
         assert 'renewal on' in text_of(ask(telegram, ADMIN, '/user 2060'))
     finally:
         running.stop()
+
+
+def test_unpaid_stars_invoices_do_not_count_against_the_crypto_invoice_cap(telegram, provider, cryptopay):
+    shop_stars, _ = provider
+    user, _ = shop_stars.shop.register(2070, None, 'Cy', 'en')
+    for days in (7, 30):
+        shop_stars.offer(user, days)
+    made = [shop_stars.shop.create_invoice(user, days) for days in (30, 90, 180)]
+    assert len({payment.invoice_id for payment in made}) == 3
