@@ -120,19 +120,26 @@ def parse_plans(text, currency='RUB'):
 
 
 def parse_stars_plans(text):
-    """Turn '30:250,90:700' into Plans priced in whole Stars (1..100000 each); '' means Stars off."""
+    """Turn '30:250,90:700' into Plans priced in whole Stars (1..100000 each); '' means Stars off.
+
+    :raise Invalid: saying what is expected.
+    """
     if not text:
         return ()
-    plans = parse_plans(text)
-    for plan in plans:
-        if plan.price != int(plan.price) or not 1 <= plan.price <= 100000:
-            raise ValueError(text)
-    return tuple(Plan(plan.days, int(plan.price)) for plan in plans)
+    plans = {}
+    for pair in text.split(','):
+        days, sep, price = pair.strip().partition(':')
+        days, price = days.strip(), price.strip()
+        if not (sep and days.isascii() and days.isdigit() and price.isascii() and price.isdigit()
+                and 1 <= int(days) <= 3650 and 1 <= int(price) <= 100000 and int(days) not in plans):
+            raise Invalid('must be days:stars pairs in whole Stars (1..100000), each length once, like 30:250,90:700')
+        plans[int(days)] = Plan(int(days), int(price))
+    return tuple(sorted(plans.values(), key=lambda plan: plan.days))
 
 
 def flag(text):
     if text not in ('0', '1'):
-        raise ValueError(text)
+        raise Invalid('must be 0 or 1')
     return text == '1'
 
 
