@@ -2,6 +2,7 @@
 
 Handlers decode the update, call a plain Shop method and format the reply.
 """
+import concurrent.futures
 import functools
 import io
 import logging
@@ -11,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+from datetime import datetime, timezone
 
 import telebot
 import zxingcpp
@@ -26,6 +28,7 @@ import keyboards
 import models
 import panels
 import tgsender
+import stars
 from cryptobot import CryptoPayClient, CryptoPayError
 from messenger import Messenger
 from outages import Outage, Watched, cryptopay_unreachable, describe, telegram_unreachable
@@ -39,7 +42,7 @@ from xui import XuiClient
 log = logging.getLogger('bot')
 
 MEMBER_STATUSES = ('member', 'administrator', 'creator')
-ADMIN_COMMANDS = ('stats', 'newcode', 'user', 'give', 'broadcast', 'sync', 'panels')
+ADMIN_COMMANDS = ('stats', 'newcode', 'user', 'give', 'broadcast', 'sync', 'panels', 'refund')
 # Telegram holds getUpdates open this long; the read timeout must exceed it.
 LONG_POLL_SECONDS = 25
 # A button press must be answered within ~15 s (Telegram then refuses the answer): inside handlers each
@@ -171,6 +174,13 @@ class ShopBot:
             'video_note', 'poll', 'dice', 'venue'])
         bot.register_callback_query_handler(self.guarded(self.on_button), func=pressed_in_private)
         bot.register_callback_query_handler(self.on_button_elsewhere, func=lambda call: True)
+        # Telegram Stars: the payment arrives as a message; a pre-checkout query must be answered within 10 s,
+        # so it skips the handler threads' queue and is answered on threads of its own.
+        self.stars = stars.Stars(shop, bot)
+        bot.register_message_handler(self.guarded(self.on_successful_payment), content_types=['successful_payment'],
+                                     chat_types=private)
+        self.checkout_pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix='checkout')
+        bot.process_new_pre_checkout_query = self.on_pre_checkout_queries
 
     # Plumbing
 
@@ -241,7 +251,8 @@ class ShopBot:
                           BotCommand('give', '<id|@username> <days> — extend by hand'),
                           BotCommand('broadcast', '<text> — message every user'),
                           BotCommand('sync', 'Compare the panels with the ledger'),
-                          BotCommand('panels', 'Each panel: answers, clients, pending pushes')]
+                          BotCommand('panels', 'Each panel: answers, clients, pending pushes'),
+                          BotCommand('refund', '<telegram_payment_charge_id> — refund a Stars payment')]
         for admin_id in self.settings.admin_ids:
             try:
                 self.bot.set_my_commands(admin_commands, scope=BotCommandScopeChat(admin_id))
@@ -353,9 +364,82 @@ class ShopBot:
 
     def button_buy(self, call, user, _):
         self.show(call, t(user.language, 'choose_plan'),
-                  keyboards.plans(user.language, self.settings.plans, self.settings.currency))
+                  keyboards.plans(user.language, self.settings.plans, self.settings.currency, self.settings.stars_plans))
 
     def button_plan(self, call, user, days):
+        lang = user.language
+        crypto, in_stars = self.settings.plan(days), self.settings.stars_plan(days)
+        if crypto is not None and in_stars is not None:
+            self.show(call, t(lang, 'choose_method', plan=plan_name(lang, days)), keyboards.pay_methods(lang, days))
+            return None
+        if in_stars is not None:
+            return self.button_stars(call, user, days)
+        return self.button_crypto(call, user, days)
+
+    def button_stars(self, call, user, days):
+        lang = user.language
+        if self.settings.stars_plan(days) is None:
+            return t(lang, 'stale')
+        payment = self.stars.offer(user, days)
+        if self.stars.recurring(days):
+            try:
+                link = self.stars.subscription_link(user, payment)
+            except ApiTelegramException as exc:
+                log.warning('stars subscription link not made user=%s: %s', user.telegram_id, exc.description)
+                return t(lang, 'service_down')
+            self.show(call, t(lang, 'stars_subscribe', amount=int(payment.amount)),
+                      keyboards.subscribe(lang, link, int(payment.amount)))
+            return None
+        self.show(call, t(lang, 'stars_invoice_sent', plan=plan_name(lang, days), amount=int(payment.amount)),
+                  keyboards.back_to_menu(lang))
+        try:
+            self.stars.send_invoice(user, payment, call.message.chat.id)
+        except ApiTelegramException as exc:
+            log.warning('stars invoice not sent user=%s: %s', user.telegram_id, exc.description)
+            return t(lang, 'service_down')
+        return None
+
+    def on_pre_checkout_queries(self, queries):
+        """Answer each pre-checkout query on the checkout threads, never behind busy handler threads."""
+        for query in queries:
+            self.checkout_pool.submit(self.answer_pre_checkout, query)
+
+    def answer_pre_checkout(self, query):
+        """ok only for our pending Stars payment of that user and amount; otherwise a reason the buyer reads."""
+        lang = shop_language(query.from_user.language_code)
+        try:
+            with models.connection():
+                reason = self.stars.pre_checkout(query.from_user.id, query.currency, query.total_amount,
+                                                 query.invoice_payload)
+        except Exception as exc:  # noqa: BLE001 — the buyer must get an answer, never silence
+            log.error('pre-checkout not judged user=%s: %s', query.from_user.id, type(exc).__name__)
+            reason = 'stars_refuse_busy'
+        try:
+            if reason is None:
+                self.bot.answer_pre_checkout_query(query.id, ok=True)
+            else:
+                self.bot.answer_pre_checkout_query(query.id, ok=False, error_message=plain(lang, reason))
+            log.info('pre-checkout answered user=%s payload=%.40s ok=%s', query.from_user.id,
+                     query.invoice_payload, reason is None)
+        except apihelper.ApiException as exc:
+            log.warning('pre-checkout answer failed user=%s: %s', query.from_user.id, exc)
+
+    def on_successful_payment(self, message):
+        """Settle a Stars payment once by its charge id; the buyer gets the link (the jobs retry the panel)."""
+        paid = message.successful_payment
+        until = (datetime.fromtimestamp(paid.subscription_expiration_date, timezone.utc).replace(tzinfo=None)
+                 if paid.subscription_expiration_date else None)
+        result = self.stars.settle(message.from_user.id, paid.invoice_payload, paid.telegram_payment_charge_id,
+                                   paid.currency, paid.total_amount, subscription_until=until)
+        if result.outcome == 'settled':
+            if not self.stars.deliver(result.payment, self.messenger):
+                user = self.shop.get_user(message.from_user.id)
+                self.reply(message.chat.id, t(user.language, 'paid_wait_panel'))
+        elif result.outcome == 'foreign':
+            log.error('stars payment not ours, not credited: charge=%s user=%s: %s',
+                      paid.telegram_payment_charge_id, message.from_user.id, result.detail)
+
+    def button_crypto(self, call, user, days):
         if self.settings.plan(days) is None:
             return t(user.language, 'stale')
         try:
@@ -418,9 +502,31 @@ class ShopBot:
             lines.append(t(lang, 'sub_traffic', used=human_bytes(traffic['up'] + traffic['down']), limit=limit))
         link = self.shop.subscription_link(user)
         lines += [t(lang, 'sub_link', link=link), t(lang, 'sub_howto')]
-        self.show(call, '\n\n'.join(lines), keyboards.renew(lang) if not user.is_active() else
-                  keyboards.back_to_menu(lang))
+        markup = keyboards.renew(lang) if not user.is_active() else keyboards.back_to_menu(lang)
+        renewing = self.stars.subscription(user)
+        if renewing is not None:  # a monthly Stars subscription: its state and the button that flips it
+            lines.insert(1, t(lang, 'stars_renewal_off' if renewing.renewal_canceled else 'stars_renews',
+                              date=self.date(renewing.subscription_until)))
+            keyboards.add_renewal_button(markup, lang, canceled=bool(renewing.renewal_canceled))
+        self.show(call, '\n\n'.join(lines), markup)
         self.send_qr(user.telegram_id, user, link, clip_plain(plain(lang, 'qr_caption'), MAX_CAPTION))
+        return None
+
+    def button_renoff(self, call, user, _):
+        return self.flip_renewal(call, user, canceled=True)
+
+    def button_renon(self, call, user, _):
+        return self.flip_renewal(call, user, canceled=False)
+
+    def flip_renewal(self, call, user, canceled):
+        lang = user.language
+        try:
+            root = self.stars.set_renewal(user, canceled)
+        except stars.StarsError as exc:
+            log.warning('stars renewal not changed user=%s: %s', user.telegram_id, exc)
+            return t(lang, 'service_down')
+        self.show(call, t(lang, 'stars_renewal_off' if canceled else 'stars_renews',
+                          date=self.date(root.subscription_until)), keyboards.back_to_menu(lang))
         return None
 
     def send_qr(self, chat_id, user, link, caption):
@@ -478,11 +584,14 @@ class ShopBot:
 
     def admin_stats(self, message, user, _):
         stats = self.shop.stats()
+        revenue = self.stars.revenue()
+        lines = ', '.join(f'{count} · {total} {"⭐" if currency == stars.XTR else currency}'
+                          for currency, (count, total) in sorted(revenue.items())) or 'none'
         text = t(user.language, 'adm_stats', **stats)
         if len(self.shop.panels) > 1:
             text = Html(text + t(user.language, 'adm_stats_panels', panels=', '.join(
                 f'{name} {count}' for name, count in stats['panel_clients'].items())))
-        self.reply(message.chat.id, text)
+        self.reply(message.chat.id, Html(text + '\n' + t(user.language, 'adm_revenue', lines=lines)))
 
     def admin_panels(self, message, user, _):
         blocks = []
@@ -497,6 +606,22 @@ class ShopBot:
             blocks.append(t(user.language, 'adm_panel', name=row['name'], state=state, clients=row['clients'],
                             pending=row['pending'], last_error=last_error))
         self.reply(message.chat.id, Html('\n\n'.join(blocks)))
+
+    def admin_refund(self, message, user, argument):
+        lang = user.language
+        if not argument or len(argument.split()) != 1:
+            self.reply(message.chat.id, t(lang, 'adm_refund_usage'))
+            return
+        result = self.stars.refund(argument)
+        if result.outcome == 'refunded':
+            customer = models.User.get_by_id(result.payment.user_id)
+            self.reply(message.chat.id, t(lang, 'adm_refunded', amount=int(result.payment.amount),
+                                          id=customer.telegram_id, days=result.payment.plan_days,
+                                          expiry=self.date(customer.expires_at)))
+        elif result.outcome == 'refused':
+            self.reply(message.chat.id, t(lang, 'adm_refund_refused', reason=result.detail))
+        else:
+            self.reply(message.chat.id, t(lang, f'adm_refund_{result.outcome}'))
 
     def admin_newcode(self, message, user, argument):
         lang = user.language
@@ -535,7 +660,11 @@ class ShopBot:
             lang, 'adm_user', name=customer.first_name, username=customer.username or '-', id=customer.telegram_id,
             language=customer.language, expiry=self.date(customer.expires_at) if customer.expires_at else 'none',
             flags=flags, registered=self.date(customer.created_at), invited=customer.referrer_id is not None,
-            payments=', '.join(f'#{p.invoice_id} {p.amount} {p.currency} {p.status}' for p in payments) or 'none',
+            payments=', '.join(f'{p.provider} {p.provider_id or "#" + str(p.id)} '
+                               f'{int(p.amount) if p.currency == stars.XTR else p.amount} {p.currency} {p.status}'
+                               + (f' (subscription until {self.date(p.subscription_until)}, renewal '
+                                  f'{"canceled" if p.renewal_canceled else "on"})' if p.subscription_until else '')
+                               for p in payments) or 'none',
             grants=', '.join(f'+{g.days}d {g.reason}' for g in grants) or 'none'))
 
     def admin_give(self, message, user, argument):

@@ -80,6 +80,8 @@ class Settings:
     public_url: str = ''
     panels: tuple = ()  # PanelConfig of every panel, from PANELS_FILE or the XUI_* settings
     shop_name: str = texts.DEFAULT_SHOP_NAME
+    stars_plans: tuple = ()  # Plans priced in whole Telegram Stars (STARS_PLANS); empty: Stars off
+    stars_recurring: bool = False
     texts: dict = field(default_factory=dict, hash=False, compare=False)  # the operator's TEXTS_FILE
     reconcile_time: str = '03:30'
     outage_alert_minutes: int = 5
@@ -87,6 +89,10 @@ class Settings:
     def plan(self, days):
         """Return the plan of that many days, or None."""
         return next((plan for plan in self.plans if plan.days == days), None)
+
+    def stars_plan(self, days):
+        """Return the price in Stars (an int) of the plan of that many days, or None."""
+        return next((plan.price for plan in self.stars_plans if plan.days == days), None)
 
 
 PLANS_FORMAT = 'PLANS must be days:price pairs, like 30:100,90:270'
@@ -115,6 +121,30 @@ def parse_plans(text, currency='RUB'):
             price = price.quantize(Decimal(1).scaleb(-places))  # 99.990 is 99.99
         plans[days] = Plan(days, price)
     return tuple(sorted(plans.values(), key=lambda plan: plan.days))
+
+
+def parse_stars_plans(text):
+    """Turn '30:250,90:700' into Plans priced in whole Stars (1..100000 each); '' means Stars off.
+
+    :raise Invalid: saying what is expected.
+    """
+    if not text:
+        return ()
+    plans = {}
+    for pair in text.split(','):
+        days, sep, price = pair.strip().partition(':')
+        days, price = days.strip(), price.strip()
+        if not (sep and days.isascii() and days.isdigit() and price.isascii() and price.isdigit()
+                and 1 <= int(days) <= 3650 and 1 <= int(price) <= 100000 and int(days) not in plans):
+            raise Invalid('must be days:stars pairs in whole Stars (1..100000), each length once, like 30:250,90:700')
+        plans[int(days)] = Plan(int(days), int(price))
+    return tuple(sorted(plans.values(), key=lambda plan: plan.days))
+
+
+def flag(text):
+    if text not in ('0', '1'):
+        raise Invalid('must be 0 or 1')
+    return text == '1'
 
 
 def parse_ids(text):
@@ -356,6 +386,8 @@ def load(environ=None):
         worker_threads=read('WORKER_THREADS', number(1, 256), '16'),
         db_pool_size=read('DB_POOL_SIZE', number(1, 1000), '20'),
         shop_name=read('SHOP_NAME', shop_name, texts.DEFAULT_SHOP_NAME),
+        stars_plans=read('STARS_PLANS', parse_stars_plans, ''),
+        stars_recurring=read('STARS_RECURRING', flag, '0'),
         texts=texts_file(str(lookup('TEXTS_FILE', '') or '').strip()),
         panels_file=panels_file,
         public_url=read('PUBLIC_URL', optional(http_url('https://vpn.example.com')), ''),

@@ -19,8 +19,9 @@ from peewee import IntegrityError, Value, fn
 import backup
 import keyboards
 import models
+import stars
 from cryptobot import CryptoPayError
-from models import PAID, PENDING, Grant, PanelClient, Payment, Reminder, User, utcnow
+from models import CRYPTOPAY, PAID, PENDING, Grant, PanelClient, Payment, Reminder, User, utcnow
 from shop import invoice_payload
 from texts import show_date, t
 from xui import XuiError
@@ -55,7 +56,8 @@ def poll_payments(shop, messenger, now=None, counts=None):
     missing_before = now - timedelta(seconds=shop.settings.invoice_expires_seconds) - MISSING_GRACE
     after_id, settled = 0, 0
     while True:
-        batch = list(Payment.select().where(Payment.status == PENDING, Payment.id > after_id)
+        batch = list(Payment.select().where(Payment.status == PENDING, Payment.provider == CRYPTOPAY,
+                                            Payment.id > after_id)
                      .order_by(Payment.id).limit(POLL_BATCH))
         if not batch:
             break
@@ -95,6 +97,11 @@ def alert_mismatches(shop, messenger, now=None):
         for admin_id in shop.settings.admin_ids:
             messenger.send(admin_id, text)
     return len(alerts)
+
+
+def sync_stars(shop, messenger, now=None):
+    """The Stars safety net: settle every Stars payment whose update never reached us (stars.sync_transactions)."""
+    return stars.Stars(shop, messenger.bot).sync_transactions(messenger, now)
 
 
 def tell_expired(messenger, payment):
@@ -475,6 +482,8 @@ def build_scheduler(shop, messenger, settings, outages=(), redact=str):
     scheduler.every(20).seconds.do(guarded(retry_provisioning, **told), shop, messenger)
     scheduler.every(20).seconds.do(guarded(backfill_panels, **told), shop)
     scheduler.every(1).minutes.do(guarded(announce_new_link, **told), shop, messenger)
+    if settings.stars_plans:
+        scheduler.every(settings.payment_poll_seconds).seconds.do(guarded(sync_stars, **told), shop, messenger)
     scheduler.every(5).minutes.do(guarded(send_reminders, **told), shop, messenger)
     scheduler.every().day.at(settings.backup_time).do(guarded(backup_database, every_failure=True, **told),
                                                       settings)

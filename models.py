@@ -17,8 +17,9 @@ from playhouse.shortcuts import ReconnectMixin
 
 db = DatabaseProxy()
 
-PENDING, PAID, EXPIRED = 'pending', 'paid', 'expired'
-REASONS = ('payment', 'promo', 'gift', 'referral', 'admin')
+PENDING, PAID, EXPIRED, REFUNDED = 'pending', 'paid', 'expired', 'refunded'
+CRYPTOPAY, STARS = 'cryptopay', 'stars'  # payment providers
+REASONS = ('payment', 'promo', 'gift', 'referral', 'admin', 'refund')  # 'refund': negative days, a reversal
 
 
 def utcnow():
@@ -64,8 +65,18 @@ class User(BaseModel):
 
 
 class Payment(BaseModel):
-    """One Crypto Pay invoice."""
-    invoice_id = BigIntegerField(unique=True)
+    """One payment of a buyer: a Crypto Pay invoice, or a Telegram Stars invoice and its charge.
+
+    provider_id is the provider's own id, unique per provider: Crypto Pay's invoice_id (as text), Telegram's
+    telegram_payment_charge_id (set when the Stars payment arrives). amount is in currency's units: XTR in
+    whole Stars. A Stars payment has no invoice_id: its invoice payload names this row (stars.payload_of).
+    """
+    invoice_id = BigIntegerField(unique=True, null=True)  # Crypto Pay's invoice id
+    provider = CharField(max_length=16, default=CRYPTOPAY)
+    provider_id = CharField(max_length=128, null=True)
+    # A Stars subscription (STARS_RECURRING), on its first payment's row: paid until, and renewal canceled
+    subscription_until = DateTimeField(null=True)
+    renewal_canceled = BooleanField(null=True)
     user = ForeignKeyField(User, backref='payments', index=True)
     plan_days = IntegerField()
     amount = DecimalField(max_digits=12, decimal_places=2, auto_round=False)
@@ -86,7 +97,13 @@ class Payment(BaseModel):
             (('status', 'created_at'), False),
             (('status', 'provisioned_at'), False),
             (('status', 'notified_at'), False),
+            (('provider', 'provider_id'), True),
         )
+
+    def save(self, *args, **kwargs):
+        if self.provider == CRYPTOPAY and self.provider_id is None and self.invoice_id is not None:
+            self.provider_id = str(self.invoice_id)
+        return super().save(*args, **kwargs)
 
 
 class PromoCode(BaseModel):
@@ -133,6 +150,9 @@ class Gift(BaseModel):
         indexes = ((('telegram_id', 'kind'), True),)
 
 
+GRANT_REASON_CHECK = "CHECK (reason IN ('payment', 'promo', 'gift', 'referral', 'admin', 'refund'))"
+
+
 class Grant(BaseModel):
     """Append-only ledger of subscription days; a user's expiry can be re-derived from it."""
     user = ForeignKeyField(User, backref='grants', index=True)
@@ -147,7 +167,7 @@ class Grant(BaseModel):
     class Meta:
         table_name = 'grants'
         indexes = ((('reason', 'reference'), True),)
-        constraints = [SQL("CHECK (reason IN ('payment', 'promo', 'gift', 'referral', 'admin'))")]
+        constraints = [SQL(GRANT_REASON_CHECK)]
 
 
 class Reminder(BaseModel):
@@ -199,6 +219,16 @@ class InvoiceMismatch(BaseModel):
         table_name = 'invoice_mismatches'
 
 
+class Cursor(BaseModel):
+    """Where a job stopped reading an outside list (e.g. 'stars': how many getStarTransactions it has read)."""
+    name = CharField(max_length=32, unique=True)
+    position = BigIntegerField(default=0)
+    updated_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = 'cursors'
+
+
 class SchemaVersion(BaseModel):
     version = IntegerField(primary_key=True)
     applied_at = DateTimeField(default=utcnow)
@@ -232,18 +262,84 @@ def move_panel_state(migrator):
         ('panel_uuid', 'panel_dirty', 'panel_failures', 'panel_retry_at', 'panel_alerted')]
 
 MODELS = [User, Payment, PromoCode, Redemption, Referral, Gift, Grant, Reminder, PromoAttempt, InvoiceMismatch,
-          PanelClient, SchemaVersion]
+          PanelClient, Cursor, SchemaVersion]
 
-# Schema changes after the first release: (version, function(migrator) -> list of operations).
 def add_qr_columns(migrator):
     """20: users.qr_link and users.qr_file_id, the QR photo Telegram keeps for the link."""
     return [migrator.add_column('users', 'qr_link', User.qr_link),
             migrator.add_column('users', 'qr_file_id', User.qr_file_id)]
 
 
-MIGRATIONS = [(20, add_qr_columns),
+class RawStep:
+    """A migration step of our own SQL, run like playhouse.migrate's operations (an object with run())."""
+
+    def __init__(self, function):
+        self.run = function
+
+
+def relax_sqlite_table(table, replacements):
+    """Loosen a SQLite table's constraints (drop a NOT NULL, widen a CHECK) by editing its CREATE TABLE text.
+
+    SQLite's documented procedure for removing constraints (sqlite.org/lang_altertable.html, "making other
+    kinds of table schema changes"): the rows already satisfy the looser schema, so no copy of the table
+    is needed and no table that references it is touched. Runs inside the migration's transaction.
+    :raise RuntimeError: a text to replace is not in the table's definition (nothing is changed).
+    """
+    sql = db.execute_sql("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()[0]
+    for old, new in replacements:
+        if old not in sql:
+            raise RuntimeError(f'{table}: {old!r} not found in its definition')
+        sql = sql.replace(old, new)
+    version = db.execute_sql('PRAGMA schema_version').fetchone()[0]
+    db.execute_sql('PRAGMA writable_schema = ON')
+    try:
+        db.execute_sql("UPDATE sqlite_master SET sql = ? WHERE type = 'table' AND name = ?", (sql, table))
+        db.execute_sql(f'PRAGMA schema_version = {int(version) + 1}')
+    finally:
+        db.execute_sql('PRAGMA writable_schema = OFF')
+    problems = db.execute_sql('PRAGMA quick_check').fetchall()
+    if problems != [('ok',)]:
+        raise RuntimeError(f'{table}: integrity check after the change: {problems}')
+
+
+def payments_for_providers(migrator):
+    """Wave 2: payments of several providers: provider, provider_id (unique per provider), no invoice_id for Stars."""
+    steps = [migrator.add_column('payments', 'provider', Payment.provider),
+             migrator.add_column('payments', 'provider_id', Payment.provider_id),
+             RawStep(lambda: db.execute_sql("UPDATE payments SET provider_id = CAST(invoice_id AS VARCHAR(32)) "
+                                            "WHERE provider_id IS NULL")),
+             migrator.add_index('payments', ('provider', 'provider_id'), True)]
+    if is_sqlite():
+        steps.append(RawStep(lambda: relax_sqlite_table(
+            'payments', [('"invoice_id" INTEGER NOT NULL', '"invoice_id" INTEGER')])))
+    else:
+        steps.append(migrator.drop_not_null('payments', 'invoice_id'))
+    return steps
+
+
+def grants_with_refunds(migrator):
+    """Wave 2: the ledger takes 'refund' rows (a refunded payment's days taken back): widen the reason CHECK."""
+    old_check = "CHECK (reason IN ('payment', 'promo', 'gift', 'referral', 'admin'))"
+    if is_sqlite():
+        return [RawStep(lambda: relax_sqlite_table('grants', [(old_check, GRANT_REASON_CHECK)]))]
+
+    def replace_check():
+        names = [name for (name,) in db.execute_sql(
+            "SELECT conname FROM pg_constraint WHERE conrelid = 'grants'::regclass AND contype = 'c' "
+            "AND pg_get_constraintdef(oid) LIKE %s", ('%reason%',)).fetchall()]
+        for name in names:
+            db.execute_sql(f'ALTER TABLE grants DROP CONSTRAINT "{name}"')
+        db.execute_sql(f'ALTER TABLE grants ADD CONSTRAINT grants_reason_check {GRANT_REASON_CHECK}')
+    return [RawStep(replace_check)]
+
+
+# Schema changes after the first release: (version, function(migrator) -> list of operations).
+MIGRATIONS = [(20, add_qr_columns), (40, payments_for_providers), (41, grants_with_refunds),
+              (42, lambda migrator: [migrator.add_column('payments', 'subscription_until', Payment.subscription_until),
+                                     migrator.add_column('payments', 'renewal_canceled', Payment.renewal_canceled)]),
               (50, move_panel_state),
               (51, lambda migrator: [migrator.add_column('users', 'link_base', User.link_base)])]
+
 
 class ReconnectingPostgresqlDatabase(ReconnectMixin, PooledPostgresqlDatabase):
     """A pooled PostgreSQL database that survives a server restart (or Neon dropping idle connections).
@@ -322,7 +418,11 @@ def create_schema():
     """Create missing tables and apply pending migrations; safe to run on every start."""
     with db.connection_context():
         fresh = not db.table_exists(SchemaVersion._meta.table_name)
-        db.create_tables(MODELS, safe=True)
+        # Only missing tables: an existing table changes by migrations alone. (Creating a model's indexes on a
+        # table that lacks their new columns is worse than an error on SQLite: a double-quoted unknown column
+        # is read as a string, and the index it makes corrupts the table for the migration after it.)
+        existing = set(db.get_tables())
+        db.create_tables([model for model in MODELS if model._meta.table_name not in existing], safe=True)
         if fresh:  # create_tables made the latest schema: nothing to migrate
             for version, _ in MIGRATIONS:
                 SchemaVersion.create(version=version)

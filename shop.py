@@ -213,6 +213,7 @@ class Shop:
             lifetime = timedelta(seconds=self.settings.invoice_expires_seconds)
             fresh_after = now - lifetime + min(FRESH_MARGIN, lifetime / 2)
             pending = list(Payment.select().where(Payment.user == user.id, Payment.status == PENDING,
+                                                  Payment.provider == models.CRYPTOPAY,  # Stars: stars.py
                                                   Payment.created_at > fresh_after).order_by(Payment.id.desc()))
             for payment in pending:
                 if (payment.plan_days, payment.amount, payment.currency) == \

@@ -158,6 +158,51 @@ TEXTS = {
     },
 }
 
+# Telegram Stars (stars.py)
+TEXTS['en'].update({
+    'choose_method': 'Plan: <b>{plan}</b>. How would you like to pay?',
+    'btn_crypto': 'CryptoBot (USDT, TON, BTC)', 'btn_stars': '⭐ Telegram Stars',
+    'stars_title': 'VPN: {plan}', 'stars_description': '{shop} VPN subscription: {plan}. Paid in Telegram Stars.',
+    'stars_invoice_sent': 'Plan: <b>{plan}</b>, <b>{amount} ⭐</b>. Press <b>Pay</b> on the invoice below.',
+    'stars_refuse_unknown': 'This invoice is not valid. Please choose a plan again.',
+    'stars_refuse_not_yours': 'This invoice is not yours: open the bot and choose a plan yourself.',
+    'stars_refuse_amount': 'The price of this invoice has changed. Please choose a plan again.',
+    'stars_refuse_paid': 'This invoice is already paid. Open “My subscription”.',
+    'stars_refuse_closed': 'This invoice can no longer be paid. Please choose a plan again.',
+    'stars_refuse_busy': 'The shop cannot take payments this minute. Please try again shortly.',
+    'stars_foreign': '⚠️ {count} Stars payment(s) with an invoice we never issued: not credited.',
+    'adm_refund_usage': 'Usage: /refund &lt;telegram_payment_charge_id&gt;',
+    'adm_refunded': 'Refunded {amount} ⭐ to <code>{id}</code>; {days} days taken back, now until {expiry}.',
+    'adm_refund_already': 'This charge is already refunded: nothing changed.',
+    'adm_refund_crypto': 'This is a CryptoBot payment: it cannot be refunded with /refund (refund it in CryptoBot yourself).',
+    'adm_refund_unknown': 'No Stars payment with this charge id.',
+    'adm_refund_refused': 'Telegram refused the refund, nothing changed: {reason}',
+    'adm_revenue': '<b>By currency</b> (paid, revenue): {lines}',
+    'stars_subscribe': 'Monthly subscription: <b>{amount} ⭐</b> a month, renewed by Telegram until you cancel it (in “My subscription”).',
+    'btn_subscribe': '⭐ Subscribe: {amount} ⭐ a month', 'btn_cancel_renewal': '⏹ Cancel renewal',
+    'btn_resume': '▶️ Resume renewal',
+    'stars_renews': '🔁 Renews on <b>{date}</b> (Telegram Stars).',
+    'stars_renewal_off': '⏹ Renewal canceled: paid until <b>{date}</b>.',
+})
+TEXTS['ru'].update({
+    'choose_method': 'Тариф: <b>{plan}</b>. Как хотите оплатить?',
+    'btn_crypto': 'CryptoBot (USDT, TON, BTC)', 'btn_stars': '⭐ Telegram Stars',
+    'stars_title': 'VPN: {plan}', 'stars_description': 'Подписка {shop} VPN: {plan}. Оплата в Telegram Stars.',
+    'stars_invoice_sent': 'Тариф: <b>{plan}</b>, <b>{amount} ⭐</b>. Нажмите <b>Оплатить</b> в счёте ниже.',
+    'stars_refuse_unknown': 'Этот счёт недействителен. Выберите тариф снова.',
+    'stars_refuse_not_yours': 'Этот счёт не ваш: откройте бота и выберите тариф сами.',
+    'stars_refuse_amount': 'Цена в этом счёте изменилась. Выберите тариф снова.',
+    'stars_refuse_paid': 'Этот счёт уже оплачен. Откройте «Моя подписка».',
+    'stars_refuse_closed': 'Этот счёт больше нельзя оплатить. Выберите тариф снова.',
+    'stars_refuse_busy': 'Магазин сейчас не может принять оплату. Попробуйте чуть позже.',
+    'stars_foreign': '⚠️ Платежи в Stars со счётом, который мы не выставляли ({count}): не зачислены.',
+    'stars_subscribe': 'Ежемесячная подписка: <b>{amount} ⭐</b> в месяц, Telegram продлевает её, пока вы её не отмените (в «Моя подписка»).',
+    'btn_subscribe': '⭐ Подписаться: {amount} ⭐ в месяц', 'btn_cancel_renewal': '⏹ Отменить продление',
+    'btn_resume': '▶️ Возобновить продление',
+    'stars_renews': '🔁 Продлится <b>{date}</b> (Telegram Stars).',
+    'stars_renewal_off': '⏹ Продление отменено: оплачено до <b>{date}</b>.',
+})
+
 
 _shop_name = DEFAULT_SHOP_NAME
 _overrides = {}

@@ -65,6 +65,7 @@ def fill_database():
     models.PromoAttempt.create(user=alice, created_at=NOW - timedelta(minutes=3))
     models.InvoiceMismatch.create(payment=models.Payment.get(models.Payment.invoice_id == 555003),
                                   detail="amount '0.01' (ours 270) <b>&", created_at=NOW, alerted_at=None)
+    models.Cursor.create(name='stars', position=130, updated_at=NOW)
 
 
 def every_row():
