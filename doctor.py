@@ -11,6 +11,7 @@ and its migrations, Telegram) must pass; the panel, Crypto Pay and the channel a
 """
 import ipaddress
 import logging
+from datetime import datetime
 import os
 import pwd
 import sys
@@ -125,6 +126,10 @@ def become_owner(settings):
         except KeyError:
             name = f'uid {info.st_uid}'
             os.setgroups([])
+        # modules the checks import lazily (datetime.strptime's _strptime, psycopg2's parts) come from the
+        # interpreter's own folder, which the owner may not be able to read (a Python under /root): load them now
+        import _strptime  # noqa: F401
+        datetime.strptime('2000', '%Y')
         os.setgid(info.st_gid)
         os.setuid(info.st_uid)
         return name, folder

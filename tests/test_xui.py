@@ -13,6 +13,7 @@ import requests
 import config
 from conftest import PANEL_PASSWORD, PANEL_USER, TIMEOUT, make_shop, settings_env
 from fake_xui import LOGIN_BAD, running_panel
+import models
 from models import User
 from xui import XuiClient, XuiError, XuiLoginError
 
@@ -190,7 +191,7 @@ def test_a_buyer_who_has_a_client_gets_more_days_on_the_panel(database, cryptopa
         user = User.get_by_id(user.id)
         stored = panel.clients[user.panel_email]
         assert stored['expiryTime'] == _datetime_ms(user.expires_at) and stored['enable'] is True
-        assert (stored['id'], stored['subId']) == (key, user.panel_sub_id) and not user.panel_dirty
+        assert (stored['id'], stored['subId']) == (key, user.panel_sub_id) and not models.PanelClient.get(models.PanelClient.user == user.id).dirty
 
 
 def test_never_expiring_and_naive_utc(panel, xui):
