@@ -2,6 +2,7 @@
 
 Handlers decode the update, call a plain Shop method and format the reply.
 """
+import concurrent.futures
 import functools
 import io
 import logging
@@ -10,6 +11,8 @@ import re
 import signal
 import sys
 import threading
+import time
+from datetime import datetime, timezone
 
 import telebot
 import zxingcpp
@@ -23,13 +26,16 @@ import config
 import jobs
 import keyboards
 import models
+import panels
 import tgsender
+import stars
 import web
 from cryptobot import CryptoPayClient, CryptoPayError
 from messenger import Messenger
+from outages import Outage, Watched, cryptopay_unreachable, describe, telegram_unreachable
 from shop import InvoiceInProgress, Shop, TooManyInvoices, language_for as shop_language
 import texts
-from markup import (MAX_CALLBACK_ANSWER, MAX_CAPTION, MAX_DESCRIPTION, MAX_MESSAGE, MAX_SHORT_DESCRIPTION, clip_html,
+from markup import (MAX_CALLBACK_ANSWER, MAX_CAPTION, MAX_DESCRIPTION, MAX_MESSAGE, MAX_SHORT_DESCRIPTION, Html, clip_html,
                     clip_plain, html, visible)
 from texts import human_bytes, plain, plan_name, show_date, t
 from xui import XuiClient
@@ -37,10 +43,16 @@ from xui import XuiClient
 log = logging.getLogger('bot')
 
 MEMBER_STATUSES = ('member', 'administrator', 'creator')
-ADMIN_COMMANDS = ('stats', 'newcode', 'user', 'give', 'broadcast', 'sync')
+ADMIN_COMMANDS = ('stats', 'newcode', 'user', 'give', 'broadcast', 'sync', 'panels', 'refund')
+# Telegram holds getUpdates open this long; the read timeout must exceed it.
+LONG_POLL_SECONDS = 25
 # A button press must be answered within ~15 s (Telegram then refuses the answer): inside handlers each
 # outside call is tried once, with these timeouts; only the jobs retry with backoff.
 HANDLER_TIMEOUT = (3.05, 5)
+# Start-up tries to reach Telegram again after 5 s, 10 s, 20 s ... at most 5 minutes apart.
+START_RETRY_FIRST, START_RETRY_MAX = 5, 300
+# getMe answers at once when Telegram is up; a hang is reported this soon instead of after READ_TIMEOUT.
+START_READ_TIMEOUT = 10
 
 
 class RedactSecrets(logging.Filter):
@@ -67,13 +79,36 @@ class RedactSecrets(logging.Filter):
 
 
 def setup_logging(secrets=()):
-    """Log one line per event to stdout (journald adds the time stamps under systemd)."""
+    """Log one line per event to stdout (journald adds the time stamps under systemd), secrets redacted.
+
+    Every other way out goes through the same handler: an uncaught error in the main thread or in
+    any other thread, and telebot's own logger (which would print to stderr by itself).
+    """
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))
     handler.addFilter(RedactSecrets(secrets))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
+    logging.getLogger('TeleBot').handlers[:] = []  # propagate to the redacting handler only
+    sys.excepthook = log_uncaught
+    threading.excepthook = log_thread_death
+
+
+def log_uncaught(kind, error, trace):
+    """Log an error that ended the program (sys.excepthook), instead of Python's raw traceback on stderr."""
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, error, trace)
+        return
+    log.critical('stopped by an unexpected %s', kind.__name__, exc_info=(kind, error, trace))
+
+
+def log_thread_death(args):
+    """Log an error that ended a thread (threading.excepthook), redacted like every other line."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else '?'
+    log.error('thread %s died', name, exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 def secrets_of(settings):
@@ -81,7 +116,8 @@ def secrets_of(settings):
     url = settings.database_url
     password = url.split('://', 1)[-1].split('@', 1)[0].partition(':')[2] if '@' in url else ''
     return [settings.bot_token, settings.xui_password, settings.xui_api_token, settings.cryptopay_token,
-            password, settings.bot_token.partition(':')[2]]
+            password, settings.bot_token.partition(':')[2]] + [
+        secret for panel in settings.panels for secret in panel.secrets]
 
 
 def qr_png(link, scale=8):
@@ -97,6 +133,13 @@ def qr_png(link, scale=8):
     buffer = io.BytesIO()
     image.save(buffer, 'PNG')
     return buffer.getvalue()
+
+
+def pending_panels(user):
+    """Say (plain text) which panels still wait for the user's days (' · panel update pending: Germany'), or ''."""
+    names = [name for (name,) in models.PanelClient.select(models.PanelClient.panel)
+             .where(models.PanelClient.user == user.id, models.PanelClient.dirty == True).tuples()]  # noqa: E712
+    return f' · panel update pending: {", ".join(sorted(names))}' if names else ''
 
 
 def command_argument(text):
@@ -132,6 +175,13 @@ class ShopBot:
             'video_note', 'poll', 'dice', 'venue'])
         bot.register_callback_query_handler(self.guarded(self.on_button), func=pressed_in_private)
         bot.register_callback_query_handler(self.on_button_elsewhere, func=lambda call: True)
+        # Telegram Stars: the payment arrives as a message; a pre-checkout query must be answered within 10 s,
+        # so it skips the handler threads' queue and is answered on threads of its own.
+        self.stars = stars.Stars(shop, bot)
+        bot.register_message_handler(self.guarded(self.on_successful_payment), content_types=['successful_payment'],
+                                     chat_types=private)
+        self.checkout_pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix='checkout')
+        bot.process_new_pre_checkout_query = self.on_pre_checkout_queries
 
     # Plumbing
 
@@ -201,7 +251,9 @@ class ShopBot:
                           BotCommand('user', '<id|@username> — look a customer up'),
                           BotCommand('give', '<id|@username> <days> — extend by hand'),
                           BotCommand('broadcast', '<text> — message every user'),
-                          BotCommand('sync', 'Compare the panel with the ledger')]
+                          BotCommand('sync', 'Compare the panels with the ledger'),
+                          BotCommand('panels', 'Each panel: answers, clients, pending pushes'),
+                          BotCommand('refund', '<telegram_payment_charge_id> — refund a Stars payment')]
         for admin_id in self.settings.admin_ids:
             try:
                 self.bot.set_my_commands(admin_commands, scope=BotCommandScopeChat(admin_id))
@@ -313,9 +365,82 @@ class ShopBot:
 
     def button_buy(self, call, user, _):
         self.show(call, t(user.language, 'choose_plan'),
-                  keyboards.plans(user.language, self.settings.plans, self.settings.currency))
+                  keyboards.plans(user.language, self.settings.plans, self.settings.currency, self.settings.stars_plans))
 
     def button_plan(self, call, user, days):
+        lang = user.language
+        crypto, in_stars = self.settings.plan(days), self.settings.stars_plan(days)
+        if crypto is not None and in_stars is not None:
+            self.show(call, t(lang, 'choose_method', plan=plan_name(lang, days)), keyboards.pay_methods(lang, days))
+            return None
+        if in_stars is not None:
+            return self.button_stars(call, user, days)
+        return self.button_crypto(call, user, days)
+
+    def button_stars(self, call, user, days):
+        lang = user.language
+        if self.settings.stars_plan(days) is None:
+            return t(lang, 'stale')
+        payment = self.stars.offer(user, days)
+        if self.stars.recurring(days):
+            try:
+                link = self.stars.subscription_link(user, payment)
+            except ApiTelegramException as exc:
+                log.warning('stars subscription link not made user=%s: %s', user.telegram_id, exc.description)
+                return t(lang, 'service_down')
+            self.show(call, t(lang, 'stars_subscribe', amount=int(payment.amount)),
+                      keyboards.subscribe(lang, link, int(payment.amount)))
+            return None
+        self.show(call, t(lang, 'stars_invoice_sent', plan=plan_name(lang, days), amount=int(payment.amount)),
+                  keyboards.back_to_menu(lang))
+        try:
+            self.stars.send_invoice(user, payment, call.message.chat.id)
+        except ApiTelegramException as exc:
+            log.warning('stars invoice not sent user=%s: %s', user.telegram_id, exc.description)
+            return t(lang, 'service_down')
+        return None
+
+    def on_pre_checkout_queries(self, queries):
+        """Answer each pre-checkout query on the checkout threads, never behind busy handler threads."""
+        for query in queries:
+            self.checkout_pool.submit(self.answer_pre_checkout, query)
+
+    def answer_pre_checkout(self, query):
+        """ok only for our pending Stars payment of that user and amount; otherwise a reason the buyer reads."""
+        lang = shop_language(query.from_user.language_code)
+        try:
+            with models.connection():
+                reason = self.stars.pre_checkout(query.from_user.id, query.currency, query.total_amount,
+                                                 query.invoice_payload)
+        except Exception as exc:  # noqa: BLE001 — the buyer must get an answer, never silence
+            log.error('pre-checkout not judged user=%s: %s', query.from_user.id, type(exc).__name__)
+            reason = 'stars_refuse_busy'
+        try:
+            if reason is None:
+                self.bot.answer_pre_checkout_query(query.id, ok=True)
+            else:
+                self.bot.answer_pre_checkout_query(query.id, ok=False, error_message=plain(lang, reason))
+            log.info('pre-checkout answered user=%s payload=%.40s ok=%s', query.from_user.id,
+                     query.invoice_payload, reason is None)
+        except apihelper.ApiException as exc:
+            log.warning('pre-checkout answer failed user=%s: %s', query.from_user.id, exc)
+
+    def on_successful_payment(self, message):
+        """Settle a Stars payment once by its charge id; the buyer gets the link (the jobs retry the panel)."""
+        paid = message.successful_payment
+        until = (datetime.fromtimestamp(paid.subscription_expiration_date, timezone.utc).replace(tzinfo=None)
+                 if paid.subscription_expiration_date else None)
+        result = self.stars.settle(message.from_user.id, paid.invoice_payload, paid.telegram_payment_charge_id,
+                                   paid.currency, paid.total_amount, subscription_until=until)
+        if result.outcome == 'settled':
+            if not self.stars.deliver(result.payment, self.messenger):
+                user = self.shop.get_user(message.from_user.id)
+                self.reply(message.chat.id, t(user.language, 'paid_wait_panel'))
+        elif result.outcome == 'foreign':
+            log.error('stars payment not ours, not credited: charge=%s user=%s: %s',
+                      paid.telegram_payment_charge_id, message.from_user.id, result.detail)
+
+    def button_crypto(self, call, user, days):
         if self.settings.plan(days) is None:
             return t(user.language, 'stale')
         try:
@@ -378,9 +503,31 @@ class ShopBot:
             lines.append(t(lang, 'sub_traffic', used=human_bytes(traffic['up'] + traffic['down']), limit=limit))
         link = self.shop.subscription_link(user)
         lines += [t(lang, 'sub_link', link=link), t(lang, 'sub_howto')]
-        self.show(call, '\n\n'.join(lines), keyboards.renew(lang) if not user.is_active() else
-                  keyboards.back_to_menu(lang))
+        markup = keyboards.renew(lang) if not user.is_active() else keyboards.back_to_menu(lang)
+        renewing = self.stars.subscription(user)
+        if renewing is not None:  # a monthly Stars subscription: its state and the button that flips it
+            lines.insert(1, t(lang, 'stars_renewal_off' if renewing.renewal_canceled else 'stars_renews',
+                              date=self.date(renewing.subscription_until)))
+            keyboards.add_renewal_button(markup, lang, canceled=bool(renewing.renewal_canceled))
+        self.show(call, '\n\n'.join(lines), markup)
         self.send_qr(user.telegram_id, user, link, clip_plain(plain(lang, 'qr_caption'), MAX_CAPTION))
+        return None
+
+    def button_renoff(self, call, user, _):
+        return self.flip_renewal(call, user, canceled=True)
+
+    def button_renon(self, call, user, _):
+        return self.flip_renewal(call, user, canceled=False)
+
+    def flip_renewal(self, call, user, canceled):
+        lang = user.language
+        try:
+            root = self.stars.set_renewal(user, canceled)
+        except stars.StarsError as exc:
+            log.warning('stars renewal not changed user=%s: %s', user.telegram_id, exc)
+            return t(lang, 'service_down')
+        self.show(call, t(lang, 'stars_renewal_off' if canceled else 'stars_renews',
+                          date=self.date(root.subscription_until)), keyboards.back_to_menu(lang))
         return None
 
     def send_qr(self, chat_id, user, link, caption):
@@ -437,7 +584,45 @@ class ShopBot:
     # Admin commands (reached only for ADMIN_IDS)
 
     def admin_stats(self, message, user, _):
-        self.reply(message.chat.id, t(user.language, 'adm_stats', **self.shop.stats()))
+        stats = self.shop.stats()
+        revenue = self.stars.revenue()
+        lines = ', '.join(f'{count} · {total} {"⭐" if currency == stars.XTR else currency}'
+                          for currency, (count, total) in sorted(revenue.items())) or 'none'
+        text = t(user.language, 'adm_stats', **stats)
+        if len(self.shop.panels) > 1:
+            text = Html(text + t(user.language, 'adm_stats_panels', panels=', '.join(
+                f'{name} {count}' for name, count in stats['panel_clients'].items())))
+        self.reply(message.chat.id, Html(text + '\n' + t(user.language, 'adm_revenue', lines=lines)))
+
+    def admin_panels(self, message, user, _):
+        blocks = []
+        for row in self.shop.panel_report(probe=True):
+            if not row['enabled']:
+                state = 'disabled in PANELS_FILE (never touched)'
+            elif row['reachable']:
+                state = 'answers, ' + ('v3.1+ clients API' if row['generation'] == 'v3' else 'inbounds API (≤ v3.0)')
+            else:
+                state = f'does not answer: {row["error"]}'
+            last_error = f'\nLast push error: {row["last_error"]}' if row['last_error'] else ''
+            blocks.append(t(user.language, 'adm_panel', name=row['name'], state=state, clients=row['clients'],
+                            pending=row['pending'], last_error=last_error))
+        self.reply(message.chat.id, Html('\n\n'.join(blocks)))
+
+    def admin_refund(self, message, user, argument):
+        lang = user.language
+        if not argument or len(argument.split()) != 1:
+            self.reply(message.chat.id, t(lang, 'adm_refund_usage'))
+            return
+        result = self.stars.refund(argument)
+        if result.outcome == 'refunded':
+            customer = models.User.get_by_id(result.payment.user_id)
+            self.reply(message.chat.id, t(lang, 'adm_refunded', amount=int(result.payment.amount),
+                                          id=customer.telegram_id, days=result.payment.plan_days,
+                                          expiry=self.date(customer.expires_at)))
+        elif result.outcome == 'refused':
+            self.reply(message.chat.id, t(lang, 'adm_refund_refused', reason=result.detail))
+        else:
+            self.reply(message.chat.id, t(lang, f'adm_refund_{result.outcome}'))
 
     def admin_newcode(self, message, user, argument):
         lang = user.language
@@ -470,13 +655,17 @@ class ShopBot:
             return
         payments = list(customer.payments.order_by(models.Payment.created_at.desc()).limit(5))
         grants = list(customer.grants.order_by(models.Grant.id.desc()).limit(5))
-        flags = ''.join(flag for flag, on in ((' (active)', customer.is_active()), (' · blocked the bot', customer.blocked),
-                                              (' · panel update pending', customer.panel_dirty)) if on)
+        flags = ''.join(flag for flag, on in ((' (active)', customer.is_active()), (' · blocked the bot', customer.blocked))
+                        if on) + pending_panels(customer)
         self.reply(message.chat.id, t(
             lang, 'adm_user', name=customer.first_name, username=customer.username or '-', id=customer.telegram_id,
             language=customer.language, expiry=self.date(customer.expires_at) if customer.expires_at else 'none',
             flags=flags, registered=self.date(customer.created_at), invited=customer.referrer_id is not None,
-            payments=', '.join(f'#{p.invoice_id} {p.amount} {p.currency} {p.status}' for p in payments) or 'none',
+            payments=', '.join(f'{p.provider} {p.provider_id or "#" + str(p.id)} '
+                               f'{int(p.amount) if p.currency == stars.XTR else p.amount} {p.currency} {p.status}'
+                               + (f' (subscription until {self.date(p.subscription_until)}, renewal '
+                                  f'{"canceled" if p.renewal_canceled else "on"})' if p.subscription_until else '')
+                               for p in payments) or 'none',
             grants=', '.join(f'+{g.days}d {g.reason}' for g in grants) or 'none'))
 
     def admin_give(self, message, user, argument):
@@ -505,88 +694,156 @@ class ShopBot:
         # cut the plain text to Telegram's visible limit first, then escape it: '&' is one character to Telegram
         text = html(clip_plain(argument, MAX_MESSAGE))
 
-        def progress(report):
-            self.edit_quietly(status, t(lang, 'adm_broadcast_progress', delivered=report.delivered,
-                                        blocked=report.blocked, failed=report.failed))
+        def say(report, key):
+            counts = dict(delivered=report.delivered, blocked=report.blocked, failed=report.failed)
+            if key == 'adm_broadcast_done' and report.error:
+                return t(lang, 'adm_broadcast_stopped', error=report.error, **counts)
+            return t(lang, key, **counts)
 
-        def run():
-            with models.db.connection_context():
-                report = self.messenger.broadcast(text, progress)
-            self.edit_quietly(status, t(lang, 'adm_broadcast_done', delivered=report.delivered,
-                                        blocked=report.blocked, failed=report.failed))
-
-        threading.Thread(target=run, name='broadcast', daemon=True).start()
-
-    def edit_quietly(self, message, text):
-        try:
-            self.bot.edit_message_text(clip_html(text), message.chat.id, message.message_id, parse_mode='HTML')
-        except ApiTelegramException as exc:
-            log.info('progress not shown: %s', exc.description)
+        threading.Thread(target=self.messenger.run_broadcast, args=(text, status.chat.id, status.message_id),
+                         kwargs={'progress_text': lambda report: say(report, 'adm_broadcast_progress'),
+                                 'final_text': lambda report: say(report, 'adm_broadcast_done')},
+                         name='broadcast', daemon=True).start()
 
     def admin_sync(self, message, user, _):
-        self.reply(message.chat.id, jobs.reconcile(self.shop).text(user.language))
+        self.reply(message.chat.id, '\n\n'.join(report.text(user.language) for report in jobs.reconcile_all(self.shop)))
 
 
 class LogErrors(telebot.ExceptionHandler):
-    """Log an unexpected handler error with its traceback and keep polling (telebot would pause or stop)."""
+    """Log an unexpected handler error with its traceback and keep polling (telebot would pause or stop).
+
+    A reply lost because Telegram is unreachable is one line for the whole outage, not a traceback each.
+    """
+
+    def __init__(self, outage):
+        self.outage = outage
 
     def handle(self, exception):
-        log.error('update failed', exc_info=exception)
+        if telegram_unreachable(exception):
+            self.outage.failed(describe(exception))
+        elif isinstance(exception, ApiTelegramException):
+            log.warning('telegram refused a call: %s', exception.description)
+        else:
+            log.error('update failed', exc_info=exception)
         return True
 
 
-def make_bot(settings):
+class PollingBot(telebot.TeleBot):
+    """A TeleBot whose long poll tells the Telegram Outage how it went and waits an outage out quietly."""
+
+    def __init__(self, *args, outage, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.outage = outage
+        self.stopping = threading.Event()
+
+    def get_updates(self, *args, **kwargs):
+        try:
+            updates = super().get_updates(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 — sorted by telegram_unreachable, the rest re-raised
+            if not telegram_unreachable(exc):
+                raise
+            self.stopping.wait(self.outage.failed(describe(exc)))
+            return []
+        self.outage.ok()
+        return updates
+
+    def stop_polling(self):
+        self.stopping.set()
+        super().stop_polling()
+
+
+def make_bot(settings, outage=None):
     """Create the TeleBot, pointed at TELEGRAM_API_URL, with explicit timeouts."""
     apihelper.API_URL = settings.telegram_api_url + '/bot{0}/{1}'
     apihelper.FILE_URL = settings.telegram_api_url + '/file/bot{0}/{1}'
     apihelper.CONNECT_TIMEOUT = 10
     apihelper.READ_TIMEOUT = 30
     apihelper.CUSTOM_REQUEST_SENDER = tgsender.RequestSender()  # urllib3, kept-alive; telebot's errors
-    return telebot.TeleBot(settings.bot_token, threaded=True, num_threads=settings.worker_threads,
-                           skip_pending=False, exception_handler=LogErrors())
+    outage = outage or Outage('Telegram', alert_after=settings.outage_alert_minutes * 60, alert_while_down=False)
+    return PollingBot(settings.bot_token, threaded=True, num_threads=settings.worker_threads,
+                      skip_pending=False, exception_handler=LogErrors(outage), outage=outage)
 
 
-def build_shop(settings, for_jobs=False):
-    """Create a Shop with its panel and Crypto Pay clients.
+def build_shop(settings, for_jobs=False, cryptopay_outage=None):
+    """Create a Shop with its panels' and Crypto Pay clients (Crypto Pay's calls watched for outages).
 
     The handlers' shop tries each outside call once within HANDLER_TIMEOUT, so a button is answered in time
     and no handler thread sleeps; the jobs' shop (for_jobs) retries with backoff and honours Retry-After.
     """
     retry = {} if for_jobs else {'timeout': HANDLER_TIMEOUT, 'retries': 0}
-    panel = XuiClient(settings.xui_url, settings.xui_inbound_id, settings.xui_sub_url,
-                      username=settings.xui_username, password=settings.xui_password,
-                      api_token=settings.xui_api_token or None, **retry)
     cryptopay = CryptoPayClient(settings.cryptopay_token, settings.cryptopay_url, **retry)
-    return Shop(settings, panel, cryptopay)
+    outage = cryptopay_outage or Outage('Crypto Pay', alert_after=settings.outage_alert_minutes * 60)
+    watched = Watched(cryptopay, outage, CryptoPayError, cryptopay_unreachable,
+                      methods=('get_me', 'create_invoice', 'get_invoices', 'delete_invoice'))
+    return Shop(settings, panels.connect(settings.panels, lambda config: panel_client(config, **retry)), watched)
+
+
+def panel_client(config, **retry):
+    """Make the XuiClient of one panel."""
+    return XuiClient(config.url, config.inbound_id, config.sub_url, username=config.username or None,
+                     password=config.password or None, api_token=config.api_token or None, **retry)
+
+
+def start_telegram(bot, shop_bot, settings):
+    """Ask Telegram who the bot is and set it up; while Telegram cannot be reached, say so and try again.
+
+    Each failed try is one line naming what could not be reached, never the token; the tries back off
+    from START_RETRY_FIRST to START_RETRY_MAX seconds. Return False when Telegram refuses (a wrong token).
+    """
+    delay = START_RETRY_FIRST
+    while True:
+        apihelper.READ_TIMEOUT = START_READ_TIMEOUT
+        try:
+            shop_bot.username = bot.get_me().username
+            bot.delete_webhook()
+            shop_bot.set_commands()
+            return True
+        except Exception as exc:  # noqa: BLE001 — sorted below; nothing reaches Python's stderr traceback
+            if isinstance(exc, ApiTelegramException) and not telegram_unreachable(exc):
+                log.error('Telegram refused to start the bot (check BOT_TOKEN and TELEGRAM_API_URL): %s',
+                          exc.description)
+                return False
+            if not telegram_unreachable(exc):
+                raise
+            log.error('cannot reach Telegram at %s (%s); trying again in %s s', settings.telegram_api_url,
+                      describe(exc), delay)
+        finally:
+            apihelper.READ_TIMEOUT = 30
+        time.sleep(delay)
+        delay = min(delay * 2, START_RETRY_MAX)
 
 
 def run(settings):
     """Run the bot: long polling plus the jobs thread, until SIGTERM; return the exit code."""
+    stop_jobs = threading.Event()
+    bot = None
+
+    def stop(signum, frame):
+        log.info('stopping on signal %s', signum)
+        stop_jobs.set()
+        if bot is not None:
+            bot.stop_polling()
+        raise SystemExit(0)  # leave the long poll now; unconfirmed updates come again on the next start
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         models.connect_database(settings.database_url, settings.db_pool_size)
         models.create_schema()
     except (OperationalError, InterfaceError) as exc:
         log.error('database unreachable (check DATABASE_URL): %s', exc)
         return 1
-    shop = build_shop(settings)
-    bot = make_bot(settings)
+    alert_after = settings.outage_alert_minutes * 60
+    telegram = Outage('Telegram', alert_after=alert_after, alert_while_down=False)
+    cryptopay = Outage('Crypto Pay', alert_after=alert_after)
+    shop = build_shop(settings, cryptopay_outage=cryptopay)
+    bot = make_bot(settings, telegram)
     shop_bot = ShopBot(bot, shop, settings)
     server = web.start(settings, shop, shop_bot)
-    try:
-        shop_bot.username = bot.get_me().username
-        shop_bot.set_commands()
-    except apihelper.ApiException as exc:
-        log.error('Telegram refused to start the bot (check BOT_TOKEN and TELEGRAM_API_URL): %s', exc)
+    shop_bot.messenger.outage = telegram
+    if not start_telegram(bot, shop_bot, settings):
         return 1
-    stop_jobs = jobs.start(build_shop(settings, for_jobs=True), shop_bot.messenger, settings)
-
-    def stop(signum, frame):
-        log.info('stopping on signal %s', signum)
-        stop_jobs.set()
-        bot.stop_polling()
-        raise SystemExit(0)  # leave the long poll now; unconfirmed updates come again on the next start
-
-    signal.signal(signal.SIGTERM, stop)
+    jobs.start(build_shop(settings, for_jobs=True, cryptopay_outage=cryptopay), shop_bot.messenger, settings,
+               stop=stop_jobs, outages=(telegram, cryptopay), redact=RedactSecrets(secrets_of(settings)).redact)
     log.info('bot @%s started', shop_bot.username)
     return web.receive_updates(bot, settings, server)
 

@@ -11,7 +11,7 @@ import os
 import pwd
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from decouple import AutoConfig, RepositoryEnv
 
+import panels as panels_file_reader
 import texts
 
 HERE = Path(__file__).resolve().parent
@@ -81,12 +82,23 @@ class Settings:
     http_port: int
     webhook_url: str
     webhook_secret: str
+    panels_file: str = ''
+    public_url: str = ''
+    panels: tuple = ()  # PanelConfig of every panel, from PANELS_FILE or the XUI_* settings
     shop_name: str = texts.DEFAULT_SHOP_NAME
+    stars_plans: tuple = ()  # Plans priced in whole Telegram Stars (STARS_PLANS); empty: Stars off
+    stars_recurring: bool = False
     texts: dict = field(default_factory=dict, hash=False, compare=False)  # the operator's TEXTS_FILE
+    reconcile_time: str = '03:30'
+    outage_alert_minutes: int = 5
 
     def plan(self, days):
         """Return the plan of that many days, or None."""
         return next((plan for plan in self.plans if plan.days == days), None)
+
+    def stars_plan(self, days):
+        """Return the price in Stars (an int) of the plan of that many days, or None."""
+        return next((plan.price for plan in self.stars_plans if plan.days == days), None)
 
 
 PLANS_FORMAT = 'PLANS must be days:price pairs, like 30:100,90:270'
@@ -115,6 +127,30 @@ def parse_plans(text, currency='RUB'):
             price = price.quantize(Decimal(1).scaleb(-places))  # 99.990 is 99.99
         plans[days] = Plan(days, price)
     return tuple(sorted(plans.values(), key=lambda plan: plan.days))
+
+
+def parse_stars_plans(text):
+    """Turn '30:250,90:700' into Plans priced in whole Stars (1..100000 each); '' means Stars off.
+
+    :raise Invalid: saying what is expected.
+    """
+    if not text:
+        return ()
+    plans = {}
+    for pair in text.split(','):
+        days, sep, price = pair.strip().partition(':')
+        days, price = days.strip(), price.strip()
+        if not (sep and days.isascii() and days.isdigit() and price.isascii() and price.isdigit()
+                and 1 <= int(days) <= 3650 and 1 <= int(price) <= 100000 and int(days) not in plans):
+            raise Invalid('must be days:stars pairs in whole Stars (1..100000), each length once, like 30:250,90:700')
+        plans[int(days)] = Plan(int(days), int(price))
+    return tuple(sorted(plans.values(), key=lambda plan: plan.days))
+
+
+def flag(text):
+    if text not in ('0', '1'):
+        raise Invalid('must be 0 or 1')
+    return text == '1'
 
 
 def parse_ids(text):
@@ -309,10 +345,21 @@ def shop_name(text):
     return text
 
 
+def file_path(name, text):
+    """Return the path a setting names (relative to the bot's folder, or absolute).
+
+    :raises SettingError: the value holds a line break or another control character (no file is named so)
+    """
+    if not text.isprintable():
+        raise SettingError(f'{name} must be a file path on one line, like /opt/vpn-bot/data/{name.lower()}.toml')
+    return HERE / text
+
+
 def texts_file(text):
     """Read the operator's texts file (a path relative to the bot's folder or absolute); '' means none."""
     if not text:
         return {}
+    file_path('TEXTS_FILE', text)
     try:
         return texts.load_overrides(HERE / text)
     except ValueError as exc:
@@ -330,6 +377,8 @@ def load(environ=None):
         raw = lookup(name, default)
         if raw is None or raw.strip() == '' and default is None:
             raise SettingError(f'{name} is not set (see .env.example)')
+        if raw.strip() == '' and default == '':
+            return ''  # optional and unset
         try:
             return cast(str(raw).strip())
         except Invalid as exc:
@@ -342,23 +391,26 @@ def load(environ=None):
     def optional(parse):
         return lambda text: parse(text) if text else ''
 
+    # PANELS_FILE replaces the XUI_* settings
+    panels_file = read('PANELS_FILE', optional(lambda text: str(file_path('PANELS_FILE', text).resolve())), '')
+    xui_default = '' if panels_file else None
     api_token_value = read('XUI_API_TOKEN', optional(api_token), '')
     # With an API token the panel login is not needed.
-    login_default = '' if api_token_value else None
+    login_default = '' if api_token_value or panels_file else None
     database = read('DATABASE_URL', database_url, f'sqlite:///{HERE / "bot.db"}')
     check_database_file(database)
     bot_token = read('BOT_TOKEN', token('123456789:AAHfake-token_from-BotFather', 'that @BotFather gave you'))
-    return Settings(
+    settings = Settings(
         bot_token=bot_token,
         telegram_api_url=read('TELEGRAM_API_URL', http_url('https://api.telegram.org'), 'https://api.telegram.org'),
         admin_ids=read('ADMIN_IDS', parse_ids, ''),
         database_url=database,
-        xui_url=read('XUI_URL', http_url('https://vpn.example.com:2053/secretpath')),
+        xui_url=read('XUI_URL', optional(http_url('https://vpn.example.com:2053/secretpath')), xui_default),
         xui_username=read('XUI_USERNAME', default=login_default),
         xui_password=read('XUI_PASSWORD', default=login_default),
         xui_api_token=api_token_value,
-        xui_inbound_id=read('XUI_INBOUND_ID', number(1, 2 ** 31 - 1)),
-        xui_sub_url=read('XUI_SUB_URL', http_url('https://vpn.example.com:2096/sub/')),
+        xui_inbound_id=0 if panels_file else read('XUI_INBOUND_ID', number(1, 2 ** 31 - 1)),
+        xui_sub_url=read('XUI_SUB_URL', optional(http_url('https://vpn.example.com:2096/sub/')), xui_default),
         cryptopay_token=read('CRYPTOPAY_TOKEN', token('12345:AAzQcZWQqQAbsfgPnOLr4FHC8Doa4L7KryC',
                                                       'from @CryptoBot → Crypto Pay → your app')),
         cryptopay_url=read('CRYPTOPAY_URL', http_url('https://pay.crypt.bot'), 'https://pay.crypt.bot'),
@@ -384,8 +436,32 @@ def load(environ=None):
         webhook_secret=read('WEBHOOK_SECRET', webhook_secret, '') if lookup('WEBHOOK_SECRET', '').strip()
         else derived_secret(bot_token),
         shop_name=read('SHOP_NAME', shop_name, texts.DEFAULT_SHOP_NAME),
+        stars_plans=read('STARS_PLANS', parse_stars_plans, ''),
+        stars_recurring=read('STARS_RECURRING', flag, '0'),
         texts=texts_file(str(lookup('TEXTS_FILE', '') or '').strip()),
+        panels_file=panels_file,
+        public_url=read('PUBLIC_URL', optional(http_url('https://vpn.example.com')), ''),
+        reconcile_time=read('RECONCILE_TIME', clock_time, '03:30'),
+        outage_alert_minutes=read('OUTAGE_ALERT_MINUTES', number(1, 1440, ' minutes'), '5'),
     )
+    return replace(settings, panels=read_panels(settings))
+
+
+def read_panels(settings):
+    """Return the PanelConfigs: PANELS_FILE's, or the one XUI_* panel; several need PUBLIC_URL."""
+    if not settings.panels_file:
+        return panels_file_reader.from_settings(settings)
+    try:
+        found = panels_file_reader.load(settings.panels_file)
+    except panels_file_reader.PanelsFileError as exc:
+        raise SettingError(str(exc)) from None
+    enabled = [panel for panel in found if panel.enabled]
+    if not enabled:
+        raise SettingError('PANELS_FILE has no enabled panel; set enabled = true on at least one')
+    if len(enabled) > 1 and not settings.public_url:
+        raise SettingError('PUBLIC_URL is not set: with more than one panel buyers get one link, '
+                           '{PUBLIC_URL}/sub/{subId}, served by the bot (like https://vpn.example.com)')
+    return found
 
 
 def placeholders(environ=None):

@@ -152,6 +152,24 @@ class CryptoPayClient:
             items.extend(result['items'])
         return items
 
+    def get_invoices_by_status(self, status, offset=0, count=MAX_IDS_PER_CALL):
+        """Return one page of this app's invoices in status 'active' or 'paid' (the only filters the API has).
+
+        The API's order is undocumented (newest first as seen); page with offset until a page comes
+        back shorter than count.
+
+        :raises ValueError: for a status the API cannot filter by (e.g. 'expired').
+        :raises CryptoPayError: on failure.
+        """
+        if status not in ('active', 'paid'):
+            raise ValueError(f'getInvoices filters only by active or paid, not {status!r}')
+        if not 1 <= count <= MAX_IDS_PER_CALL or offset < 0:
+            raise ValueError(f'count must be 1..{MAX_IDS_PER_CALL} and offset >= 0')
+        result = self._call('getInvoices', {'status': status, 'offset': offset, 'count': count})
+        if not isinstance(result, dict) or not isinstance(result.get('items'), list):
+            raise CryptoPayError('Crypto Pay getInvoices: result has no items list', status=200, name='BAD_JSON')
+        return result['items']
+
     def delete_invoice(self, invoice_id):
         """Delete an invoice and return True when the API confirms it.
 

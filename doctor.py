@@ -11,6 +11,7 @@ and its migrations, Telegram) must pass; the panel, Crypto Pay and the channel a
 """
 import ipaddress
 import logging
+from datetime import datetime
 import os
 import pwd
 import sys
@@ -27,6 +28,7 @@ from telebot.apihelper import ApiException, ApiTelegramException
 
 import config
 import models
+import panels
 from cryptobot import CryptoPayClient, CryptoPayError
 from xui import XuiClient, XuiError, XuiLoginError
 
@@ -124,6 +126,10 @@ def become_owner(settings):
         except KeyError:
             name = f'uid {info.st_uid}'
             os.setgroups([])
+        # modules the checks import lazily (datetime.strptime's _strptime, psycopg2's parts) come from the
+        # interpreter's own folder, which the owner may not be able to read (a Python under /root): load them now
+        import _strptime  # noqa: F401
+        datetime.strptime('2000', '%Y')
         os.setgid(info.st_gid)
         os.setuid(info.st_uid)
         return name, folder
@@ -147,9 +153,10 @@ def run_checks(settings, budgets, placeholders=()):
     for name, check, timeout_fix in [
             ('database', check_database, 'make sure the database server is up and reachable from here'),
             ('backups', check_backups, f'make {settings.backup_dir} writable by the bot user'),
-            ('panel', check_panel, 'check XUI_URL and that the panel is reachable from this server'),
             ('crypto pay', check_cryptopay, 'check CRYPTOPAY_URL and that this server can reach it'),
             ('telegram', check_telegram, 'check TELEGRAM_API_URL and that this server can reach Telegram')]:
+        if name == 'crypto pay':  # every panel is checked before Crypto Pay, as one check each
+            results.extend(panel_results(settings, budgets))
         results.append(run_one(name, lambda check=check: check(settings), budgets[name], timeout_fix))
     if settings.channel_id:
         if results[-1].status == 'OK':
@@ -275,11 +282,29 @@ def check_backups(settings):
     return f'{settings.backup_dir} is writable, keeping {settings.backup_keep_days} days'
 
 
-def check_panel(settings):
-    """Log in to the 3x-ui panel and find the inbound."""
-    client = XuiClient(settings.xui_url, settings.xui_inbound_id, settings.xui_sub_url,
-                       username=settings.xui_username or None, password=settings.xui_password or None,
-                       api_token=settings.xui_api_token or None, timeout=TIMEOUT, retries=1, backoff=0.5)
+def panel_results(settings, budgets):
+    """Check every enabled panel (one Result each) and that PANELS_FILE is private."""
+    results = []
+    if settings.panels_file and panels.readable_by_others(settings.panels_file):
+        results.append(Result('FAIL', 'panels file', f'{settings.panels_file} is readable by every user of '
+                              'this server, and it holds the panels\' passwords',
+                              f'chmod 600 {settings.panels_file} (owned by the bot\'s user)'))
+    for panel in settings.panels:
+        name = 'panel' if not settings.panels_file else f'panel {panel.name}'
+        if not panel.enabled:
+            results.append(Result('SKIP', name, 'disabled in PANELS_FILE: never touched', ''))
+            continue
+        results.append(run_one(name, lambda panel=panel: check_panel(settings, panel), budgets['panel'],
+                               'check the panel URL and that the panel is reachable from this server'))
+    return results
+
+
+def check_panel(settings, panel=None):
+    """Log in to a 3x-ui panel, find the inbound, and ask its subscription server."""
+    panel = panel or settings.panels[0]
+    client = XuiClient(panel.url, panel.inbound_id, panel.sub_url,
+                       username=panel.username or None, password=panel.password or None,
+                       api_token=panel.api_token or None, timeout=TIMEOUT, retries=1, backoff=0.5)
     try:
         found = client.check()
     except XuiLoginError as exc:
@@ -287,7 +312,24 @@ def check_panel(settings):
     except XuiError as exc:
         raise Failure(str(exc), panel_fix(str(exc), settings)) from exc
     api = 'v3.1+ clients API' if found['generation'] == 'v3' else 'inbounds API (panel up to v3.0)'
-    return f'{host_of(settings.xui_url)}: {api}, inbound {found["inbound_id"]} ({found["protocol"]})'
+    detail = f'{host_of(panel.url)}: {api}, inbound {found["inbound_id"]} ({found["protocol"]})'
+    if settings.panels_file:
+        detail += '; ' + check_sub_server(panel)
+    return detail
+
+
+def check_sub_server(panel):
+    """Ask the panel's subscription server for a subId nobody has: it must answer (404 is the answer)."""
+    try:
+        response = requests.get(panel.sub_url + 'spn-doctor-probe', timeout=TIMEOUT, allow_redirects=False)
+    except requests.RequestException as exc:
+        raise Failure(f'its subscription server at {host_of(panel.sub_url)} does not answer '
+                      f'({type(exc).__name__})', f'check sub_url of panel {panel.name!r}: the panel\'s Settings → '
+                      'Subscription (listen port and URI path), and that it is enabled') from exc
+    if response.status_code not in (200, 404):
+        raise Failure(f'its subscription server answered HTTP {response.status_code}',
+                      f'check sub_url of panel {panel.name!r}: the panel\'s Settings → Subscription')
+    return f'subscription server at {host_of(panel.sub_url)} answers'
 
 
 def login_fix(client):
@@ -402,7 +444,8 @@ def secret_values(settings):
     """Return every setting value that must never be printed."""
     password = urlsplit(settings.database_url).password if '@' in settings.database_url else None
     values = [settings.bot_token, settings.bot_token.partition(':')[2], settings.xui_password,
-              settings.xui_api_token, settings.cryptopay_token, password]
+              settings.xui_api_token, settings.cryptopay_token, password] + [
+        secret for panel in settings.panels for secret in panel.secrets]
     return [value for value in values if value and len(value) >= 4]
 
 

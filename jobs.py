@@ -2,21 +2,26 @@
 
 Each job is a plain function that tests call directly with a chosen `now`.
 """
+import contextlib
+import inspect
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
-
+from html import escape
 import schedule
-from peewee import IntegrityError, fn
+
+from peewee import IntegrityError, Value, fn
 
 import backup
 import keyboards
 import leases
 import metrics
 import models
+import stars
 from cryptobot import CryptoPayError
-from models import PAID, PENDING, Grant, Payment, Reminder, User, utcnow
+from models import CRYPTOPAY, PAID, PENDING, Grant, PanelClient, Payment, Reminder, User, utcnow
 from shop import invoice_payload
 from texts import show_date, t
 from xui import XuiError
@@ -25,7 +30,12 @@ log = logging.getLogger('jobs')
 
 POLL_BATCH = 1000  # getInvoices takes at most 1000 ids per call
 MISSING_GRACE = timedelta(minutes=10)  # Crypto Pay's clock and ours may differ a little
-ALERT_AFTER_FAILURES = 5
+ALERT_AFTER_FAILURES = 5  # failed pushes before the admins hear of a stuck client (a timeout may pass)
+ALERT_AFTER_REFUSALS = 2  # ... when the panel itself refused (e.g. "Duplicate email"): it will not pass
+LOG_REPEAT_EVERY = 20  # a job failing again and again logs one line per this many failed runs
+PUSH_BATCH = 200  # clients pushed per panel per run (every 20 s)
+ANNOUNCE_PER_ROUND = 100  # buyers told about their new link per run (every minute), through the paced messenger
+BACKFILL_PER_ROUND = 100  # buyers put onto a newly added panel per run: 5 a second, the panel is not flooded
 REMINDERS = (  # kind, expiring no later than now + this, and later than now + the next step
     ('3', timedelta(days=3), timedelta(days=1)),
     ('1', timedelta(days=1), timedelta(0)),
@@ -33,15 +43,21 @@ REMINDERS = (  # kind, expiring no later than now + this, and later than now + t
 )
 
 
-def poll_payments(shop, messenger, now=None):
-    """Ask Crypto Pay about every pending invoice, in batches; settle the paid, expire the dead."""
+def poll_payments(shop, messenger, now=None, counts=None):
+    """Ask Crypto Pay about every pending invoice, in batches; settle the paid, expire the dead.
+
+    :param counts: a dict that gets the running counts (settled, expired), read if the run fails.
+    """
     now = now or utcnow()
+    counts = counts if counts is not None else {}
+    counts.update(settled=0, expired=0)
     # An invoice missing from an answer counts as gone only once it could no longer be paid anyway,
     # so a partial answer never expires a payable invoice.
     missing_before = now - timedelta(seconds=shop.settings.invoice_expires_seconds) - MISSING_GRACE
     after_id, settled = 0, 0
     while True:
-        batch = list(Payment.select().where(Payment.status == PENDING, Payment.id > after_id)
+        batch = list(Payment.select().where(Payment.status == PENDING, Payment.provider == CRYPTOPAY,
+                                            Payment.id > after_id)
                      .order_by(Payment.id).limit(POLL_BATCH))
         if not batch:
             break
@@ -57,10 +73,13 @@ def poll_payments(shop, messenger, now=None):
             if invoice is None and strangers:
                 invoice = strangers.get(invoice_payload(payment.user.telegram_id, payment.plan_days))
             if invoice is not None and invoice.get('status') == 'paid':
-                settled += settle_paid(shop, messenger, payment, invoice, 'poller', now)
+                if settle_paid(shop, messenger, payment, invoice, 'poller', now):
+                    settled += 1
+                    counts['settled'] = settled
             elif invoice is not None and invoice.get('status') == 'expired' or (
                     invoice is None and payment.created_at <= missing_before):
                 if shop.expire_payment(payment.invoice_id):
+                    counts['expired'] += 1
                     tell_expired(messenger, payment)
     alert_mismatches(shop, messenger)
     return settled
@@ -93,6 +112,11 @@ def settle_paid(shop, messenger, payment, invoice, path, now=None):
     return True
 
 
+def sync_stars(shop, messenger, now=None):
+    """The Stars safety net: settle every Stars payment whose update never reached us (stars.sync_transactions)."""
+    return stars.Stars(shop, messenger.bot).sync_transactions(messenger, now)
+
+
 def tell_expired(messenger, payment):
     """Turn the Pay message of an expired invoice into a notice, so its Pay button is gone."""
     if payment.chat_id and payment.message_id:
@@ -119,38 +143,139 @@ def deliver_link(shop, messenger, payment, now=None):
     return True
 
 
-def retry_provisioning(shop, messenger, now=None):
-    """Push every user whose panel update is due, tell waiting buyers, alert admins once about stuck ones."""
+def retry_provisioning(shop, messenger, now=None, counts=None):
+    """Push every client whose panel update is due, each panel on its own thread; tell waiting buyers;
+    alert the admins once per stuck client, naming the panel and its reason."""
     now = now or utcnow()
-    due = (User.select(User.id).where(User.panel_dirty == True,  # noqa: E712 (SQL comparison)
-                                      User.panel_retry_at.is_null() | (User.panel_retry_at <= now))
-           .order_by(User.panel_retry_at.asc(nulls='first')).limit(500))
-    for user in due:
-        if not shop.provision(user.id, now=now):
-            break  # the panel is down: one failed call per run is enough to know it
+    counts = counts if counts is not None else {}
+    counts.update(pushed=0, delivered=0)
+    panels = shop.enabled_panels
+    if len(panels) == 1:
+        counts['pushed'] += retry_panel(shop, panels[0], now)
+    else:  # a panel that is down or slow delays only its own copies
+        with ThreadPoolExecutor(max_workers=len(panels), thread_name_prefix='panel-retry') as pool:
+            counts['pushed'] += sum(pool.map(lambda panel: retry_panel(shop, panel, now, own_connection=True),
+                                             panels))
     waiting = Payment.select().where(Payment.status == PAID, Payment.notified_at.is_null(),
                                      Payment.provisioned_at.is_null(False))
-    delivered = sum(deliver_link(shop, messenger, payment, now) for payment in waiting)
-    stuck = list(User.select().where(User.panel_dirty == True, User.panel_alerted == False,  # noqa: E712
-                                     User.panel_failures >= ALERT_AFTER_FAILURES))
-    if stuck:
-        User.update(panel_alerted=True).where(User.id.in_([user.id for user in stuck])).execute()
-        ids = ', '.join(str(user.telegram_id) for user in stuck[:20])
-        for admin_id in shop.settings.admin_ids:
-            messenger.send(admin_id, f'⚠️ The panel has refused updates for {len(stuck)} user(s) '
-                                     f'{ALERT_AFTER_FAILURES}+ times: {ids}. Their days are safe in the '
-                                     'database and will be pushed when the panel answers.')
+    for payment in waiting:
+        counts['delivered'] += deliver_link(shop, messenger, payment, now)
+    delivered = counts['delivered']
+    alert_stuck(shop, messenger)
     return delivered
 
 
-def send_reminders(shop, messenger, now=None):
+def retry_panel(shop, panel, now, own_connection=False):
+    """Push the due clients of one panel, oldest first; stop at its first failure (it is down)."""
+    with models.connection() if own_connection else contextlib.nullcontext():
+        due = (PanelClient.select(PanelClient.user)
+               .where(PanelClient.panel == panel.name, PanelClient.dirty == True,  # noqa: E712
+                      PanelClient.retry_at.is_null() | (PanelClient.retry_at <= now))
+               .order_by(PanelClient.retry_at.asc(nulls='first'), PanelClient.id).limit(PUSH_BATCH))
+        pushed = 0
+        for row in list(due):
+            if not shop.provision_on(panel, row.user_id, now=now):
+                break  # one failed call per run is enough to know the panel is down
+            pushed += 1
+        return pushed
+
+
+def alert_stuck(shop, messenger):
+    """Tell the admins once about clients whose panel push keeps failing, naming the panel and its reason.
+
+    A refusal by the panel ("Duplicate email", a bad inbound) does not pass by itself and needs an
+    admin, so it is reported after ALERT_AFTER_REFUSALS tries; a timeout or a refused connection after
+    ALERT_AFTER_FAILURES.
+    """
+    stuck = list(PanelClient.select(PanelClient, User.telegram_id).join(User)
+                 .where(PanelClient.dirty == True, PanelClient.alerted == False,  # noqa: E712
+                        ((PanelClient.refused == True) & (PanelClient.failures >= ALERT_AFTER_REFUSALS))  # noqa: E712
+                        | (PanelClient.failures >= ALERT_AFTER_FAILURES))
+                 .order_by(PanelClient.panel, PanelClient.id).limit(1000))
+    if not stuck:
+        return
+    PanelClient.update(alerted=True).where(PanelClient.id.in_([row.id for row in stuck])).execute()
+    several = len(shop.enabled_panels) > 1
+    lines = []
+    for row in stuck[:20]:
+        where = f' on {row.panel}' if several else ''
+        if row.refused:
+            lines.append(f'• {row.user.telegram_id}{where}: the panel says "{row.last_error}". This will not pass '
+                         'by itself: fix the client on the panel (or remove it), then /sync.')
+        else:
+            lines.append(f'• {row.user.telegram_id}{where}: {row.last_error or "no answer"}. It is retried until '
+                         'the panel answers.')
+    more = f'\n…and {len(stuck) - 20} more.' if len(stuck) > 20 else ''
+    who = 'Panel ' + ', '.join(sorted({row.panel for row in stuck})) if several else 'The panel'
+    text = (f'⚠️ {who} has refused updates for {len(stuck)} user(s). Their days are safe in the database.\n'
+            + '\n'.join(lines) + more)
+    tell_admins(shop.settings, messenger, text)
+
+
+def tell_admins(settings, messenger, text):
+    """Send a plain-text notice to every admin (escaped: it may quote the panel, Crypto Pay or an error)."""
+    for admin_id in settings.admin_ids:
+        messenger.send(admin_id, escape(text, quote=False))
+
+
+def announce_new_link(shop, messenger, now=None, per_round=ANNOUNCE_PER_ROUND):
+    """Tell each active buyer their new link once, after the link's base changed (one panel → several).
+
+    A buyer with no recorded base was given the first panel's own link (wave 1). :return: messages sent
+    """
+    now = now or utcnow()
+    current = shop.link_base
+    wave1 = shop.panel.subscription_link('')
+    if current == wave1:  # nothing changed for wave-1 buyers: record it without a word
+        User.update(link_base=current).where(User.link_base.is_null()).execute()
+    stale = User.link_base.is_null() | (User.link_base != current)
+    sent = 0
+    due = (User.select().where(User.expires_at > now, User.blocked == False, stale)  # noqa: E712
+           .order_by(User.id).limit(per_round))
+    for user in due:
+        claimed = User.update(link_base=current).where(User.id == user.id, stale).execute()
+        if claimed:  # another process took it otherwise
+            text = t(user.language, 'link_changed', link=shop.subscription_link(user))
+            sent += messenger.send(user.telegram_id, text) == 'sent'
+    return sent
+
+
+def backfill_panels(shop, now=None, per_round=BACKFILL_PER_ROUND):
+    """Put every active buyer onto each enabled panel that lacks them, a few per second (a panel just added).
+
+    Only rows are made here (dirty, so retry_provisioning pushes them); a disabled or removed panel is
+    never touched. :return: {panel name: rows added}
+    """
+    now = now or utcnow()
+    added = {}
+    for panel in shop.enabled_panels:
+        missing = (User.select(User.id, Value(panel.name), Value(True), Value(0), Value(False), Value(False))
+                   .where(User.expires_at > now,
+                          ~fn.EXISTS(PanelClient.select(PanelClient.id)
+                                     .where(PanelClient.user == User.id, PanelClient.panel == panel.name)))
+                   .order_by(User.id).limit(per_round))
+        insert = (PanelClient.insert_from(missing, [PanelClient.user, PanelClient.panel, PanelClient.dirty,
+                                                    PanelClient.failures, PanelClient.refused, PanelClient.alerted])
+                  .on_conflict_ignore())
+        count = models.db.execute(insert).rowcount  # peewee's execute() gives the last id, not the count
+        if count:
+            left = (User.select().where(User.expires_at > now, ~fn.EXISTS(
+                PanelClient.select(PanelClient.id).where(PanelClient.user == User.id,
+                                                         PanelClient.panel == panel.name))).count())
+            log.info('backfill panel=%s added=%s left=%s', panel.name, count, left)
+        added[panel.name] = count
+    return added
+
+
+def send_reminders(shop, messenger, now=None, counts=None):
     """Send each expiry reminder once per subscription period; a renewal moves the period and re-arms them.
 
     A reminder is sent only when it says something new: not when the latest grant set this expiry already
     within the reminder's reach (a 3-day gift was just granted with its end date; "ends in 3 days" is no news).
     """
     now = now or utcnow()
-    sent = 0
+    counts = counts if counts is not None else {}
+    sent = counts['sent'] = 0
     for kind, until, after in REMINDERS:
         already = Reminder.select().where(Reminder.user == User.id, Reminder.kind == kind,
                                           Reminder.period_end == User.expires_at)
@@ -167,6 +292,7 @@ def send_reminders(shop, messenger, now=None):
                 continue
             text = t(user.language, f'reminder_{kind}', expiry=show_date(user.expires_at, shop.settings.timezone))
             sent += messenger.send(user.telegram_id, text, keyboards.renew(user.language)) == 'sent'
+            counts['sent'] = sent
     return sent
 
 
@@ -181,7 +307,7 @@ def news(user, until):
     return latest.expires_after - latest.created_at > until
 
 
-def backup_database(settings, now=None):
+def backup_database(settings, now=None, counts=None):
     """Write today's backup and drop the ones older than BACKUP_KEEP_DAYS."""
     path = backup.make_backup(settings.backup_dir, now=now)
     removed = backup.prune_backups(settings.backup_dir, settings.backup_keep_days, now=now)
@@ -191,6 +317,7 @@ def backup_database(settings, now=None):
 
 @dataclass
 class ReconcileReport:
+    panel: str = ''
     checked: int = 0
     missing: list = field(default_factory=list)
     wrong_expiry: list = field(default_factory=list)
@@ -202,24 +329,28 @@ class ReconcileReport:
     error: str = ''
 
     def text(self, lang='en'):
-        """The admins' report as Telegram HTML (panel emails and errors escaped by t())."""
+        """The admins' report as Telegram HTML (panel emails and errors escaped by t()), headed by the
+        panel's name when the shop has several."""
+        where = f'<b>{escape(self.panel)}</b>\n' if self.panel else ''
         if self.error:
-            return t(lang, 'adm_sync_failed', error=self.error)
+            return where + t(lang, 'adm_sync_failed', error=self.error)
 
         def few(items):
             shown = ', '.join(str(item) for item in items[:10]) + (' …' if len(items) > 10 else '')
             return f'{len(items)} {shown}'.rstrip()
-        return t(lang, 'adm_sync', checked=self.checked, fixed=self.fixed, failed=self.failed,
+        return where + t(lang, 'adm_sync', checked=self.checked, fixed=self.fixed, failed=self.failed,
                  missing=few(self.missing), wrong_expiry=few(self.wrong_expiry), disabled=few(self.disabled),
                  ahead=few(self.ahead), unknown=few(self.unknown))
 
 
-def reconcile(shop, now=None):
-    """Compare every active user's panel client with the ledger and repair only towards the ledger."""
+def reconcile(shop, now=None, panel=None):
+    """Compare every active user's client on one panel (the first enabled one by default) with the ledger,
+    and repair only towards the ledger; return its ReconcileReport."""
     now = now or utcnow()
-    report = ReconcileReport()
+    panel = panel or shop.enabled_panels[0]
+    report = ReconcileReport(panel=panel.name if len(shop.enabled_panels) > 1 else '')
     try:
-        clients = {client['email'].lower(): client for client in shop.panel.list_clients()}
+        clients = {client['email'].lower(): client for client in panel.client.list_clients()}
     except XuiError as exc:
         report.error = str(exc)
         return report
@@ -238,70 +369,159 @@ def reconcile(shop, now=None):
             report.disabled.append(user.telegram_id)
         else:
             continue
-        User.update(panel_dirty=True).where(User.id == user.id).execute()
-        if shop.provision(user.id, now=now):
+        (PanelClient.insert(user=user.id, panel=panel.name, dirty=True)
+         .on_conflict(conflict_target=[PanelClient.user, PanelClient.panel],
+                      update={PanelClient.dirty: True, PanelClient.retry_at: None}).execute())
+        if shop.provision_on(panel, user.id, now=now):
             report.fixed += 1
         else:
             report.failed += 1
     ours = {email.lower() for (email,) in User.select(User.panel_email).tuples()}
     report.unknown = sorted(email for email in clients if email not in ours)
-    log.info('reconcile checked=%s fixed=%s failed=%s unknown=%s', report.checked, report.fixed,
-             report.failed, len(report.unknown))
+    log.info('reconcile panel=%s checked=%s fixed=%s failed=%s unknown=%s', panel.name, report.checked,
+             report.fixed, report.failed, len(report.unknown))
     return report
+
+
+def reconcile_all(shop, now=None):
+    """Reconcile every enabled panel; return their reports in panel order."""
+    return [reconcile(shop, now, panel) for panel in shop.enabled_panels]
 
 
 def report_reconcile(shop, messenger, now=None):
-    """Run the reconciliation and send its report to the admins."""
-    report = reconcile(shop, now)
+    """Run the reconciliation of every panel and send its report to the admins."""
+    reports = reconcile_all(shop, now)
     for admin_id in shop.settings.admin_ids:
         admin = User.get_or_none(User.telegram_id == admin_id)
-        messenger.send(admin_id, report.text(admin.language if admin else 'en'))
-    return report
+        lang = admin.language if admin else 'en'
+        messenger.send(admin_id, '\n\n'.join(report.text(lang) for report in reports))
+    return reports
 
 
-def guarded(job, lease=None):
-    """Run a job with its own database connection, only where this process holds its lease (if given).
+def report_outages(shop, messenger, outages):
+    """Try Crypto Pay again while it is away (as its backoff allows), and send the admins due outage news."""
+    for outage in outages:
+        if outage.name == 'Crypto Pay' and outage.is_down and outage.due():
+            try:
+                shop.cryptopay.get_me()
+            except CryptoPayError:
+                pass  # the outage has counted it
+        for text in outage.take_messages():
+            tell_admins(shop.settings, messenger, text)
 
-    Any failure is logged with its traceback and the job runs again next time; a run that ends without
-    an exception is recorded in the lease row (GET /healthz reads the payment poll's).
+
+class Guarded:
+    """Run a job with its own database connection, returned whatever happens; the jobs thread never dies.
+
+    A run that fails is logged (with its traceback the first time in a row, then one line per
+    LOG_REPEAT_EVERY runs) and the admins are told once per streak, with what the run had done
+    (its `counts` dict), and again when the job works; `every_failure` tells them of each failure
+    (a daily job). A failure of the outside service in `needs` is that Outage's news, not the job's:
+    while the service is away the job waits out the Outage's backoff instead of its schedule.
     """
-    def run(*args, **kwargs):
-        if lease is not None and not lease.owns(job.__name__):
+
+    def __init__(self, job, settings=None, messenger=None, needs=None, every_failure=False, redact=str, lease=None):
+        self.job = job
+        self.lease = lease  # leases.JobLeases: the job runs only in the process that holds its lease
+        self.__name__ = job.__name__
+        self.settings = settings
+        self.messenger = messenger
+        self.needs = needs
+        self.every_failure = every_failure
+        self.redact = redact
+        self.failures = 0
+        self.takes_counts = 'counts' in inspect.signature(job).parameters
+
+    def __call__(self, *args, **kwargs):
+        if self.lease is not None and not self.lease.owns(self.__name__):
+            return None  # another process runs this job now
+        if self.needs is not None and not self.needs.due():
             return None
+        counts = {}
+        if self.takes_counts:
+            kwargs['counts'] = counts
         try:
             with models.db.connection_context():
-                result = job(*args, **kwargs)
-                if lease is not None:
-                    lease.record_run(job.__name__)
-                return result
+                result = self.job(*args, **kwargs)
+                if self.lease is not None:
+                    self.lease.record_run(self.__name__)  # GET /healthz reads the payment poll's
         except (CryptoPayError, XuiError) as exc:
-            log.warning('job %s: outside service failed: %s', job.__name__, exc)
-        except Exception:  # noqa: BLE001 — a job must never kill the jobs thread; it runs again next time
-            log.exception('job %s failed', job.__name__)
-    run.__name__ = job.__name__
-    return run
+            if self.needs is None or not self.needs.is_down:
+                log.warning('job %s: outside service failed: %s', self.__name__, exc)
+            return None
+        except Exception as exc:  # noqa: BLE001 — a job must never kill the jobs thread; it runs again next time
+            self.failed(exc, counts)
+            return None
+        if self.failures:
+            log.info('job %s works again after %s failed run(s)', self.__name__, self.failures)
+            self.tell(f'✅ Job {self.__name__} works again after {self.failures} failed run(s).')
+            self.failures = 0
+        return result
+
+    def failed(self, exc, counts):
+        self.failures += 1
+        if self.failures == 1:
+            log.exception('job %s failed', self.__name__)
+        elif self.failures % LOG_REPEAT_EVERY == 0:
+            log.error('job %s failed %s times in a row: %s', self.__name__, self.failures, type(exc).__name__)
+        if self.failures == 1 or self.every_failure:
+            done = ', '.join(f'{name} {value}' for name, value in counts.items()) or 'nothing done'
+            self.tell(f'⚠️ Job {self.__name__} failed ({done} before the failure): {reason_of(exc)}. '
+                      'It runs again on schedule; the log has the details.')
+
+    def tell(self, text):
+        if self.messenger is not None and self.settings is not None:
+            tell_admins(self.settings, self.messenger, self.redact(text))
 
 
-JOB_NAMES = ('poll_payments', 'retry_provisioning', 'send_reminders', 'backup_database', 'report_reconcile')
+def guarded(job, **options):
+    """Return the job wrapped by Guarded (see there)."""
+    return Guarded(job, **options)
 
 
-def build_scheduler(shop, messenger, settings, lease=None):
-    """Return a Scheduler with every job registered (each run only where lease says this process owns it)."""
+def reason_of(exc):
+    """Say why a job failed in one short line: an OSError's own words, otherwise the error's type."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f'{type(exc).__name__}: {exc.strerror}' + (f' ({exc.filename})' if exc.filename else '')
+    first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''
+    return f'{type(exc).__name__}: {first_line}' if first_line else type(exc).__name__
+
+
+JOB_NAMES = ('poll_payments', 'retry_provisioning', 'backfill_panels', 'announce_new_link', 'sync_stars',
+             'send_reminders', 'backup_database', 'report_reconcile', 'report_outages')
+
+
+def build_scheduler(shop, messenger, settings, outages=(), redact=str, lease=None):
+    """Return a Scheduler with every job registered (each run only where lease says this process owns it).
+
+    :param outages: the Outages of Telegram and Crypto Pay, whose news the admins get.
+    """
+    cryptopay = next((outage for outage in outages if outage.name == 'Crypto Pay'), None)
+    told = dict(settings=settings, messenger=messenger, redact=redact, lease=lease)
     scheduler = schedule.Scheduler()
-    scheduler.every(settings.payment_poll_seconds).seconds.do(guarded(poll_payments, lease), shop, messenger)
-    scheduler.every(20).seconds.do(guarded(retry_provisioning, lease), shop, messenger)
-    scheduler.every(5).minutes.do(guarded(send_reminders, lease), shop, messenger)
-    scheduler.every().day.at(settings.backup_time).do(guarded(backup_database, lease), settings)
-    scheduler.every().day.at('03:30').do(guarded(report_reconcile, lease), shop, messenger)
+    scheduler.every(settings.payment_poll_seconds).seconds.do(
+        guarded(poll_payments, needs=cryptopay, **told), shop, messenger)
+    scheduler.every(20).seconds.do(guarded(retry_provisioning, **told), shop, messenger)
+    scheduler.every(20).seconds.do(guarded(backfill_panels, **told), shop)
+    scheduler.every(1).minutes.do(guarded(announce_new_link, **told), shop, messenger)
+    if settings.stars_plans:
+        scheduler.every(settings.payment_poll_seconds).seconds.do(guarded(sync_stars, **told), shop, messenger)
+    scheduler.every(5).minutes.do(guarded(send_reminders, **told), shop, messenger)
+    scheduler.every().day.at(settings.backup_time).do(guarded(backup_database, every_failure=True, **told),
+                                                      settings)
+    scheduler.every().day.at(settings.reconcile_time).do(guarded(report_reconcile, every_failure=True, **told),
+                                                         shop, messenger)
+    if outages:
+        scheduler.every(30).seconds.do(guarded(report_outages, **told), shop, messenger, outages)
     return scheduler
 
 
-def start(shop, messenger, settings):
+def start(shop, messenger, settings, stop=None, outages=(), redact=str):
     """Start the jobs thread and the thread that keeps this process's job leases; return the Event that stops them."""
-    stop = threading.Event()
+    stop = stop or threading.Event()
     lease = leases.JobLeases(JOB_NAMES)
     lease.start(stop)
-    scheduler = build_scheduler(shop, messenger, settings, lease)
+    scheduler = build_scheduler(shop, messenger, settings, outages, redact, lease)
 
     def loop():
         while not stop.is_set():

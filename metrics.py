@@ -13,7 +13,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from telebot.handler_backends import BaseMiddleware
 
 import models
-from models import PENDING, Payment, User, utcnow
+from models import PENDING, PanelClient, Payment, utcnow
 
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)  # resident memory, CPU seconds, open files
@@ -43,7 +43,8 @@ class LedgerCollector:
     """Read the ledger's gauges at scrape time: one statement (indexed counts) on the thread's connection."""
 
     def collect(self):
-        waiting = User.select(fn.COUNT(User.id)).where(User.panel_dirty == True)  # noqa: E712 (SQL comparison)
+        waiting = (PanelClient.select(fn.COUNT(fn.DISTINCT(PanelClient.user)))
+                   .where(PanelClient.dirty == True))  # noqa: E712 (SQL comparison)
         with models.connection():
             count, oldest, waiting = (Payment.select(fn.COUNT(Payment.id), fn.MIN(Payment.created_at), waiting)
                                       .where(Payment.status == PENDING).tuples().get())

@@ -17,8 +17,9 @@ from playhouse.shortcuts import ReconnectMixin
 
 db = DatabaseProxy()
 
-PENDING, PAID, EXPIRED = 'pending', 'paid', 'expired'
-REASONS = ('payment', 'promo', 'gift', 'referral', 'admin')
+PENDING, PAID, EXPIRED, REFUNDED = 'pending', 'paid', 'expired', 'refunded'
+CRYPTOPAY, STARS = 'cryptopay', 'stars'  # payment providers
+REASONS = ('payment', 'promo', 'gift', 'referral', 'admin', 'refund')  # 'refund': negative days, a reversal
 
 
 def utcnow():
@@ -46,14 +47,10 @@ class User(BaseModel):
     blocked = BooleanField(default=False)  # the user blocked the bot
     awaiting = CharField(max_length=16, null=True)  # pending text input, e.g. 'promo'
     expires_at = DateTimeField(null=True, index=True)
-    # The panel client is derived from expires_at; panel_dirty says it must be pushed again.
+    # The buyer's client has this email and subId on every panel; its state per panel is a PanelClient.
     panel_email = CharField(max_length=64, unique=True)
     panel_sub_id = CharField(max_length=32, unique=True, default=lambda: random_code(16, 'abcdefghijklmnopqrstuvwxyz0123456789'))
-    panel_uuid = CharField(max_length=64, null=True)
-    panel_dirty = BooleanField(default=False, index=True)
-    panel_failures = IntegerField(default=0)
-    panel_retry_at = DateTimeField(null=True)
-    panel_alerted = BooleanField(default=False)
+    link_base = CharField(max_length=255, null=True)  # the link the buyer was last given is this + subId
     created_at = DateTimeField(default=utcnow, index=True)
     # The QR code of the link, once uploaded: Telegram's file_id of the photo and the link it encodes.
     qr_link = TextField(null=True)
@@ -68,8 +65,18 @@ class User(BaseModel):
 
 
 class Payment(BaseModel):
-    """One Crypto Pay invoice."""
-    invoice_id = BigIntegerField(unique=True)
+    """One payment of a buyer: a Crypto Pay invoice, or a Telegram Stars invoice and its charge.
+
+    provider_id is the provider's own id, unique per provider: Crypto Pay's invoice_id (as text), Telegram's
+    telegram_payment_charge_id (set when the Stars payment arrives). amount is in currency's units: XTR in
+    whole Stars. A Stars payment has no invoice_id: its invoice payload names this row (stars.payload_of).
+    """
+    invoice_id = BigIntegerField(unique=True, null=True)  # Crypto Pay's invoice id
+    provider = CharField(max_length=16, default=CRYPTOPAY)
+    provider_id = CharField(max_length=128, null=True)
+    # A Stars subscription (STARS_RECURRING), on its first payment's row: paid until, and renewal canceled
+    subscription_until = DateTimeField(null=True)
+    renewal_canceled = BooleanField(null=True)
     user = ForeignKeyField(User, backref='payments', index=True)
     plan_days = IntegerField()
     amount = DecimalField(max_digits=12, decimal_places=2, auto_round=False)
@@ -90,7 +97,13 @@ class Payment(BaseModel):
             (('status', 'created_at'), False),
             (('status', 'provisioned_at'), False),
             (('status', 'notified_at'), False),
+            (('provider', 'provider_id'), True),
         )
+
+    def save(self, *args, **kwargs):
+        if self.provider == CRYPTOPAY and self.provider_id is None and self.invoice_id is not None:
+            self.provider_id = str(self.invoice_id)
+        return super().save(*args, **kwargs)
 
 
 class PromoCode(BaseModel):
@@ -137,6 +150,9 @@ class Gift(BaseModel):
         indexes = ((('telegram_id', 'kind'), True),)
 
 
+GRANT_REASON_CHECK = "CHECK (reason IN ('payment', 'promo', 'gift', 'referral', 'admin', 'refund'))"
+
+
 class Grant(BaseModel):
     """Append-only ledger of subscription days; a user's expiry can be re-derived from it."""
     user = ForeignKeyField(User, backref='grants', index=True)
@@ -151,7 +167,7 @@ class Grant(BaseModel):
     class Meta:
         table_name = 'grants'
         indexes = ((('reason', 'reference'), True),)
-        constraints = [SQL("CHECK (reason IN ('payment', 'promo', 'gift', 'referral', 'admin'))")]
+        constraints = [SQL(GRANT_REASON_CHECK)]
 
 
 class Reminder(BaseModel):
@@ -166,6 +182,22 @@ class Reminder(BaseModel):
         indexes = ((('user', 'kind', 'period_end'), True),)
 
 
+class PanelClient(BaseModel):
+    """A buyer's client on one panel, derived from the ledger: dirty means the panel must be pushed again."""
+    user = ForeignKeyField(User, backref='panel_clients', on_delete='CASCADE')
+    panel = CharField(max_length=32)  # the panel's name (PANELS_FILE), 'main' for the XUI_* panel
+    dirty = BooleanField(default=True)
+    pushed_expiry = DateTimeField(null=True)  # the expiry the panel last confirmed
+    uuid = CharField(max_length=64, null=True)
+    failures = IntegerField(default=0)
+    retry_at = DateTimeField(null=True)
+    last_error = TextField(null=True)  # the panel's own words when it refused, else what went wrong
+    refused = BooleanField(default=False)  # the last failure was the panel refusing (it will not pass by itself)
+    alerted = BooleanField(default=False)
+
+    class Meta:
+        table_name = 'panel_clients'
+        indexes = ((('user', 'panel'), True), (('panel', 'dirty', 'retry_at'), False))
 class PromoAttempt(BaseModel):
     """A promo code a user tried that did not give days (rows in flight count too, so threads cannot race past)."""
     user = ForeignKeyField(User, backref='promo_attempts', on_delete='CASCADE')
@@ -196,6 +228,14 @@ class JobLease(BaseModel):
 
     class Meta:
         table_name = 'job_leases'
+class Cursor(BaseModel):
+    """Where a job stopped reading an outside list (e.g. 'stars': how many getStarTransactions it has read)."""
+    name = CharField(max_length=32, unique=True)
+    position = BigIntegerField(default=0)
+    updated_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = 'cursors'
 
 
 class SchemaVersion(BaseModel):
@@ -206,17 +246,109 @@ class SchemaVersion(BaseModel):
         table_name = 'schema_versions'
 
 
-MODELS = [User, Payment, PromoCode, Redemption, Referral, Gift, Grant, Reminder, PromoAttempt, InvoiceMismatch,
-          JobLease, SchemaVersion]
 
-# Schema changes after the first release: (version, function(migrator) -> list of operations).
+# The enabled panels' names: every grant marks the buyer's client dirty on each (use_panels sets them).
+panel_names = ('main',)
+
+
+def use_panels(names):
+    """Name the enabled panels that grants must reach."""
+    global panel_names
+    panel_names = tuple(names)
+
+
+def move_panel_state(migrator):
+    """Wave 1 → 2: move each buyer's panel columns into a PanelClient of the one panel, 'main'.
+
+    A client the panel already matched keeps pushed_expiry = expires_at; a dirty one is pushed again.
+    """
+    db.execute_sql(
+        'INSERT INTO panel_clients (user_id, panel, dirty, pushed_expiry, uuid, failures, retry_at, refused, alerted) '
+        "SELECT id, 'main', panel_dirty, CASE WHEN panel_dirty THEN NULL ELSE expires_at END, panel_uuid, "
+        'panel_failures, panel_retry_at, false, panel_alerted FROM users WHERE expires_at IS NOT NULL')
+    return [migrator.drop_index('users', 'user_panel_dirty')] + [
+        migrator.drop_column('users', column) for column in
+        ('panel_uuid', 'panel_dirty', 'panel_failures', 'panel_retry_at', 'panel_alerted')]
+
+MODELS = [User, Payment, PromoCode, Redemption, Referral, Gift, Grant, Reminder, PromoAttempt, InvoiceMismatch,
+          PanelClient, Cursor, JobLease, SchemaVersion]
+
 def add_qr_columns(migrator):
     """20: users.qr_link and users.qr_file_id, the QR photo Telegram keeps for the link."""
     return [migrator.add_column('users', 'qr_link', User.qr_link),
             migrator.add_column('users', 'qr_file_id', User.qr_file_id)]
 
 
-MIGRATIONS = [(20, add_qr_columns)]
+class RawStep:
+    """A migration step of our own SQL, run like playhouse.migrate's operations (an object with run())."""
+
+    def __init__(self, function):
+        self.run = function
+
+
+def relax_sqlite_table(table, replacements):
+    """Loosen a SQLite table's constraints (drop a NOT NULL, widen a CHECK) by editing its CREATE TABLE text.
+
+    SQLite's documented procedure for removing constraints (sqlite.org/lang_altertable.html, "making other
+    kinds of table schema changes"): the rows already satisfy the looser schema, so no copy of the table
+    is needed and no table that references it is touched. Runs inside the migration's transaction.
+    :raise RuntimeError: a text to replace is not in the table's definition (nothing is changed).
+    """
+    sql = db.execute_sql("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()[0]
+    for old, new in replacements:
+        if old not in sql:
+            raise RuntimeError(f'{table}: {old!r} not found in its definition')
+        sql = sql.replace(old, new)
+    version = db.execute_sql('PRAGMA schema_version').fetchone()[0]
+    db.execute_sql('PRAGMA writable_schema = ON')
+    try:
+        db.execute_sql("UPDATE sqlite_master SET sql = ? WHERE type = 'table' AND name = ?", (sql, table))
+        db.execute_sql(f'PRAGMA schema_version = {int(version) + 1}')
+    finally:
+        db.execute_sql('PRAGMA writable_schema = OFF')
+    problems = db.execute_sql('PRAGMA quick_check').fetchall()
+    if problems != [('ok',)]:
+        raise RuntimeError(f'{table}: integrity check after the change: {problems}')
+
+
+def payments_for_providers(migrator):
+    """Wave 2: payments of several providers: provider, provider_id (unique per provider), no invoice_id for Stars."""
+    steps = [migrator.add_column('payments', 'provider', Payment.provider),
+             migrator.add_column('payments', 'provider_id', Payment.provider_id),
+             RawStep(lambda: db.execute_sql("UPDATE payments SET provider_id = CAST(invoice_id AS VARCHAR(32)) "
+                                            "WHERE provider_id IS NULL")),
+             migrator.add_index('payments', ('provider', 'provider_id'), True)]
+    if is_sqlite():
+        steps.append(RawStep(lambda: relax_sqlite_table(
+            'payments', [('"invoice_id" INTEGER NOT NULL', '"invoice_id" INTEGER')])))
+    else:
+        steps.append(migrator.drop_not_null('payments', 'invoice_id'))
+    return steps
+
+
+def grants_with_refunds(migrator):
+    """Wave 2: the ledger takes 'refund' rows (a refunded payment's days taken back): widen the reason CHECK."""
+    old_check = "CHECK (reason IN ('payment', 'promo', 'gift', 'referral', 'admin'))"
+    if is_sqlite():
+        return [RawStep(lambda: relax_sqlite_table('grants', [(old_check, GRANT_REASON_CHECK)]))]
+
+    def replace_check():
+        names = [name for (name,) in db.execute_sql(
+            "SELECT conname FROM pg_constraint WHERE conrelid = 'grants'::regclass AND contype = 'c' "
+            "AND pg_get_constraintdef(oid) LIKE %s", ('%reason%',)).fetchall()]
+        for name in names:
+            db.execute_sql(f'ALTER TABLE grants DROP CONSTRAINT "{name}"')
+        db.execute_sql(f'ALTER TABLE grants ADD CONSTRAINT grants_reason_check {GRANT_REASON_CHECK}')
+    return [RawStep(replace_check)]
+
+
+# Schema changes after the first release: (version, function(migrator) -> list of operations).
+MIGRATIONS = [(20, add_qr_columns), (40, payments_for_providers), (41, grants_with_refunds),
+              (42, lambda migrator: [migrator.add_column('payments', 'subscription_until', Payment.subscription_until),
+                                     migrator.add_column('payments', 'renewal_canceled', Payment.renewal_canceled)]),
+              (50, move_panel_state),
+              (51, lambda migrator: [migrator.add_column('users', 'link_base', User.link_base)])]
+
 
 class ReconnectingPostgresqlDatabase(ReconnectMixin, PooledPostgresqlDatabase):
     """A pooled PostgreSQL database that survives a server restart (or Neon dropping idle connections).
@@ -306,7 +438,11 @@ def create_schema():
             if not is_sqlite():
                 db.execute_sql('SELECT pg_advisory_xact_lock(%s)', (SCHEMA_LOCK,))
             fresh = not db.table_exists(SchemaVersion._meta.table_name)
-            db.create_tables(MODELS, safe=True)
+            # Only missing tables: an existing table changes by migrations alone. (Creating a model's indexes on
+            # a table that lacks their new columns is worse than an error on SQLite: a double-quoted unknown
+            # column is read as a string, and the index it makes corrupts the table for the migration after it.)
+            existing = set(db.get_tables())
+            db.create_tables([model for model in MODELS if model._meta.table_name not in existing], safe=True)
             if fresh:  # create_tables made the latest schema: nothing to migrate
                 for version, _ in MIGRATIONS:
                     SchemaVersion.create(version=version)
@@ -339,9 +475,20 @@ def grant_days(user_id, days, reason, reference, granted_by=None, now=None):
         Grant.create(user=user_id, days=days, reason=reason, reference=str(reference),
                      granted_by=granted_by, expires_before=user.expires_at,
                      expires_after=new_expiry, created_at=now)
-        User.update(expires_at=new_expiry, panel_dirty=True, panel_failures=0,
-                    panel_retry_at=None).where(User.id == user_id).execute()
+        User.update(expires_at=new_expiry).where(User.id == user_id).execute()
+        mark_dirty(user_id)
     return new_expiry
+
+
+def mark_dirty(user_id):
+    """Say the buyer's client must be pushed again to every enabled panel, now."""
+    rows = [{'user': user_id, 'panel': name, 'dirty': True} for name in panel_names]
+    if rows:
+        (PanelClient.insert_many(rows)
+         .on_conflict(conflict_target=[PanelClient.user, PanelClient.panel],
+                      update={PanelClient.dirty: True, PanelClient.failures: 0, PanelClient.retry_at: None,
+                              PanelClient.alerted: False})
+         .execute())
 
 
 def derive_expiry(user_id):

@@ -6,17 +6,19 @@ who credits it; days only move through models.grant_days; the panel is derived f
 import logging
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta, timezone
 from decimal import Decimal
 
-from peewee import IntegrityError, fn
+from peewee import Case, IntegrityError, fn
 
 import metrics
 import models
 from cryptobot import parse_amount, parse_time
-from models import (EXPIRED, PAID, PENDING, Gift, Grant, InvoiceMismatch, Payment, PromoAttempt, PromoCode,
-                    Redemption, Referral, User, grant_days, transaction, utcnow)
+from models import (EXPIRED, PAID, PENDING, Gift, Grant, InvoiceMismatch, PanelClient, Payment, PromoAttempt,
+                    PromoCode, Redemption, Referral, User, grant_days, locked, transaction, utcnow)
+from panels import single as single_panel
 from xui import XuiError
 
 log = logging.getLogger('shop')
@@ -36,6 +38,7 @@ PANEL_BACKOFF_CAP = timedelta(minutes=1)  # the link must follow within about a 
 # One push per user at a time in this process, across the Shop instances of the handlers and of the jobs;
 # pushes from other processes are made safe by the expiry guard in _push_to_panel.
 _PROVISION_LOCKS = [threading.Lock() for _ in range(64)]
+# The last failed panel push per user id (the panel's own reason), for the admins' stuck-panel alert.
 # The users whose invoice is being created in this process right now (one creation per buyer at a time).
 _CREATING = set()
 _CREATING_LOCK = threading.Lock()
@@ -102,17 +105,39 @@ class CheckResult:
     provisioned: bool = False
 
 
+def probe_panel(panel):
+    """Ask a panel whether it answers: {'reachable', 'generation', 'error'}."""
+    try:
+        found = panel.client.check()
+    except XuiError as exc:
+        return {'reachable': False, 'generation': None, 'error': str(exc)}
+    return {'reachable': True, 'generation': found['generation'], 'error': None}
+
+
 class Shop:
     """The shop, bound to its settings and its two outside services."""
 
-    def __init__(self, settings, panel, cryptopay):
-        """The handlers and the jobs each get a Shop: the handlers' clients try each call once with short
+    def __init__(self, settings, panels, cryptopay):
+        """panels: the Panels (panels.connect), or one XuiClient for a shop with one panel.
+
+        The handlers and the jobs each get a Shop: the handlers' clients try each call once with short
         timeouts (a button must be answered within ~15 s), the jobs' retry with backoff (bot.build_shop)."""
         self.settings = settings
-        self.panel = panel
+        self.panels = tuple(panels) if isinstance(panels, (list, tuple)) else (single_panel(panels),)
+        self.enabled_panels = tuple(panel for panel in self.panels if panel.enabled)
+        models.use_panels(panel.name for panel in self.enabled_panels)
         self.cryptopay = cryptopay
-        # two pushes for one user would race to create the same client (see _PROVISION_LOCKS)
+        # One push per client (user, panel) at a time in this process, whichever Shop pushes it (two would
+        # race to create it); pushes from other processes are made safe by the expiry guard in _push.
         self._provision_locks = _PROVISION_LOCKS
+        # panels are pushed side by side, so one that hangs delays only its own copy
+        self._pushers = ThreadPoolExecutor(max_workers=4 * max(1, len(self.enabled_panels)),
+                                           thread_name_prefix='panel-push')
+
+    @property
+    def panel(self):
+        """The first enabled panel's client (traffic look-ups, the one-panel link)."""
+        return self.enabled_panels[0].client
 
     # Users
 
@@ -135,7 +160,8 @@ class Shop:
         try:
             with transaction():
                 user = User.create(telegram_id=telegram_id, username=username, first_name=first_name or '',
-                                   language=language, referrer=inviter, panel_email=f'spn-{telegram_id}')
+                                   language=language, referrer=inviter, panel_email=f'spn-{telegram_id}',
+                                   link_base=self.link_base)
                 if inviter is not None:
                     Referral.create(invited=user, inviter=inviter)
         except IntegrityError:  # the same user's /start raced on another thread
@@ -153,7 +179,17 @@ class Shop:
             User.update(awaiting=what).where(User.id == user.id).execute()
             user.awaiting = what
 
+    @property
+    def link_base(self):
+        """Return what a buyer's link is made of, before their subId."""
+        public_url = getattr(self.settings, 'public_url', '')
+        return f'{public_url}/sub/' if public_url else self.panel.subscription_link('')
+
     def subscription_link(self, user):
+        """Return the buyer's one link: ours ({PUBLIC_URL}/sub/{subId}) when set, else the panel's."""
+        public_url = getattr(self.settings, 'public_url', '')
+        if public_url:
+            return f'{public_url}/sub/{user.panel_sub_id}'
         return self.panel.subscription_link(user.panel_sub_id)
 
     # Buying
@@ -178,6 +214,7 @@ class Shop:
             lifetime = timedelta(seconds=self.settings.invoice_expires_seconds)
             fresh_after = now - lifetime + min(FRESH_MARGIN, lifetime / 2)
             pending = list(Payment.select().where(Payment.user == user.id, Payment.status == PENDING,
+                                                  Payment.provider == models.CRYPTOPAY,  # Stars: stars.py
                                                   Payment.created_at > fresh_after).order_by(Payment.id.desc()))
             for payment in pending:
                 if (payment.plan_days, payment.amount, payment.currency) == \
@@ -298,51 +335,106 @@ class Shop:
         return bool(Payment.update(status=EXPIRED)
                     .where(Payment.invoice_id == invoice_id, Payment.status == PENDING).execute())
 
-    # The panel
+    # The panels
 
     def provision(self, user_id, now=None):
-        """Push the user's ledger expiry to the panel; return True once the panel matches the ledger.
+        """Push the user's ledger expiry to every enabled panel where it is due, side by side.
 
-        A push is guarded by the expiry it sent: if a grant landed meanwhile, push again, because
-        our older value may have reached the panel after the newer one.
+        :return: True when at least one panel has the buyer's current days (the link works).
         """
-        with self._provision_locks[user_id % len(self._provision_locks)]:
-            return self._push_to_panel(user_id, now)
+        if len(self.enabled_panels) == 1:  # the common shop: no hand-over to another thread
+            return self.provision_on(self.enabled_panels[0], user_id, now)
+        futures = [self._pushers.submit(self._push_in_own_connection, panel, user_id, now)
+                   for panel in self.enabled_panels]
+        return any([future.result() for future in futures])
 
-    def _push_to_panel(self, user_id, now):
+    def provision_on(self, panel, user_id, now=None):
+        """Push the user's ledger expiry to one panel; return True once that panel matches the ledger."""
+        lock = self._provision_locks[hash((user_id, panel.name)) % len(self._provision_locks)]
+        with lock:
+            return self._push(panel, user_id, now)
+
+    def _push_in_own_connection(self, panel, user_id, now):
+        with models.connection():
+            return self.provision_on(panel, user_id, now)
+
+    def _push(self, panel, user_id, now):
+        """Push once, guarded by the expiry sent: if a grant landed meanwhile, push again, because
+        our older value may have reached the panel after the newer one."""
         stale = False
         for _ in range(5):
             user = User.get_by_id(user_id)
-            if user.expires_at is None or (not user.panel_dirty and not stale):
-                return True
+            row = PanelClient.get_or_none(PanelClient.user == user_id, PanelClient.panel == panel.name)
+            if user.expires_at is None:
+                return True  # no days, nothing to push: the panel matches the ledger
+            if row is None:
+                return False  # days but no row yet: the backfill of a newly added panel makes it
+            if not row.dirty and not stale:
+                return row.pushed_expiry == user.expires_at
             try:
-                client = self.panel.ensure_client(
+                client = panel.client.ensure_client(
                     email=user.panel_email, expiry=as_aware(user.expires_at), sub_id=user.panel_sub_id,
                     tg_id=user.telegram_id)
             except XuiError as exc:
-                self.record_panel_failure(user, exc, now or utcnow())
+                self.record_panel_failure(row, user, panel, exc, now or utcnow())
                 return False
             with transaction():
-                done = (User.update(panel_dirty=False, panel_uuid=client.get('uuid'), panel_failures=0,
-                                    panel_retry_at=None, panel_alerted=False)
-                        .where(User.id == user_id, User.expires_at == user.expires_at).execute())
+                # grant_days locks the user row too: the expiry compared here is the one committed
+                current = locked(User.select(User.expires_at).where(User.id == user_id)).get()
+                done = current.expires_at == user.expires_at
                 if done:
+                    (PanelClient.update(dirty=False, pushed_expiry=user.expires_at, uuid=client.get('uuid'),
+                                        failures=0, retry_at=None, last_error=None, alerted=False)
+                     .where(PanelClient.id == row.id).execute())
                     (Payment.update(provisioned_at=now or utcnow())
                      .where(Payment.user == user_id, Payment.status == PAID, Payment.provisioned_at.is_null())
                      .execute())
             if done:
-                log.info('panel updated user=%s expiry=%s', user.telegram_id, user.expires_at.isoformat())
+                log.info('panel updated user=%s panel=%s expiry=%s', user.telegram_id, panel.name,
+                         user.expires_at.isoformat())
                 return True
             stale = True
         return False
 
-    def record_panel_failure(self, user, error, now):
-        """Count a failed panel push and schedule the next try (30 s, then every minute)."""
-        delay = min(timedelta(seconds=30 * 2 ** min(user.panel_failures, 10)), PANEL_BACKOFF_CAP)
-        User.update(panel_failures=User.panel_failures + 1, panel_retry_at=now + delay).where(
-            User.id == user.id).execute()
-        metrics.panel_failed(self.panel)
-        log.warning('panel update failed user=%s failures=%s: %s', user.telegram_id, user.panel_failures + 1, error)
+    def record_panel_failure(self, row, user, panel, error, now):
+        """Count a failed push to one panel, keep its reason, schedule the next try (30 s, then every minute).
+
+        A refusal by the panel itself ("Duplicate email") is kept as the panel's own words and marked, as it
+        will not pass by itself; anything else (a timeout, a refused connection) is kept as our description.
+        """
+        delay = min(timedelta(seconds=30 * 2 ** min(row.failures, 10)), PANEL_BACKOFF_CAP)
+        panel_msg = getattr(error, 'panel_msg', None)
+        (PanelClient.update(failures=PanelClient.failures + 1, retry_at=now + delay, refused=panel_msg is not None,
+                            last_error=(panel_msg if panel_msg is not None else str(error))[:500])
+         .where(PanelClient.id == row.id).execute())
+        metrics.panel_failed(panel)
+        log.warning('panel update failed user=%s panel=%s failures=%s: %s', user.telegram_id, panel.name,
+                    row.failures + 1, error)
+
+    def panel_report(self, probe=False):
+        """Describe every configured panel for /panels.
+
+        :param probe: also ask each enabled panel (side by side) whether it answers and which API it has
+        :return: [{'name','enabled','clients','pending','last_error'} (+ 'reachable','generation','error')]
+        """
+        probes = {panel.name: self._pushers.submit(probe_panel, panel) for panel in self.enabled_panels} if probe \
+            else {}
+        counts = {name: (total, pending) for name, total, pending in
+                  PanelClient.select(PanelClient.panel, fn.COUNT(PanelClient.id),
+                                     fn.SUM(Case(None, [(PanelClient.dirty == True, 1)], 0)))  # noqa: E712
+                  .group_by(PanelClient.panel).tuples()}
+        report = []
+        for panel in self.panels:
+            total, pending = counts.get(panel.name, (0, 0))
+            last = (PanelClient.select(PanelClient.last_error)
+                    .where(PanelClient.panel == panel.name, PanelClient.dirty == True,  # noqa: E712
+                           PanelClient.last_error.is_null(False))
+                    .order_by(PanelClient.retry_at.desc()).first())
+            report.append({'name': panel.name, 'enabled': panel.enabled, 'clients': total,
+                           'pending': int(pending or 0), 'last_error': last.last_error if last else None})
+            if panel.name in probes:
+                report[-1].update(probes[panel.name].result())
+        return report
 
     def claim_notification(self, payment, now=None):
         """Take the right to tell the buyer about a payment; expires after NOTIFY_LEASE if unconfirmed."""
@@ -363,12 +455,21 @@ class Shop:
         Payment.update(notify_claimed_at=None).where(Payment.id == payment.id, Payment.notified_at.is_null()).execute()
 
     def traffic(self, user):
-        """Return the panel's traffic dict for the user, or None when the panel has none or is unreachable."""
-        try:
-            return self.panel.get_traffic(user.panel_email)
-        except XuiError as exc:
-            log.warning('traffic lookup failed user=%s: %s', user.telegram_id, exc)
+        """Return the buyer's traffic summed over the enabled panels that answer, or None if none has any."""
+        rows = []
+        for panel in self.enabled_panels:
+            try:
+                row = panel.client.get_traffic(user.panel_email)
+            except XuiError as exc:
+                log.warning('traffic lookup failed user=%s panel=%s: %s', user.telegram_id, panel.name, exc)
+                continue
+            if row is not None:
+                rows.append(row)
+        if not rows:
             return None
+        return {'up': sum(row['up'] for row in rows), 'down': sum(row['down'] for row in rows),
+                'total': rows[0]['total'], 'expiry': rows[0]['expiry'],
+                'enable': any(row['enable'] for row in rows)}
 
     # Gifts, promo codes, referrals
 
@@ -505,5 +606,7 @@ class Shop:
             'referrals': Referral.select().count(),
             'referrals_paid': Referral.select().where(Referral.rewarded_at.is_null(False)).count(),
             'grants_admin': Grant.select().where(Grant.reason == 'admin').count(),
+            'panel_clients': {panel.name: PanelClient.select().where(PanelClient.panel == panel.name).count()
+                              for panel in self.panels},
             'currency': self.settings.currency,
         }

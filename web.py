@@ -24,8 +24,11 @@ import jobs
 import leases
 import metrics
 import models
+import subpage
+import subscription
 from cryptobot import CryptoPayClient
-from models import Payment
+from models import Payment, User
+from subscription import SubscriptionMerger
 
 log = logging.getLogger('web')
 
@@ -61,16 +64,20 @@ class App:
         self.started = started if started is not None else time.monotonic()
         self.routes = {('GET', '/healthz'): self.healthz, ('GET', '/metrics'): self.metrics,
                        ('POST', '/cryptopay'): self.cryptopay, ('POST', '/telegram'): self.telegram}
+        self.merger = SubscriptionMerger(settings.panels, settings.shop_name)
 
     def __call__(self, environ, start_response):
         method, path = environ.get('REQUEST_METHOD', ''), environ.get('PATH_INFO', '')
         handler = self.routes.get((method, path))
-        content_type = 'application/json'
+        if handler is None and method == 'GET' and path.startswith('/sub/'):
+            handler = self.subscription
+        content_type, headers = 'application/json', None
         try:
             if handler is None:
                 known = any(route_path == path for _, route_path in self.routes)
                 raise Reply(405 if known else 404, {'error': 'method not allowed' if known else 'not found'})
-            status, body = handler(environ)
+            status, body, *headers = handler(environ)
+            headers = headers[0] if headers else None
             if isinstance(body, bytes):
                 content_type = metrics.CONTENT_TYPE
         except Reply as reply:
@@ -82,9 +89,34 @@ class App:
             log.exception('%s %s failed', method, path)
             status, body = 500, {'error': 'internal error'}
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        start_response(STATUS_TEXT[status], [('Content-Type', content_type), ('Content-Length', str(len(data))),
-                                            ('Cache-Control', 'no-store')])
+        headers = list(headers or [('Content-Type', content_type)])
+        if not any(name == 'Cache-Control' for name, _ in headers):
+            headers.append(('Cache-Control', 'no-store'))
+        start_response(STATUS_TEXT[status], headers + [('Content-Length', str(len(data)))])
         return [data]
+
+    def subscription(self, environ):
+        """GET /sub/{subId}: the buyer's configs merged from every enabled panel, as the panels' own sub servers
+        answer (subscription.py); a browser (Accept: text/html) gets the page instead (subpage.py).
+
+        An unknown subId gets the same 404 as a subId no panel serves.
+        """
+        sub_id = environ['PATH_INFO'][len('/sub/'):]
+        if not subscription.is_sub_id(sub_id):
+            return subscription.NOT_FOUND[0], subscription.NOT_FOUND[2], subscription.NOT_FOUND[1]
+        with models.connection():
+            user = User.get_or_none(User.panel_sub_id == sub_id)
+        if user is None:
+            return subscription.NOT_FOUND[0], subscription.NOT_FOUND[2], subscription.NOT_FOUND[1]
+        if 'text/html' in environ.get('HTTP_ACCEPT', ''):
+            feed = self.merger.feed(sub_id)
+            page = subpage.render(self.settings.shop_name, self.shop.subscription_link(user), user.expires_at,
+                                  feed.upload, feed.download, feed.total, self.settings.timezone,
+                                  self.settings.support_contact, environ.get('HTTP_ACCEPT_LANGUAGE'))
+            return 200, page, [('Content-Type', 'text/html; charset=utf-8'),
+                               ('Cache-Control', 'no-cache, no-store, must-revalidate')]
+        status, headers, body = self.merger.response(sub_id, user.expires_at)
+        return status, body, headers
 
     # GET
 
@@ -190,7 +222,10 @@ def parse_update(raw):
 
 def handled_kinds(bot):
     """Return the update kinds bot has handlers for (what setWebhook's allowed_updates should say)."""
-    return [kind for kind in util.update_types if getattr(bot, f'{kind}_handlers', None)]
+    # a kind is handled by its registered handlers, or by the bot's own process_new_<kind> (the Stars
+    # pre-checkout answer is taken off the handler threads that way, bot.ShopBot.on_pre_checkout_queries)
+    return [kind for kind in util.update_types
+            if getattr(bot, f'{kind}_handlers', None) or f'process_new_{kind}' in vars(bot)]
 
 
 class Server:

@@ -228,9 +228,7 @@ def seed(users, now=SEED_NOW, chunk=2000):
                         'id': user_id, 'telegram_id': tid, 'username': f'user{tid}', 'first_name': f'User {i}',
                         'language': 'ru' if i % 3 else 'en', 'invite_code': f'inv{i:09d}', 'referrer': referrer,
                         'blocked': i % 50 == 49, 'awaiting': None, 'expires_at': expires,
-                        'panel_email': f'spn-{tid}', 'panel_sub_id': f'sub{i:013d}', 'panel_uuid': None,
-                        'panel_dirty': False, 'panel_failures': 0, 'panel_retry_at': None, 'panel_alerted': False,
-                        'created_at': now - timedelta(days=(i * 31) % 365, seconds=rng.randrange(86400))})
+                        'panel_email': f'spn-{tid}', 'panel_sub_id': f'sub{i:013d}', 'created_at': now - timedelta(days=(i * 31) % 365, seconds=rng.randrange(86400))})
                     if expires is not None:
                         invoice = INVOICE_BASE + i
                         paid_at = expires - timedelta(days=30)

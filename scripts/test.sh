@@ -140,6 +140,13 @@ start_pgbouncer() {
     echo "test.sh: PgBouncer (transaction mode) on 127.0.0.1:$PGB_PORT"
 }
 
+# The subscription page is tested in a real browser; its QR code is read back with zbar.
+install_browser() {
+    command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v zbarimg >/dev/null && return
+    [[ $EUID -eq 0 ]] || die "Chromium, chromedriver and zbarimg are needed: apt-get install chromium chromium-driver zbar-tools"
+    apt_install chromium chromium-driver zbar-tools
+}
+
 case $DB in
     all | sqlite | postgres) ;;
     *) die "DB must be sqlite or postgres (or unset for both), not '$DB'" ;;
@@ -151,6 +158,7 @@ trap 'exit 143' TERM
 
 [[ -x .venv/bin/python ]] || make_venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements-dev.lock
+install_browser
 
 PGBOUNCER_URL=
 if [[ $DB != sqlite ]]; then

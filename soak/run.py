@@ -35,7 +35,7 @@ import cryptobot  # noqa: E402
 import models  # noqa: E402
 import xui  # noqa: E402
 from conftest import clear_database  # noqa: E402
-from models import User  # noqa: E402
+from models import PanelClient, User  # noqa: E402
 from test_e2e import ask, buy, invoice_id_of, person  # noqa: E402
 from fake_xui import NEWEST, VERSIONS  # noqa: E402
 from test_faults import (BUSY, CRASH_POINTS, Outcome, audit, crash, crash_during_check_then_press_again,  # noqa: E402
@@ -57,7 +57,8 @@ def panel_outage_live(rig, fault, seconds=30):
     # bot.py's panel client tries each call 3 times and reads for xui.TIMEOUT[1] seconds
     start_panel_fault(rig.panel, fault, tries=3, hang=xui.TIMEOUT[1] + 5)
     rig.cryptopay.pay(invoice_id)
-    wait_until(lambda: User.get(User.telegram_id == 8001).panel_failures, 60, 'the panel failing the bot')
+    wait_until(lambda: PanelClient.select().join(User).where(User.telegram_id == 8001, PanelClient.failures > 0)
+               .exists(), 60, 'the panel failing the bot')
     assert 'Hi, Alice' in ask(rig.telegram, buyer, '/start')['text']
     if fault == 'refused':
         time.sleep(seconds)

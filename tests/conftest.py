@@ -25,6 +25,9 @@ PG_URL = os.environ.get('TEST_DATABASE_URL', '')
 BOT_TOKEN = '123456:TEST-token-not-real'
 CRYPTOPAY_TOKEN = '4242:CRYPTO-test-token'
 PANEL_USER, PANEL_PASSWORD = 'admin', 'panel-secret-pw'
+# (connect, read) seconds for clients that expect the fakes to answer: room for a machine at load 8
+# (2 cores), where a loopback answer can take seconds. Tests of hangs pass their own short timeouts.
+TIMEOUT = (5, 10)
 
 
 def database_url(tmp_path):
@@ -49,6 +52,7 @@ def database(tmp_path):
     """Bind the models to a fresh, empty real database and hold a connection for the test."""
     url = database_url(tmp_path)
     database = models.connect_database(url, pool_size=40)
+    models.use_panels(['main'])  # set per process at start-up, like the database: a Shop of a test sets its own
     models.create_schema()
     with models.db.connection_context():
         clear_database()
@@ -109,8 +113,8 @@ def make_shop(settings):
     """Build a Shop whose clients talk to the fakes, with short timeouts and tiny backoffs."""
     xui = XuiClient(settings.xui_url, settings.xui_inbound_id, settings.xui_sub_url,
                     username=settings.xui_username, password=settings.xui_password,
-                    timeout=(1, 2), retries=1, backoff=0.01)
-    crypto = CryptoPayClient(settings.cryptopay_token, settings.cryptopay_url, timeout=(1, 2), retries=1,
+                    timeout=TIMEOUT, retries=1, backoff=0.01)
+    crypto = CryptoPayClient(settings.cryptopay_token, settings.cryptopay_url, timeout=TIMEOUT, retries=1,
                              backoff=0.01)
     return Shop(settings, xui, crypto)
 
@@ -118,3 +122,23 @@ def make_shop(settings):
 @pytest.fixture
 def shop(settings):
     return make_shop(settings)
+
+
+def pool_in_use():
+    """Return how many pooled PostgreSQL connections are checked out now (SQLite has no pool: 0)."""
+    return len(getattr(models.db.obj, '_in_use', {}))
+
+
+def our_threads():
+    """Return the live threads other than the loopback fakes' request threads (which may hang on purpose)."""
+    import threading
+    return {thread for thread in threading.enumerate() if 'process_request_thread' not in thread.name}
+
+
+def wait_threads_back(before, timeout=10):
+    """Wait until no thread is alive that was not in `before`; return the ones left."""
+    import time
+    deadline = time.monotonic() + timeout
+    while (left := our_threads() - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left

@@ -124,7 +124,7 @@ class FakeCryptoPay:
         self._listen(self.port)
 
     def _listen(self, port):
-        server = ThreadingHTTPServer(('127.0.0.1', port), _Handler)
+        server = _Server(('127.0.0.1', port), _Handler)
         server.block_on_close = False  # a hanging reply must not block stop()
         server.fake = self
         self.port = server.server_address[1]
@@ -420,6 +420,12 @@ class FakeCryptoPay:
             raise ApiError(400, 'INVOICE_NOT_FOUND')  # unverified name
         del self.invoices[invoice_id]
         return True
+
+
+class _Server(ThreadingHTTPServer):
+    # a loaded machine may not run the accept loop for a while: queue a burst (50 buyers at once)
+    # instead of dropping SYNs past socketserver's default of 5 (a 1 s retransmission, a ConnectTimeout)
+    request_queue_size = 128
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -18,6 +18,13 @@ point the Bot API documents: a bare "&" is refused (``strict_html = False`` show
 Telegram does). Lengths are the visible text's UTF-16 units. Groups: ``add_chat(id,
 kind="supergroup")``, ``send_text(user, text, chat_id=id)``, ``post_as_bot(id, text, markup)``.
 
+Payments in Telegram Stars (XTR): sendInvoice / createInvoiceLink, then ``pay(user, invoice)`` queues
+the pre_checkout_query a paying user's app sends; an ok answer charges the user, records a StarTransaction
+(getStarTransactions, chronological, paged by offset) and queues the successful_payment message
+(``drop=True`` loses that update, as when the bot was down). ``renew(charge_id)`` makes a subscription's
+next monthly charge. refundStarPayment and editUserStarSubscription refuse as Telegram does
+(CHARGE_ALREADY_REFUNDED, CHARGE_NOT_FOUND, ...).
+
 Run it alone for benchmarks: ``python tests/fake_telegram.py --port 0 [--synthetic N]``
 prints its URL, serves until SIGTERM, then prints a JSON summary; ``GET /_fake/stats``
 returns the same summary while it runs.
@@ -31,6 +38,7 @@ import email.policy
 import itertools
 import json
 import re
+import secrets
 import signal
 import ssl
 import struct
@@ -64,7 +72,10 @@ BUTTON_ACTIONS = (
     "switch_inline_query_current_chat", "switch_inline_query_chosen_chat", "copy_text",
     "callback_game", "pay",
 )
-SEND_METHODS = {"sendMessage", "sendPhoto"}
+SEND_METHODS = {"sendMessage", "sendPhoto", "sendInvoice"}
+STARS_SUBSCRIPTION_PERIOD = 2592000  # 30 days: the only period Telegram allows
+MAX_STARS = 100000  # a generous ceiling for one Stars invoice (Telegram's exact one is not modelled)
+PRE_CHECKOUT_TIMEOUT = 10  # seconds Telegram waits for answerPreCheckoutQuery
 
 HTML_TAGS = {
     "b": "bold", "strong": "bold", "i": "italic", "em": "italic",
@@ -455,6 +466,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Server(ThreadingHTTPServer):
+    # a loaded machine may not run the accept loop for a while: queue a burst of connections
+    # instead of dropping SYNs past socketserver's default of 5 (a 1 s retransmission each)
+    request_queue_size = 128
+
     def handle_error(self, request, client_address):
         # a killed bot's reset is no news, nor a client refusing our throwaway certificate
         if not isinstance(sys.exc_info()[1], (ConnectionError, ssl.SSLError)):
@@ -511,9 +526,15 @@ class FakeTelegram:
         self._poll_generation = 0
         self._polling = 0
         self._limits = []
+        self._breaks = []  # transport faults from break_next
         self._recent_sends = collections.deque()
         self._cursors = collections.defaultdict(int)
         self._closing = False
+        self.invoice_links = {}  # link -> invoice (createInvoiceLink)
+        self._invoices = {}  # (chat id, message id) -> invoice (sendInvoice)
+        self.pre_checkouts = {}  # query id -> {"update_id", "user", "invoice", "answer", "drop", ...}
+        self.charges = {}  # telegram_payment_charge_id -> {"user", "invoice", "refunded", "canceled", ...}
+        self.star_transactions = []  # StarTransaction dicts in chronological order
         self._methods = {
             "getMe": self._get_me, "getUpdates": self._get_updates,
             "deleteWebhook": self._delete_webhook, "setWebhook": self._set_webhook,
@@ -527,6 +548,10 @@ class FakeTelegram:
             "setMyDescription": self._set_my_description, "getMyDescription": self._get_my_description,
             "setMyShortDescription": self._set_my_short_description,
             "getMyShortDescription": self._get_my_short_description,
+            "sendInvoice": self._send_invoice, "createInvoiceLink": self._create_invoice_link,
+            "answerPreCheckoutQuery": self._answer_pre_checkout_query,
+            "getStarTransactions": self._get_star_transactions, "refundStarPayment": self._refund_star_payment,
+            "editUserStarSubscription": self._edit_user_star_subscription,
         }
         self._canonical = {name.lower(): name for name in self._methods}
         self._server = _Server(("127.0.0.1", port), _Handler)
@@ -562,6 +587,26 @@ class FakeTelegram:
         """Answer the next n calls of method (any method if None) with 429 Too Many Requests."""
         with self._cond:
             self._limits.append({"method": method, "left": n, "retry_after": retry_after})
+
+    def break_next(self, n, kind, method=None, seconds=5.0):
+        """Make the next n calls of method (any method if None) fail below the API, as a network does.
+
+        kind: "drop" closes the connection unanswered (the client sees a ConnectionError), "hang"
+        holds the call for `seconds` before serving it (a read timeout), "bad_gateway" answers
+        502 with nginx's HTML page, as Telegram's front end does while the API is down.
+        """
+        if kind not in ("drop", "hang", "bad_gateway"):
+            raise ValueError(kind)
+        with self._cond:
+            self._breaks.append({"method": method, "left": n, "kind": kind, "seconds": seconds})
+
+    def _take_break(self, method):
+        with self._cond:
+            for fault in self._breaks:
+                if fault["left"] > 0 and fault["method"] in (None, method):
+                    fault["left"] -= 1
+                    return fault
+        return None
 
     def block_user(self, chat_id, announce=True):
         """Make the user block the bot: sends to that chat get 403, as after a real block."""
@@ -658,6 +703,47 @@ class FakeTelegram:
         """Queue any Update body (without update_id), e.g. {"edited_message": ...}; return its id."""
         with self._cond:
             return self._queue(copy.deepcopy(update))
+
+    def pay(self, user, invoice, drop=False, payload=None, total_amount=None):
+        """Press Pay on an invoice (a message with an invoice, or an invoice link): queue the pre_checkout_query.
+
+        Once the bot answers ok, the user is charged and the successful_payment message is queued (not with
+        drop, as when the update never reaches the bot). payload and total_amount forge the query's fields,
+        as a modified client could. Return the query id.
+        """
+        with self._cond:
+            if isinstance(invoice, str):
+                details = self.invoice_links[invoice]
+            else:
+                details = self._invoices[(invoice["chat"]["id"], invoice["message_id"])]
+            details = {**details}
+            if payload is not None:
+                details["payload"] = payload
+            if total_amount is not None:
+                details["total_amount"] = total_amount
+            sender = _as_user(user)
+            self._private_chat(sender)
+            query_id = str(next(self._query_ids))
+            update_id = self._queue({"pre_checkout_query": {
+                "id": query_id, "from": sender, "currency": details["currency"],
+                "total_amount": details["total_amount"], "invoice_payload": details["payload"]}})
+            self.pre_checkouts[query_id] = {"update_id": update_id, "user": sender, "invoice": details,
+                                            "answer": None, "drop": drop, "asked": time.monotonic()}
+            return query_id
+
+    def wait_for_pre_checkout(self, query_id, timeout=10):
+        """Return the bot's answer to a pre-checkout query: {"ok", "error_message", "seconds", "charge_id"}."""
+        return self._wait(lambda: self.pre_checkouts[query_id]["answer"], timeout,
+                          f"pre-checkout query {query_id} was never answered")
+
+    def renew(self, charge_id, drop=False):
+        """Charge a subscription's next period (Telegram does it by itself); return the new charge id."""
+        with self._cond:
+            root = self.charges[charge_id]["root"]
+            first = self.charges[root]
+            if first["canceled"]:
+                raise ValueError("the subscription was canceled: Telegram would not renew it")
+            return self._charge(first["user"], first["invoice"], drop, root=root)
 
     # -- observing the bot ---------------------------------------------------
 
@@ -858,6 +944,22 @@ class FakeTelegram:
         url = urlsplit(handler.path)
         body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
         match = PATH_RE.fullmatch(url.path)
+        fault = self._take_break(self._canonical.get(match[2].lower(), match[2])) if match else None
+        if fault and fault["kind"] == "drop":
+            handler.close_connection = True
+            return
+        if fault and fault["kind"] == "hang":
+            with self._cond:
+                self._cond.wait_for(lambda: self._closing, timeout=fault["seconds"])
+        if fault and fault["kind"] == "bad_gateway":
+            page = b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n" \
+                   b"<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+            handler.send_response(502)
+            handler.send_header("Content-Type", "text/html")
+            handler.send_header("Content-Length", str(len(page)))
+            handler.end_headers()
+            handler.wfile.write(page)
+            return
         try:
             if url.path == "/_fake/stats":
                 status, payload = 200, self.stats()
@@ -927,6 +1029,139 @@ class FakeTelegram:
     def _too_many(retry_after):
         return TelegramError(429, f"Too Many Requests: retry after {retry_after}",
                              {"retry_after": retry_after})
+
+    def _charge(self, user, invoice, drop, root=None):
+        charge_id = "stx" + secrets.token_urlsafe(48)
+        now = self._now()
+        payment = {"currency": invoice["currency"], "total_amount": invoice["total_amount"],
+                   "invoice_payload": invoice["payload"], "telegram_payment_charge_id": charge_id,
+                   "provider_payment_charge_id": ""}
+        period = invoice.get("subscription_period")
+        if period:
+            payment.update({"subscription_expiration_date": now + period, "is_recurring": True})
+            if root is None:
+                payment["is_first_recurring"] = True
+        self.charges[charge_id] = {"user": user, "invoice": invoice, "refunded": False, "canceled": False,
+                                   "amount": invoice["total_amount"], "root": root or charge_id}
+        source = {"type": "user", "transaction_type": "invoice_payment", "user": user,
+                  "invoice_payload": invoice["payload"]}
+        if period:
+            source["subscription_period"] = period
+        self.star_transactions.append({"id": charge_id, "amount": invoice["total_amount"], "date": now,
+                                       "source": source})
+        if not drop:
+            chat = self._private_chat(user)
+            message = self._new_message(chat, user, successful_payment=payment)
+            self._queue({"message": message})
+        self._cond.notify_all()
+        return charge_id
+
+    def _invoice_params(self, params):
+        """Check an invoice as Telegram does for Stars; return its details."""
+        title, description = str(params.get("title", "")), str(params.get("description", ""))
+        payload = str(params.get("payload", ""))
+        if not 1 <= len(title) <= 32:
+            raise bad_request("INVOICE_TITLE_EMPTY" if not title else "TITLE_INVALID")
+        if not 1 <= len(description) <= 255:
+            raise bad_request("INVOICE_DESCRIPTION_EMPTY" if not description else "DESCRIPTION_INVALID")
+        if not 1 <= len(payload.encode()) <= 128:
+            raise bad_request("INVOICE_PAYLOAD_INVALID")
+        currency = str(params.get("currency", ""))
+        if currency != "XTR":
+            raise bad_request("CURRENCY_INVALID")  # this fake models Stars only
+        if params.get("provider_token"):
+            raise bad_request("PROVIDER_TOKEN_INVALID")  # Stars take an empty provider token
+        prices = _decode_json(params.get("prices", "[]"))
+        if not isinstance(prices, list) or len(prices) != 1:
+            raise bad_request("STARS_INVOICE_INVALID")  # exactly one price for XTR
+        amount = prices[0].get("amount") if isinstance(prices[0], dict) else None
+        if not isinstance(amount, int) or not 1 <= amount <= MAX_STARS:
+            raise bad_request("CURRENCY_TOTAL_AMOUNT_INVALID")
+        return {"title": title, "description": description, "payload": payload, "currency": currency,
+                "total_amount": amount}
+
+    def _send_invoice(self, params, files):
+        chat = self._writable_chat(params)
+        if "subscription_period" in params:
+            raise bad_request("SUBSCRIPTION_PERIOD_INVALID")  # subscriptions only through createInvoiceLink
+        details = self._invoice_params(params)
+        content = {"invoice": {"title": details["title"], "description": details["description"],
+                               "start_parameter": "", "currency": "XTR",
+                               "total_amount": details["total_amount"]}}
+        markup = self._markup(params, inline_only=bool(params.get("reply_markup")))
+        if markup:
+            content["reply_markup"] = markup
+        message = self._new_message(chat, self.bot_user, **content)
+        self._invoices[(chat.info["id"], message["message_id"])] = details
+        return message
+
+    def _create_invoice_link(self, params, files):
+        details = self._invoice_params(params)
+        if "subscription_period" in params:
+            if int(params["subscription_period"]) != STARS_SUBSCRIPTION_PERIOD:
+                raise bad_request("SUBSCRIPTION_PERIOD_INVALID")
+            details["subscription_period"] = STARS_SUBSCRIPTION_PERIOD
+        link = "https://t.me/$" + secrets.token_urlsafe(12)
+        self.invoice_links[link] = details
+        return link
+
+    def _answer_pre_checkout_query(self, params, files):
+        query = self.pre_checkouts.get(str(params.get("pre_checkout_query_id", "")))
+        if query is None or query["answer"] is not None:
+            raise bad_request("QUERY_ID_INVALID")
+        seconds = time.monotonic() - query["asked"]
+        if seconds > PRE_CHECKOUT_TIMEOUT:
+            query["answer"] = {"ok": False, "error_message": None, "seconds": seconds, "charge_id": None}
+            raise bad_request("QUERY_ID_INVALID")  # too late: the user saw the payment fail
+        ok = _flag(params, "ok")
+        error = params.get("error_message")
+        if not ok and not error:
+            raise bad_request("error_message must be non-empty")  # required when ok is False
+        charge_id = self._charge(query["user"], query["invoice"], query["drop"]) if ok else None
+        query["answer"] = {"ok": ok, "error_message": error, "seconds": seconds, "charge_id": charge_id}
+        return True
+
+    def _get_star_transactions(self, params, files):
+        offset = int(params.get("offset") or 0)
+        limit = int(params.get("limit") or 100)
+        if offset < 0:
+            raise bad_request("offset must be non-negative")
+        if not 1 <= limit <= 100:
+            raise bad_request("limit must be between 1 and 100")
+        return {"transactions": self.star_transactions[offset:offset + limit]}
+
+    def _charge_of(self, params):
+        charge = self.charges.get(str(params.get("telegram_payment_charge_id", "")))
+        if charge is None:
+            raise bad_request("CHARGE_NOT_FOUND")
+        if str(params.get("user_id", "")) != str(charge["user"]["id"]):
+            raise bad_request("USER_ID_INVALID")
+        return charge
+
+    def _refund_star_payment(self, params, files):
+        charge = self._charge_of(params)
+        if charge["refunded"]:
+            raise bad_request("CHARGE_ALREADY_REFUNDED")
+        charge["refunded"] = True
+        charge_id = str(params["telegram_payment_charge_id"])
+        self.star_transactions.append({"id": charge_id, "amount": charge["amount"], "date": self._now(),
+                                       "receiver": {"type": "user", "transaction_type": "invoice_payment",
+                                                    "user": charge["user"],
+                                                    "invoice_payload": charge["invoice"]["payload"]}})
+        return True
+
+    def _edit_user_star_subscription(self, params, files):
+        charge = self._charge_of(params)
+        if not charge["invoice"].get("subscription_period"):
+            raise bad_request("SUBSCRIPTION_NOT_FOUND")
+        canceled = _flag(params, "is_canceled")
+        if "is_canceled" not in params:
+            raise bad_request("Parameter \"is_canceled\" is required")
+        root = self.charges[charge["root"]]  # the state belongs to the subscription, whichever charge names it
+        if root["canceled"] == canceled:
+            raise bad_request("SUBSCRIPTION_NOT_MODIFIED")
+        root["canceled"] = canceled
+        return True
 
     # -- internals: API methods ----------------------------------------------
 

@@ -102,6 +102,12 @@ def fail(msg):
     return Reply(200, {'success': False, 'msg': msg, 'obj': None})
 
 
+class _Server(ThreadingHTTPServer):
+    # a loaded machine may not run the accept loop for a while: queue a burst of connections
+    # instead of dropping SYNs past socketserver's default of 5 (a 1 s retransmission each)
+    request_queue_size = 128
+
+
 class FakePanel:
     """A 3x-ui panel on 127.0.0.1 with one inbound for the bot and one more holding another client."""
 
@@ -184,7 +190,7 @@ class FakePanel:
         self.stop()
 
     def _listen(self, port):
-        server = ThreadingHTTPServer(('127.0.0.1', port), handler_for(self))
+        server = _Server(('127.0.0.1', port), handler_for(self))
         self.port = server.server_address[1]
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={'poll_interval': 0.01}, daemon=True)

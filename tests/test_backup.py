@@ -13,7 +13,7 @@ import pytest
 
 import backup
 import models
-from conftest import ROOT, clear_database, settings_env
+from conftest import CRYPTOPAY_TOKEN, ROOT, clear_database, settings_env
 
 NOW = datetime(2025, 3, 14, 9, 26, 53, 589793)
 
@@ -21,20 +21,24 @@ NOW = datetime(2025, 3, 14, 9, 26, 53, 589793)
 def fill_database():
     """Put realistic rows, with unicode, NULLs, big ids and exact decimals, into every data table."""
     alice = models.User.create(telegram_id=7_123_456_789, username='alice', first_name='Алиса 🦊', language='ru',
-                               panel_email='u7123456789', panel_uuid='0f8fad5b-d9cb-469f-a165-70867728950e',
-                               created_at=NOW - timedelta(days=40))
+                               panel_email='u7123456789', created_at=NOW - timedelta(days=40))
     # bob points at a referrer created after him, so restore must link rows of one table both ways
     bob = models.User.create(telegram_id=42, username=None, first_name='Bob "Bobby" O\'Neil', language='en',
                              panel_email='u42', blocked=True, awaiting='promo', created_at=NOW - timedelta(days=5))
     carol = models.User.create(telegram_id=-1001234567890, first_name='', panel_email='u-1001234567890',
-                               referrer=alice, panel_failures=3, panel_retry_at=NOW + timedelta(minutes=2),
-                               panel_alerted=True, created_at=NOW - timedelta(days=1))
+                               referrer=alice, created_at=NOW - timedelta(days=1))
     models.User.update(referrer=carol).where(models.User.id == bob.id).execute()
 
     models.grant_days(alice.id, 30, 'payment', 555001, now=NOW - timedelta(days=39))
     models.grant_days(alice.id, 3, 'gift', 'channel', now=NOW - timedelta(days=38, microseconds=17))
     models.grant_days(carol.id, 7, 'referral', f'invited:{bob.id}', now=NOW)
     models.grant_days(bob.id, 10, 'admin', 'give:1', granted_by=900, now=NOW)
+    models.PanelClient.update(dirty=False, pushed_expiry=NOW + timedelta(days=33), failures=0,
+                              uuid='0f8fad5b-d9cb-469f-a165-70867728950e').where(
+        models.PanelClient.user == alice.id).execute()
+    models.PanelClient.update(failures=3, retry_at=NOW + timedelta(minutes=2), alerted=True,
+                              last_error='Something went wrong (Duplicate email: u-1001234567890\n) «»').where(
+        models.PanelClient.user == carol.id).execute()
 
     models.Payment.create(invoice_id=555001, user=alice, plan_days=30, amount=Decimal('99.99'), currency='RUB',
                           status=models.PAID, pay_url='https://t.me/CryptoBot?start=IVabc', chat_id=7_123_456_789,
@@ -62,6 +66,7 @@ def fill_database():
     models.InvoiceMismatch.create(payment=models.Payment.get(models.Payment.invoice_id == 555003),
                                   detail="amount '0.01' (ours 270) <b>&", created_at=NOW, alerted_at=None)
     models.JobLease.create(name='poll_payments', holder='host:42:a1b2c3', expires_at=NOW, ran_at=NOW)
+    models.Cursor.create(name='stars', position=130, updated_at=NOW)
 
 
 def every_row():
@@ -287,15 +292,15 @@ def run_bot(env, *args):
                           timeout=60)
 
 
-def test_restore_command_line(database, tmp_path):
+def test_restore_command_line(database, tmp_path, cryptopay):
     fill_database()
     snapshot = every_row()
     path = backup.make_backup(tmp_path, now=NOW)
     models.User.update(first_name='changed since the backup').where(models.User.telegram_id == 42).execute()
     models.db.close()  # let the child process have the database to itself
-    # restore never calls the panel or Crypto Pay: any URL will do
+    # restore never calls the panel: any URL will do; it asks Crypto Pay for newer invoices
     unused = SimpleNamespace(url='http://127.0.0.1:9', inbound_id=1)
-    env = {**os.environ, **settings_env(unused, unused, database, BACKUP_DIR=str(tmp_path))}
+    env = {**os.environ, **settings_env(unused, cryptopay, database, BACKUP_DIR=str(tmp_path))}
 
     refused = run_bot(env, 'restore', str(path))
     assert refused.returncode == 1, refused.stderr
@@ -304,9 +309,20 @@ def test_restore_command_line(database, tmp_path):
     assert missing.returncode == 1 and 'no backup file' in missing.stderr
     forced = run_bot(env, 'restore', str(path), '--force')
     assert forced.returncode == 0, forced.stderr
-    assert f'from {path.name}' in forced.stdout
+    assert f'from {path.name}' in forced.stdout and 'recovered 0 paid and 0 open invoices' in forced.stdout
 
     assert every_row() == snapshot
+
+
+def test_restore_says_how_to_recover_invoices_when_crypto_pay_is_away(database, tmp_path):
+    path = backup.make_backup(tmp_path, now=NOW)
+    models.db.close()
+    unreachable = SimpleNamespace(url='http://127.0.0.1:9', inbound_id=1)
+    env = {**os.environ, **settings_env(unreachable, unreachable, database, BACKUP_DIR=str(tmp_path))}
+    done = run_bot(env, 'restore', str(path), '--force')
+    assert done.returncode == 1 and f'from {path.name}' in done.stdout, done.stderr
+    assert done.stderr.startswith('error: could not ask Crypto Pay') and 'python backup.py recover' in done.stderr
+    assert CRYPTOPAY_TOKEN not in done.stdout + done.stderr
 
 
 def test_backup_command_line_makes_a_backup_that_restores(database, tmp_path):
@@ -325,3 +341,154 @@ def test_backup_command_line_makes_a_backup_that_restores(database, tmp_path):
     clear_database()
     backup.restore(path)
     assert every_row() == snapshot
+
+
+# Crafted archives: refused by streaming with caps, never read whole (issue 9 item 10)
+
+class Spaces(io.RawIOBase):
+    """A file of `size` spaces, made as it is read (so the test itself stays small)."""
+
+    def __init__(self, size):
+        self.left = size
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        n = min(len(buffer), self.left)
+        buffer[:n] = b' ' * n
+        self.left -= n
+        return n
+
+
+def crafted_archive(tmp_path, good, table_member, size):
+    """A backup whose table_member is one line of `size` spaces: compresses to about a thousandth of that."""
+    members = read_archive(good)
+    path = tmp_path / 'backup_20250101_000000.tar.gz'
+    with tarfile.open(path, 'w:gz', compresslevel=9) as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            if name == table_member:
+                info.size = size
+                archive.addfile(info, io.BufferedReader(Spaces(size), 1 << 20))
+            else:
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+GROWTH_SCRIPT = '''
+import json, resource, sys
+sys.path.insert(0, sys.argv[1])
+import backup, models
+models.connect_database(sys.argv[2])
+models.create_schema()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    backup.restore(sys.argv[3], force=True)
+    error = None
+except backup.BackupError as exc:
+    error = str(exc)
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(json.dumps({'error': error, 'grown_kb': grown}))
+'''
+
+
+def test_a_crafted_archive_is_refused_without_growing_the_process(database, tmp_path):
+    good = backup.make_backup(tmp_path, now=NOW)
+    size = 160 << 20  # 160 MB of one "line": the old restore grew by twice that
+    crafted = crafted_archive(tmp_path, good, member(models.User), size)
+    assert crafted.stat().st_size < 1 << 20
+    models.db.close()
+    done = subprocess.run([sys.executable, '-c', GROWTH_SCRIPT, str(ROOT), database, str(crafted)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result['grown_kb'] < 32 * 1024, result
+    assert result['error'] and 'users.jsonl line 1 is longer than 1048576 bytes' in result['error'], result
+
+
+def test_a_huge_manifest_is_refused(database, tmp_path):
+    good = backup.make_backup(tmp_path, now=NOW)
+    crafted = crafted_archive(tmp_path, good, 'manifest.json', 8 << 20)
+    with pytest.raises(backup.BackupError, match='the manifest is larger than 1048576 bytes'):
+        backup.restore(crafted)
+
+
+def test_an_archive_of_countless_members_is_refused(database, tmp_path):
+    path = tmp_path / 'backup_20250101_000000.tar.gz'
+    with tarfile.open(path, 'w:gz') as archive:
+        for number in range(5000):
+            archive.addfile(tarfile.TarInfo(f'm{number}'), io.BytesIO(b''))
+    with pytest.raises(backup.BackupError, match='more than 64 members'):
+        backup.restore(path)
+
+
+def test_rows_past_the_manifests_count_are_refused_before_they_are_read(database, tmp_path):
+    fill_database()
+    good = backup.make_backup(tmp_path, now=NOW)
+    clear_database()
+    members = read_archive(good)
+    members[member(models.Grant)] += members[member(models.Grant)] * 1000
+    bad = tmp_path / 'backup_20250101_000000.tar.gz'
+    write_archive(bad, members)
+    with pytest.raises(backup.BackupError, match='grants has more rows than the manifest says'):
+        backup.restore(bad)
+    assert not any(every_row().values())
+
+
+def test_a_deeply_nested_line_is_a_clear_error(database, tmp_path):
+    good = backup.make_backup(tmp_path, now=NOW)
+    members = read_archive(good)
+    manifest = json.loads(members['manifest.json'])
+    manifest['tables']['users'] = 1
+    members['manifest.json'] = json.dumps(manifest).encode()
+    members[member(models.User)] = b'[' * 200_000 + b'\n'
+    bad = tmp_path / 'backup_20250101_000000.tar.gz'
+    write_archive(bad, members)
+    with pytest.raises(backup.BackupError, match='not a readable backup'):
+        backup.restore(bad)
+
+
+# Invoices created after the backup (issue 9 item 10)
+
+def test_invoices_created_after_the_backup_are_recovered_and_settled_once(shop, cryptopay, telegram, messenger,
+                                                                          tmp_path):
+    import jobs
+    old, _ = shop.register(1001, 'old', 'Old', 'en')
+    before = shop.create_invoice(old, 30)  # in the backup
+    path = backup.make_backup(tmp_path, now=NOW)
+    newcomer, _ = shop.register(1002, 'new', 'New', 'ru')  # registered after the backup
+    paid_later = shop.create_invoice(old, 90)
+    newcomers = shop.create_invoice(newcomer, 30)
+    still_open = shop.create_invoice(old, 180)  # another plan: a pending invoice of the same plan is reused
+    cryptopay.pay(paid_later.invoice_id)
+    cryptopay.pay(newcomers.invoice_id)
+    stranger = cryptopay._create_invoice({'currency_type': 'fiat', 'fiat': 'RUB', 'amount': '5',
+                                          'payload': 'someone else'})  # another bot on the same app
+    cryptopay.pay(stranger['invoice_id'])
+    for n in range(3):  # more than a page would hold at count=1 (the client pages by PAGE)
+        cryptopay._create_invoice({'currency_type': 'fiat', 'fiat': 'RUB', 'amount': '5', 'payload': f'x{n}'})
+    backup.restore(path, force=True)
+    assert not models.Payment.select().where(models.Payment.invoice_id == paid_later.invoice_id).exists()
+
+    monkey_page = backup.PAGE
+    backup.PAGE = 2  # page through several pages of the fake
+    try:
+        recovered = backup.recover_invoices(shop.cryptopay)
+        again = backup.recover_invoices(shop.cryptopay)
+    finally:
+        backup.PAGE = monkey_page
+    assert recovered == {'active': 1, 'paid': 2} and again == {'active': 0, 'paid': 0}
+    assert models.Payment.get(models.Payment.invoice_id == still_open.invoice_id).status == models.PENDING
+    assert models.Payment.get(models.Payment.invoice_id == before.invoice_id).status == models.PENDING
+    recreated = models.Payment.get(models.Payment.invoice_id == paid_later.invoice_id)
+    assert (recreated.plan_days, recreated.amount, recreated.currency) == (90, Decimal('270'), 'RUB')
+
+    assert jobs.poll_payments(shop, messenger) == 2
+    assert jobs.poll_payments(shop, messenger) == 0
+    old_user = models.User.get(models.User.telegram_id == 1001)
+    new_user = models.User.get(models.User.telegram_id == 1002)
+    assert models.Grant.select().where(models.Grant.reason == 'payment').count() == 2
+    assert old_user.expires_at is not None and new_user.expires_at is not None
+    assert not models.Payment.select().where(models.Payment.invoice_id == stranger['invoice_id']).exists()

@@ -113,7 +113,9 @@ SETTINGS = sorted(set(GOOD) | {'TELEGRAM_API_URL', 'ADMIN_IDS', 'XUI_API_TOKEN',
                                'CHANNEL_URL', 'TRIAL_DAYS', 'REFERRAL_BONUS_DAYS', 'PLANS', 'CURRENCY',
                                'SUPPORT_CONTACT', 'BACKUP_DIR', 'BACKUP_KEEP_DAYS', 'BACKUP_TIME',
                                'PAYMENT_POLL_SECONDS', 'INVOICE_EXPIRES_SECONDS', 'WORKER_THREADS', 'DB_POOL_SIZE',
-                               'SHOP_NAME', 'TEXTS_FILE'})
+                               'SHOP_NAME', 'TEXTS_FILE', 'PANELS_FILE', 'PUBLIC_URL', 'RECONCILE_TIME',
+                               'OUTAGE_ALERT_MINUTES', 'STARS_PLANS', 'HTTP_HOST', 'HTTP_PORT', 'WEBHOOK_URL',
+                               'WEBHOOK_SECRET', 'STARS_RECURRING'})
 SECRET_SETTINGS = {'BOT_TOKEN', 'XUI_PASSWORD', 'XUI_API_TOKEN', 'CRYPTOPAY_TOKEN', 'DATABASE_URL', 'XUI_URL'}
 # text an operator's editor or a copy from a web page can put in a value
 values = st.one_of(

@@ -19,10 +19,10 @@ from fake_telegram import FakeTelegram
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason='deploy.sh and update.sh run as root')
 
-PROJECT_FILES = ['backup.py', 'bot.py', 'config.py', 'cryptobot.py', 'doctor.py', 'jobs.py', 'keyboards.py',
-                 'markup.py', 'messenger.py', 'models.py', 'shop.py', 'texts.py', 'tgsender.py',
-                 'xui.py', 'requirements.txt', 'requirements.lock', '.env.example', 'vpn-bot.service', 'deploy.sh',
-                 'update.sh', 'web.py', 'metrics.py', 'leases.py', 'vpn-bot@.service']
+# what a release holds: every module of the bot, its templates, and the files the scripts use
+PROJECT_FILES = sorted(path.name for path in ROOT.glob('*.py')) + [
+    'templates', 'requirements.txt', 'requirements.lock', '.env.example', 'vpn-bot.service', 'deploy.sh', 'update.sh',
+    'vpn-bot@.service', 'deploy']
 GIT_ENV = {'GIT_AUTHOR_NAME': 'Test', 'GIT_AUTHOR_EMAIL': 'test@example.test', 'GIT_COMMITTER_NAME': 'Test',
            'GIT_COMMITTER_EMAIL': 'test@example.test', 'GIT_CONFIG_NOSYSTEM': '1'}
 
@@ -80,7 +80,10 @@ def git(folder, *args):
 def copy_project(target):
     target.mkdir(parents=True)
     for name in PROJECT_FILES:
-        shutil.copy2(ROOT / name, target / name)
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, target / name)
+        else:
+            shutil.copy2(ROOT / name, target / name)
 
 
 # .env.example and the unit

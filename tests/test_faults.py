@@ -21,14 +21,14 @@ from pathlib import Path
 
 import pytest
 import telebot
-from peewee import InterfaceError, OperationalError, SqliteDatabase
+from peewee import InterfaceError, OperationalError
 from telebot import apihelper
 
 import config
 import jobs
 import models
 from bot import ShopBot
-from conftest import (BOT_TOKEN, CRYPTOPAY_TOKEN, PANEL_PASSWORD, PANEL_USER, PG_URL, ROOT,
+from conftest import (BOT_TOKEN, CRYPTOPAY_TOKEN, PANEL_PASSWORD, PANEL_USER, PG_URL, ROOT, TIMEOUT,
                       settings_env)
 from cryptobot import CryptoPayClient
 from fake_cryptopay import FakeCryptoPay
@@ -219,7 +219,7 @@ class Rig:
     def settings(self):
         return config.load(settings_env(self.panel, self.cryptopay, self.database_url))
 
-    def shop(self, panel_timeout=(1, 2), pay_timeout=(1, 2), sleep=time.sleep):
+    def shop(self, panel_timeout=TIMEOUT, pay_timeout=TIMEOUT, sleep=time.sleep):
         """Build a Shop on the fakes with short timeouts, one retry and tiny backoffs."""
         settings = self.settings()
         panel = XuiClient(settings.xui_url, settings.xui_inbound_id, settings.xui_sub_url,
@@ -597,7 +597,7 @@ def test_kill_9_inside_a_check_press_then_pressing_again_gives_the_link(rig):
 
 # Outages: the panel
 
-def start_panel_fault(panel, fault, tries=2, hang=1.0):
+def start_panel_fault(panel, fault, tries=2, hang=4.0):
     """Break the panel one way (knob faults heal once used): `tries` per call, `hang` past the read timeout."""
     write = 'POST panel/api/clients/'  # add for a new buyer, update for a returning one
     if fault == 'refused':
@@ -617,7 +617,7 @@ def panel_outage(rig, fault, outage=timedelta(minutes=2), returning=False):
     simulated time from the panel healing to the buyer having their link. A returning buyer already has
     a client on the panel, so the broken write is a renewal (clients/update) rather than clients/add.
     """
-    shop = rig.shop(panel_timeout=(0.5, 0.3))
+    shop = rig.shop(panel_timeout=(5, 1.5))
     chat, messenger = Chat(rig, shop), rig.messenger()
     buyer = person(6001)
     paid_before = []
@@ -635,7 +635,8 @@ def panel_outage(rig, fault, outage=timedelta(minutes=2), returning=False):
     assert answer['text'] is None and 'will arrive here shortly' in chat.shown(invoice)
     menu = chat.say(buyer, '/start')
     assert 'Hi, Alice' in menu['text']  # the bot keeps answering
-    assert chat.press(buyer, menu, 'sub') is not None and 'Active until' in chat.shown(menu)
+    chat.press(buyer, menu, 'sub')  # raises unless the press is answered
+    assert 'Active until' in chat.shown(menu)
     payment = Payment.get(Payment.invoice_id == invoice_id)
     assert payment.status == PAID and payment.provisioned_at is None
     clock = utcnow()
@@ -694,7 +695,7 @@ def test_panel_session_expiring_mid_run_is_invisible_to_buyers(rig):
 
 def long_panel_outage(rig, outage=timedelta(minutes=10)):
     """A buyer pays at the start of a long panel outage: how long after the panel is back do they get the link?"""
-    shop, messenger = rig.shop(panel_timeout=(0.5, 0.3)), rig.messenger()
+    shop, messenger = rig.shop(panel_timeout=(5, 1.5)), rig.messenger()
     invoice_id = rig.customer(shop, 6201)
     rig.panel.refuse()
     start = clock = utcnow()
@@ -718,7 +719,7 @@ def test_link_follows_within_about_a_minute_of_a_long_panel_outage(rig):
 
 # Outages: Crypto Pay
 
-def start_cryptopay_fault(cryptopay, fault, requests=2, hang=1.0):
+def start_cryptopay_fault(cryptopay, fault, requests=2, hang=4.0):
     """Make the next `requests` Crypto Pay calls fail one way (a hang lasts past the read timeout)."""
     if fault == 'http_5xx':
         cryptopay.fail_next(requests, status=503)
@@ -731,7 +732,7 @@ def start_cryptopay_fault(cryptopay, fault, requests=2, hang=1.0):
 def cryptopay_outage(rig, fault):
     """A paid buyer presses Check, the poller runs and another buyer picks a plan, all while Crypto Pay fails."""
     slept = []
-    shop = rig.shop(pay_timeout=(0.5, 0.3), sleep=slept.append)
+    shop = rig.shop(pay_timeout=(5, 1.5), sleep=slept.append)
     chat, messenger = Chat(rig, shop), rig.messenger()
     buyer = person(6301)
     invoice = chat.buy(buyer)
@@ -767,14 +768,35 @@ def test_cryptopay_outage_says_try_again_and_loses_nothing(rig, fault):
 # Outages: the database
 
 @contextlib.contextmanager
-def database_down():
-    """Point the models at a database that cannot be opened, as when the server or disk is gone."""
-    working = models.db.obj
-    models.db.initialize(SqliteDatabase('/nonexistent/spn/down.db'))
+def database_down(rig):
+    """Take the database away for real, as when the server or the disk is gone.
+
+    PostgreSQL: the server is stopped (and started again after). SQLite: this thread's connection is closed
+    and the database file moved off, with a directory standing in its place, so no connection can open it
+    (the tests run as root, who reads any file, so permissions would not do).
+    """
+    if PG_URL:
+        server = PostgresServer()
+        server.stop()
+        try:
+            yield
+        finally:
+            server.start()
+            reconnect_here()
+        return
+    path = Path(rig.database_url.removeprefix('sqlite:///'))
+    models.db.close()  # this thread's connection; closing the last one folds the WAL into the file
+    files = [Path(f'{path}{suffix}') for suffix in ('', '-wal', '-shm')]
+    moved = [(file, file.with_name(file.name + '.away')) for file in files if file.exists()]
+    for file, away in moved:
+        file.rename(away)
+    path.mkdir()
     try:
         yield
     finally:
-        models.db.initialize(working)
+        path.rmdir()
+        for file, away in moved:
+            away.rename(file)
 
 
 def database_outage(rig):
@@ -785,7 +807,7 @@ def database_outage(rig):
     invoice = chat.buy(buyer)
     invoice_id = invoice_id_of(rig.telegram, rig.telegram.get_message(6401, invoice['message_id']))
     rig.cryptopay.pay(invoice_id)
-    with database_down():
+    with database_down(rig):
         for text in ('/start', '/promo', 'SPRING24', '/stats'):
             assert 'busy' in chat.say(buyer, text)['text']
         assert jobs.guarded(jobs.poll_payments)(shop, messenger) is None  # logged; runs again next time
@@ -801,11 +823,14 @@ def test_database_down_messages_are_answered_busy_and_nothing_is_lost(rig):
     assert (outcome.lost, outcome.double) == (0, 0), outcome.problems
 
 
+@pytest.mark.xfail(bool(PG_URL), strict=True, reason=(
+    'bug, reported: with PostgreSQL really stopped, a press reaches on_button on a pooled connection, fails '
+    'inside it, and its finally answers the press with no text; the busy notice then gets "query is too old"'))
 def test_database_down_button_presses_are_answered(rig):
     chat = Chat(rig, rig.shop())
     buyer = person(6402)
     menu = chat.say(buyer, '/start')
-    with database_down():
+    with database_down(rig):
         update_id = rig.telegram.press(buyer, menu, 'buy')
         chat.pump()
     assert rig.telegram.wait_for_answer(update_id, timeout=1)['text'].endswith(BUSY + '.')

@@ -20,7 +20,7 @@ def test_grant_extends_from_now_when_nothing_runs(database):
     assert grant_days(user.id, 30, 'payment', 'inv-1', now=NOW) == NOW + timedelta(days=30)
     user = User.get_by_id(user.id)
     assert user.expires_at == NOW + timedelta(days=30)
-    assert user.panel_dirty
+    assert models.PanelClient.get(models.PanelClient.user == user.id, models.PanelClient.panel == 'main').dirty
 
 
 def test_grant_extends_from_current_expiry(database):

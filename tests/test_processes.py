@@ -67,9 +67,9 @@ def test_a_job_runs_only_where_its_lease_is_held(database):
     other = leases.JobLeases(['poll_payments'], holder='other')
     owner.refresh()
     other.refresh()
-    jobs.guarded(poll_payments, other)()
+    jobs.guarded(poll_payments, lease=other)()
     assert runs == [] and leases.last_run('poll_payments') is None
-    jobs.guarded(poll_payments, owner)()
+    jobs.guarded(poll_payments, lease=owner)()
     assert runs == [1] and leases.last_run('poll_payments') is not None
 
 

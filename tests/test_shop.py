@@ -163,7 +163,8 @@ def test_panel_down_keeps_payment_paid_not_provisioned(shop, cryptopay, panel):
     assert result.status == PAID and not result.provisioned
     stored = Payment.get_by_id(payment.id)
     assert stored.status == PAID and stored.provisioned_at is None
-    assert User.get_by_id(user.id).panel_dirty and User.get_by_id(user.id).panel_failures == 1
+    state = models.PanelClient.get(models.PanelClient.user == user.id)
+    assert state.dirty and state.failures == 1 and 'cannot connect' in state.last_error
     panel.accept()
     result = shop.check_payment(user.telegram_id, payment.invoice_id)
     assert result.provisioned and Grant.select().count() == 1
@@ -285,7 +286,7 @@ def test_provision_repushes_when_a_grant_lands_meanwhile(shop, panel, settings):
     models.grant_days(user.id, 7, 'admin', 'a3')
     pusher.join()
     user = User.get_by_id(user.id)
-    assert outcome == [True] and not user.panel_dirty
+    assert outcome == [True] and not models.PanelClient.get(models.PanelClient.user == user.id).dirty
     assert panel_expiry(panel, user) == user.expires_at == models.derive_expiry(user.id)
 
 
@@ -356,7 +357,7 @@ def test_handler_shop_tries_the_panel_once(settings, cryptopay, panel):
     models.grant_days(user.id, 30, 'admin', 'a1')
     panel.fail_next(1, status=502)
     assert not handlers.provision(user.id)
-    assert User.get_by_id(user.id).panel_dirty  # the job pushes it later
+    assert models.PanelClient.get(models.PanelClient.user == user.id).dirty  # the job pushes it later
     assert handlers.provision(user.id)
 
 

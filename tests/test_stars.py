@@ -1,0 +1,471 @@
+"""Telegram Stars: buying, pre-checkout, settlement once per charge, the recovery job, refunds, /stats.
+
+Journeys run bot.py as a real process against the loopback Bot API (tests/fake_telegram.py), the panel and
+Crypto Pay; the job and the settlement are also called directly with the fakes.
+"""
+import os
+import signal
+import threading
+import time
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+import telebot
+from telebot import apihelper
+
+import config
+import jobs
+import models
+import stars
+from conftest import BOT_TOKEN, make_shop, settings_env
+from messenger import Messenger
+from models import PAID, PENDING, REFUNDED, Grant, Payment, Referral, User
+from test_e2e import ADMIN, ask, current, eventually, panel_expiry, person, press, start_bot, text_of
+
+STARS_PLANS = '30:250,7:60'  # 30 days by both methods, 7 days only in Stars; 90 days only in crypto (PLANS)
+
+
+@pytest.fixture
+def stars_env(panel, cryptopay, database):
+    return settings_env(panel, cryptopay, database, STARS_PLANS=STARS_PLANS)
+
+
+@pytest.fixture
+def stars_bot(telegram, panel, cryptopay, database, tmp_path, request):
+    running = start_bot(telegram, panel, cryptopay, database, tmp_path, STARS_PLANS=STARS_PLANS)
+    yield running
+    running.stop()
+    output = running.output()
+    if getattr(request.node, 'rep_call', None) and request.node.rep_call.failed:
+        print(output)
+    assert BOT_TOKEN not in output and 'Traceback' not in output, output
+
+
+@pytest.fixture
+def provider(telegram, stars_env):
+    """A Stars provider and a Messenger in this process, talking to the fake Bot API."""
+    settings = config.load(stars_env)
+    apihelper.API_URL = telegram.url + '/bot{0}/{1}'
+    bot = telebot.TeleBot(BOT_TOKEN, threaded=False)
+    return stars.Stars(make_shop(settings), bot), Messenger(bot)
+
+
+def stars_invoice(telegram, user, days=30):
+    """Buy → plan → (⭐ Telegram Stars when both methods price it); return the invoice message."""
+    menu = ask(telegram, user, '/start')
+    press(telegram, user, menu, 'buy')
+    press(telegram, user, current(telegram, menu), f'plan:{days}')
+    if any(data == f'stars:{days}' for _, data in telegram.buttons(current(telegram, menu))):
+        press(telegram, user, current(telegram, menu), f'stars:{days}')
+    telegram.wait_for(lambda c: c.method == 'sendInvoice' and c.ok and c.params['chat_id'] == str(user['id']))
+    return invoice_message(telegram, user['id'])
+
+
+def invoice_message(telegram, user_id):
+    return next(m for m in reversed(telegram.messages_to(user_id)) if 'invoice' in m)
+
+
+def payment_grants():
+    return list(Grant.select().where(Grant.reason == 'payment'))
+
+
+# Buying
+
+
+def test_buyer_chooses_stars_pays_and_gets_days_link_and_referral_bonus(stars_bot, telegram, panel):
+    inviter = person(2001, name='Ivan')
+    ask(telegram, inviter, '/start')
+    code = User.get(User.telegram_id == 2001).invite_code
+    buyer = person(2002, lang='ru', name='Olga')
+    menu = ask(telegram, buyer, f'/start {code}')
+    press(telegram, buyer, menu, 'buy')
+    press(telegram, buyer, current(telegram, menu), 'plan:30')
+    choice = telegram.buttons(current(telegram, menu))
+    assert ('CryptoBot (USDT, TON, BTC)', 'crypto:30') in choice and ('⭐ Telegram Stars', 'stars:30') in choice
+    press(telegram, buyer, current(telegram, menu), 'stars:30')
+    call = telegram.wait_for(lambda c: c.method == 'sendInvoice' and c.ok)
+    assert call.params['currency'] == 'XTR' and call.params.get('provider_token', '') == ''
+    invoice = invoice_message(telegram, 2002)
+    assert invoice['invoice']['total_amount'] == 250
+    payment = Payment.get(Payment.provider == 'stars')
+    assert call.params['payload'] == f'stars:{payment.id}' and payment.status == PENDING
+    assert (payment.amount, payment.currency, payment.plan_days) == (250, 'XTR', 30)
+
+    query = telegram.pay(buyer, invoice)
+    answer = telegram.wait_for_pre_checkout(query)
+    assert answer['ok'] and answer['seconds'] < 10
+    link = telegram.wait_for_message(2002, contains='/sub/')
+    user = User.get(User.telegram_id == 2002)
+    assert user.panel_sub_id in text_of(link)
+    assert eventually(lambda: Payment.get_by_id(payment.id).status == PAID)
+    payment = Payment.get_by_id(payment.id)
+    assert payment.provider_id == answer['charge_id']
+    assert [grant.days for grant in payment_grants()] == [30]
+    assert panel_expiry(panel, user.panel_email) == user.expires_at
+    assert Referral.get(Referral.invited == user).rewarded_at is not None
+    assert Grant.get(Grant.reason == 'referral').user.telegram_id == 2001
+    # the same successful_payment delivered again (Telegram re-sends what the bot did not confirm)
+    again = {'message_id': 999, 'from': {'id': 2002, 'is_bot': False, 'first_name': 'Olga'},
+             'chat': {'id': 2002, 'type': 'private', 'first_name': 'Olga'}, 'date': int(time.time()),
+             'successful_payment': {'currency': 'XTR', 'total_amount': 250, 'invoice_payload': f'stars:{payment.id}',
+                                    'telegram_payment_charge_id': answer['charge_id'],
+                                    'provider_payment_charge_id': ''}}
+    telegram.inject({'message': again})
+    telegram.inject({'message': again})
+    assert eventually(lambda: telegram.pending_updates() == 0)
+    time.sleep(0.5)
+    assert [grant.days for grant in payment_grants()] == [30] and Grant.select().count() == 2
+    assert len([m for m in telegram.messages_to(2002) if '/sub/' in text_of(m)]) == 1
+
+
+def test_one_method_skips_the_choice(stars_bot, telegram, cryptopay):
+    alice = person(2003)
+    menu = ask(telegram, alice, '/start')
+    press(telegram, alice, menu, 'buy')
+    plans = telegram.buttons(current(telegram, menu))
+    assert [data for _, data in plans if data.startswith('plan:')] == ['plan:7', 'plan:30', 'plan:90', 'plan:180',
+                                                                         'plan:365']
+    press(telegram, alice, current(telegram, menu), 'plan:7')  # only in Stars: the invoice at once
+    telegram.wait_for(lambda c: c.method == 'sendInvoice' and c.ok and c.params['payload'].startswith('stars:'))
+    assert invoice_message(telegram, 2003)['invoice']['total_amount'] == 60
+    press(telegram, alice, current(telegram, menu), 'menu')
+    press(telegram, alice, current(telegram, menu), 'buy')
+    press(telegram, alice, current(telegram, menu), 'plan:90')  # only in crypto: the Pay button at once
+    assert any(data and str(data).startswith('check:') for _, data in telegram.buttons(current(telegram, menu)))
+
+
+def test_pre_checkout_refuses_what_we_did_not_issue(stars_bot, telegram):
+    alice, mallory = person(2004), person(2005, name='Mallory')
+    invoice = stars_invoice(telegram, alice)
+    payment = Payment.get(Payment.provider == 'stars')
+    cases = [
+        (mallory, {}, 'not yours'),  # another user pays Alice's forwarded invoice
+        (alice, {'payload': 'stars:99999'}, 'not valid'),  # a forged payload
+        (alice, {'payload': 'garbage'}, 'not valid'),
+        (alice, {'total_amount': 1}, 'price'),  # a wrong amount
+    ]
+    for user, forged, words in cases:
+        answer = telegram.wait_for_pre_checkout(telegram.pay(user, invoice, **forged))
+        assert not answer['ok'] and words in answer['error_message'], (forged, answer)
+        assert answer['seconds'] < 10
+    assert Payment.get_by_id(payment.id).status == PENDING and not telegram.charges
+    ok = telegram.wait_for_pre_checkout(telegram.pay(alice, invoice))
+    assert ok['ok']
+    assert eventually(lambda: Payment.get_by_id(payment.id).status == PAID)
+    again = telegram.wait_for_pre_checkout(telegram.pay(alice, invoice))  # paid already: not twice
+    assert not again['ok'] and 'already paid' in again['error_message']
+
+
+def test_pre_checkout_is_answered_while_every_handler_thread_is_busy(telegram, panel, cryptopay, database, tmp_path):
+    running = start_bot(telegram, panel, cryptopay, database, tmp_path, STARS_PLANS=STARS_PLANS, WORKER_THREADS=1)
+    try:
+        alice = person(2006)
+        stars_invoice(telegram, alice)
+        invoice = invoice_message(telegram, 2006)
+        user = person(2007, name='Busy')
+        menu = ask(telegram, user, '/start')
+        panel.hang_next(3, seconds=3)  # "My subscription" asks the panel: the one handler thread waits 9 s
+        for _ in range(3):
+            telegram.press(user, menu, 'sub')
+        time.sleep(0.5)
+        query = telegram.pay(alice, invoice)
+        answer = telegram.wait_for_pre_checkout(query, timeout=15)
+        assert answer['ok'] and answer['seconds'] < 2, answer
+    finally:
+        running.stop()
+
+
+# Settlement exactly once
+
+
+def charge(telegram, provider, user, days=30, drop=True):
+    """Issue a Stars payment through the provider, let the fake charge it; return (payment, charge id)."""
+    shop_stars, _ = provider
+    telegram.add_user(user)
+    customer, _ = shop_stars.shop.register(user['id'], None, user['first_name'], 'en')
+    payment = shop_stars.offer(customer, days)
+    message = shop_stars.send_invoice(customer, payment, user['id'])
+    query = telegram.pay(user, {'chat': {'id': user['id']}, 'message_id': message.message_id}, drop=drop)
+    assert shop_stars.pre_checkout(user['id'], 'XTR', int(payment.amount), f'stars:{payment.id}') is None
+    shop_stars.bot.answer_pre_checkout_query(query, ok=True)
+    return payment, telegram.pre_checkouts[query]['answer']['charge_id']
+
+
+def test_the_same_successful_payment_twice_and_the_job_credit_once(telegram, provider, panel):
+    shop_stars, messenger = provider
+    payment, charge_id = charge(telegram, provider, person(2010))
+    args = (2010, f'stars:{payment.id}', charge_id, 'XTR', 250)
+    results = []
+
+    def deliver():
+        with models.connection():
+            results.append(shop_stars.settle(*args).outcome)
+    threads = [threading.Thread(target=deliver) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == ['duplicate'] * 3 + ['settled']
+    assert shop_stars.sync_transactions(messenger) == 0
+    assert shop_stars.settle(*args).outcome == 'duplicate'
+    assert len(payment_grants()) == 1 and Payment.get_by_id(payment.id).provider_id == charge_id
+
+
+def test_a_dropped_update_is_recovered_by_the_job_within_one_round(telegram, provider, panel):
+    shop_stars, messenger = provider
+    payment, charge_id = charge(telegram, provider, person(2011), drop=True)
+    assert Payment.get_by_id(payment.id).status == PENDING
+    assert shop_stars.sync_transactions(messenger) == 1
+    stored = Payment.get_by_id(payment.id)
+    assert stored.status == PAID and stored.provider_id == charge_id and stored.notified_at is not None
+    user = User.get(User.telegram_id == 2011)
+    assert panel_expiry(panel, user.panel_email) == user.expires_at
+    assert any(user.panel_sub_id in text_of(m) for m in telegram.messages_to(2011))
+    reads = telegram.counts['getStarTransactions']
+    assert shop_stars.sync_transactions(messenger) == 0 and len(payment_grants()) == 1
+    assert telegram.counts['getStarTransactions'] == reads + 1  # one call: only what is new
+
+
+def test_the_job_pages_through_many_transactions(telegram, provider):
+    shop_stars, messenger = provider
+    made = [charge(telegram, provider, person(3000 + n))[0] for n in range(130)]
+    assert shop_stars.sync_transactions(messenger) == 130
+    assert Payment.select().where(Payment.status == PAID).count() == 130 == len(made)
+    assert models.Cursor.get(models.Cursor.name == 'stars').position == 130
+
+
+def test_a_payload_we_never_issued_is_reported_not_credited(telegram, provider):
+    shop_stars, messenger = provider
+    telegram.add_user(ADMIN)
+    stranger = {'id': 2012, 'is_bot': False, 'first_name': 'Eve <&>'}
+    for payload in ('stars:424242', 'donation', 'stars:<b>'):
+        telegram.star_transactions.append({'id': f'stx-foreign-{payload}', 'amount': 999, 'date': 1, 'source': {
+            'type': 'user', 'transaction_type': 'invoice_payment', 'user': stranger, 'invoice_payload': payload}})
+    assert shop_stars.sync_transactions(messenger) == 0
+    assert Grant.select().count() == 0 and Payment.select().count() == 0
+    alerts = [m for m in telegram.messages_to(900) if 'stx-foreign' in text_of(m)]
+    assert len(alerts) == 1 and all(p in text_of(alerts[0]) for p in ('donation', '2012', '999'))
+    shop_stars.sync_transactions(messenger)
+    assert len([m for m in telegram.messages_to(900) if 'stx-foreign' in text_of(m)]) == 1  # told once
+
+
+# Refunds
+
+
+def test_refund_takes_the_days_back_once_and_the_panel_follows(stars_bot, telegram, panel, cryptopay):
+    alice = person(2020)
+    stars_invoice(telegram, alice)
+    charge_id = telegram.wait_for_pre_checkout(telegram.pay(alice, invoice_message(telegram, 2020)))['charge_id']
+    assert eventually(lambda: Payment.get(Payment.provider == 'stars').status == PAID)
+    user = User.get(User.telegram_id == 2020)
+    paid_until = user.expires_at
+    telegram.add_user(ADMIN)
+    reply = text_of(ask(telegram, ADMIN, f'/refund {charge_id}'))
+    assert 'Refunded' in reply, reply
+    assert telegram.charges[charge_id]['refunded']
+    payment = Payment.get(Payment.provider == 'stars')
+    assert payment.status == REFUNDED
+    reversal = Grant.get(Grant.reason == 'refund')
+    assert reversal.days == -30 and reversal.reference == f'stars:{payment.id}'
+    user = User.get(User.telegram_id == 2020)
+    assert user.expires_at == paid_until - timedelta(days=30)
+    assert eventually(lambda: panel_expiry(panel, user.panel_email) == user.expires_at)
+    again = text_of(ask(telegram, ADMIN, f'/refund {charge_id}'))
+    assert 'already refunded' in again and Grant.select().where(Grant.reason == 'refund').count() == 1
+    assert telegram.counts['refundStarPayment'] == 1
+    assert 'Usage' in text_of(ask(telegram, ADMIN, '/refund'))
+    stats = text_of(ask(telegram, ADMIN, '/stats'))
+    assert 'By currency' in stats and '⭐' not in stats.split('By currency')[1]  # refunded: no Stars revenue
+    card = text_of(ask(telegram, ADMIN, '/user 2020'))
+    assert f'stars {charge_id} 250 XTR refunded' in card, card
+    assert 'No Stars payment' in text_of(ask(telegram, ADMIN, '/refund stx-nothing-like-it'))
+
+
+def test_a_refund_telegram_refuses_changes_nothing_and_says_why(telegram, provider):
+    shop_stars, messenger = provider
+    payment, charge_id = charge(telegram, provider, person(2021))
+    shop_stars.sync_transactions(messenger)
+    del telegram.charges[charge_id]  # Telegram no longer knows the charge
+    result = shop_stars.refund(charge_id)
+    assert result.outcome == 'refused' and 'CHARGE_NOT_FOUND' in result.detail
+    assert Payment.get_by_id(payment.id).status == PAID and not Grant.select().where(Grant.reason == 'refund').exists()
+
+
+def test_crypto_payments_cannot_be_refunded_this_way(telegram, provider, cryptopay):
+    shop_stars, _ = provider
+    user, _ = shop_stars.shop.register(2022, None, 'Cy', 'en')
+    payment = shop_stars.shop.create_invoice(user, 30)
+    cryptopay.pay(payment.invoice_id)
+    shop_stars.shop.settle(payment.invoice_id)
+    assert shop_stars.refund(str(payment.invoice_id)).outcome == 'crypto'
+    assert Payment.get_by_id(payment.id).status == PAID and telegram.counts['refundStarPayment'] == 0
+
+
+def test_a_refund_made_but_not_recorded_is_recorded_by_the_job(telegram, provider):
+    shop_stars, messenger = provider
+    payment, charge_id = charge(telegram, provider, person(2023))
+    shop_stars.sync_transactions(messenger)
+    shop_stars.bot.refund_star_payment(2023, charge_id)  # as if we crashed right after Telegram's answer
+    shop_stars.sync_transactions(messenger)
+    assert Payment.get_by_id(payment.id).status == REFUNDED
+    assert Grant.get(Grant.reason == 'refund').days == -30
+
+
+# Figures
+
+
+def test_stats_and_user_show_currencies_providers_and_states(telegram, provider, cryptopay):
+    shop_stars, messenger = provider
+    shop = shop_stars.shop
+    for n in range(2):
+        charge(telegram, provider, person(2030 + n))
+    shop_stars.sync_transactions(messenger)
+    user, _ = shop.register(2040, None, 'Cy', 'en')
+    crypto = shop.create_invoice(user, 30)
+    cryptopay.pay(crypto.invoice_id)
+    shop.settle(crypto.invoice_id)
+    figures = shop_stars.revenue()
+    assert figures == {'RUB': (1, Decimal('100')), 'XTR': (2, Decimal('500'))}
+
+
+# The ledger for several providers on a wave-1 database
+
+
+def test_a_wave1_database_takes_stars_payments_and_refunds(tmp_path):
+    import importlib.util
+    from pathlib import Path
+    from peewee import IntegrityError
+    url = f'sqlite:///{tmp_path / "wave1.db"}' if not os.environ.get('TEST_DATABASE_URL') else \
+        os.environ['TEST_DATABASE_URL']
+    spec = importlib.util.spec_from_file_location('wave1_models', Path(__file__).parent / 'wave1' / 'models.py')
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+    drop_all(url)
+    old_db = old.connect_database(url, pool_size=2)
+    old.create_schema()
+    with old.db.connection_context():
+        buyer = old.User.create(telegram_id=1, panel_email='spn-1')
+        old.grant_days(buyer.id, 30, 'payment', 101)
+        old.Payment.create(invoice_id=101, user=buyer, plan_days=30, amount=Decimal('100.50'), currency='RUB',
+                           status='paid', pay_url='https://t.me/x')
+        before = old.User.get_by_id(buyer.id)
+    if hasattr(old_db, 'close_all'):
+        old_db.close_all()
+    new_db = models.connect_database(url, pool_size=2)
+    try:
+        with models.db.connection_context():
+            models.create_schema()
+            assert {40, 41} <= {row.version for row in models.SchemaVersion.select()}
+            crypto = Payment.get(Payment.invoice_id == 101)
+            assert (crypto.provider, crypto.provider_id, crypto.amount) == ('cryptopay', '101', Decimal('100.50'))
+            user = User.get_by_id(buyer.id)
+            assert (user.expires_at, user.panel_sub_id) == (before.expires_at, before.panel_sub_id)
+            star = Payment.create(user=user, plan_days=30, amount=250, currency='XTR', provider='stars',
+                                  provider_id='stx1', pay_url='', status=PAID)
+            assert star.invoice_id is None
+            with pytest.raises(IntegrityError), models.db.atomic():
+                Payment.create(user=user, plan_days=30, amount=250, currency='XTR', provider='stars',
+                               provider_id='stx1', pay_url='')
+            models.grant_days(user.id, -30, 'refund', f'stars:{star.id}')
+            with pytest.raises(IntegrityError), models.db.atomic():
+                models.grant_days(user.id, 1, 'bogus', 'x')
+            back = before.expires_at - timedelta(days=30)
+            assert User.get_by_id(user.id).expires_at == back == models.derive_expiry(user.id)
+    finally:
+        drop_all(url)
+        with models.db.connection_context():
+            models.create_schema()
+        if hasattr(new_db, 'close_all'):
+            new_db.close_all()
+
+
+def drop_all(url):
+    models.connect_database(url, pool_size=2)
+    with models.db.connection_context():
+        for name in models.db.get_tables():
+            models.db.execute_sql(f'DROP TABLE IF EXISTS "{name}"' + ('' if models.is_sqlite() else ' CASCADE'))
+
+
+def test_kill_9_between_the_charge_and_our_commit_is_recovered_by_the_job(telegram, panel, cryptopay, database,
+                                                                             tmp_path):
+    running = start_bot(telegram, panel, cryptopay, database, tmp_path, STARS_PLANS=STARS_PLANS)
+    alice = person(2050)
+    try:
+        invoice = stars_invoice(telegram, alice)
+        payment = Payment.get(Payment.provider == 'stars')
+        with models.transaction():  # hold the payment row: the bot's settlement waits inside its transaction
+            models.locked(Payment.select().where(Payment.id == payment.id)).get()
+            answer = telegram.wait_for_pre_checkout(telegram.pay(alice, invoice))
+            assert answer['ok']
+            eventually(lambda: telegram.pending_updates() == 0, timeout=5)  # the bot has taken the update
+            time.sleep(1)
+            os.kill(running.process.pid, signal.SIGKILL)
+            running.process.wait(10)
+    finally:
+        running.stop()
+    assert Payment.get_by_id(payment.id).status == PENDING and not payment_grants()  # charged, not credited
+    assert telegram.pending_updates() == 0  # the bot confirmed the update before it died: it never comes again
+    (tmp_path / 'again').mkdir()
+    restarted = start_bot(telegram, panel, cryptopay, database, tmp_path / 'again', STARS_PLANS=STARS_PLANS)
+    try:
+        assert eventually(lambda: Payment.get_by_id(payment.id).status == PAID, timeout=20), restarted.output()
+        assert Payment.get_by_id(payment.id).provider_id == answer['charge_id']
+        telegram.wait_for_message(2050, contains='/sub/', timeout=20)
+        assert [grant.days for grant in payment_grants()] == [30]
+    finally:
+        restarted.stop()
+
+
+# Monthly subscriptions (STARS_RECURRING=1)
+
+
+def test_monthly_subscription_renews_three_times_once_each_and_can_be_canceled_and_resumed(
+        telegram, panel, cryptopay, database, tmp_path):
+    running = start_bot(telegram, panel, cryptopay, database, tmp_path, STARS_PLANS=STARS_PLANS, STARS_RECURRING=1)
+    try:
+        alice = person(2060)
+        menu = ask(telegram, alice, '/start')
+        press(telegram, alice, menu, 'buy')
+        press(telegram, alice, current(telegram, menu), 'plan:30')
+        press(telegram, alice, current(telegram, menu), 'stars:30')
+        link = next(url for text, url in telegram.buttons(current(telegram, menu)) if text.startswith('⭐ Subscribe'))
+        assert telegram.invoice_links[link]['subscription_period'] == 2592000
+        first = telegram.wait_for_pre_checkout(telegram.pay(alice, link))['charge_id']
+        telegram.wait_for_message(2060, contains='/sub/')
+        root = Payment.get(Payment.provider_id == first)
+        assert eventually(lambda: Payment.get_by_id(root.id).subscription_until is not None)
+        renewals = [telegram.renew(first), telegram.renew(first, drop=True), telegram.renew(first)]
+        assert eventually(lambda: len(payment_grants()) == 4, timeout=20), running.output()
+        charges = {p.provider_id for p in Payment.select().where(Payment.provider == 'stars', Payment.status == PAID)}
+        assert charges == {first, *renewals}
+        user = User.get(User.telegram_id == 2060)
+        assert user.expires_at == Grant.select().where(Grant.reason == 'payment').order_by(Grant.id).first() \
+            .expires_after + timedelta(days=90)
+        time.sleep(1.5)  # the job's next round finds nothing more to credit
+        assert len(payment_grants()) == 4
+
+        menu = ask(telegram, alice, '/start', contains='👋')
+        press(telegram, alice, menu, 'sub')
+        assert 'Renews on' in text_of(current(telegram, menu))
+        press(telegram, alice, current(telegram, menu), 'renoff')
+        assert telegram.charges[first]['canceled'] and 'Renewal canceled' in text_of(current(telegram, menu)), (text_of(current(telegram, menu)), running.output()[-3000:])
+        with pytest.raises(ValueError):
+            telegram.renew(first)
+        menu = ask(telegram, alice, '/start', contains='👋')
+        press(telegram, alice, menu, 'sub')
+        press(telegram, alice, current(telegram, menu), 'renon')
+        assert not telegram.charges[first]['canceled'] and 'Renews on' in text_of(current(telegram, menu))
+        telegram.add_user(ADMIN)
+        assert 'renewal on' in text_of(ask(telegram, ADMIN, '/user 2060'))
+    finally:
+        running.stop()
+
+
+def test_unpaid_stars_invoices_do_not_count_against_the_crypto_invoice_cap(telegram, provider, cryptopay):
+    shop_stars, _ = provider
+    user, _ = shop_stars.shop.register(2070, None, 'Cy', 'en')
+    for days in (7, 30):
+        shop_stars.offer(user, days)
+    made = [shop_stars.shop.create_invoice(user, days) for days in (30, 90, 180)]
+    assert len({payment.invoice_id for payment in made}) == 3

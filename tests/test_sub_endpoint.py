@@ -1,0 +1,107 @@
+"""GET /sub/{subId} on the bot's HTTP side, with three panels (both API generations) and their sub servers."""
+import base64
+
+import pytest
+import requests
+
+import models
+import web
+from conftest import PANEL_PASSWORD, PANEL_USER
+from fake_subserver import FakeSubServer
+from fake_xui import FakePanel
+from models import User
+from test_locations import make_settings, make_shop
+from test_subpage import ARTIFACTS, browser, decode_qr  # noqa: F401 (browser is a fixture)
+
+ID_BYTES_404 = b'Not Found\n'
+
+
+@pytest.fixture
+def site(tmp_path, panel, cryptopay, database, messenger):
+    """The App served by waitress for a shop of three panels; yields (base URL, shop, {name: sub server})."""
+    started, subs = [], {}
+    for name, generation in (('Germany', 'legacy'), ('Finland', 'v3'), ('Japan', 'v3')):
+        fake = FakePanel(generation=generation, username=PANEL_USER, password=PANEL_PASSWORD).start()
+        subs[name] = FakeSubServer(fake, host=f'{name.lower()}.example.test', remark=name).start()
+        started.append((name, fake))
+    settings = make_settings(tmp_path, panel, cryptopay, database, started, PUBLIC_URL='https://shop.example.test',
+                             SHOP_NAME='Ёжик VPN')
+    # each panel's sub_url is its sub server
+    configs = tuple(type(config)(**{**config.__dict__, 'sub_url': subs[config.name].url})
+                    for config in settings.panels)
+    settings = type(settings)(**{**settings.__dict__, 'panels': configs})
+    shop = make_shop(settings)
+    server = web.Server(web.App(settings, shop, messenger), '127.0.0.1', 0).start()
+    yield f'http://127.0.0.1:{server.port}', shop, subs
+    server.stop()
+    for sub in subs.values():
+        sub.stop()
+    for _, fake in started:
+        fake.stop()
+
+
+def buyer_with_days(shop, telegram_id=4242):
+    user, _ = shop.register(telegram_id, 'ira', 'Ира', 'ru')
+    models.grant_days(user.id, 30, 'admin', f'sub-test-{telegram_id}')
+    assert shop.provision(user.id)
+    return User.get_by_id(user.id)
+
+
+def test_the_feed_merges_every_panel_with_the_headers_apps_read(site):
+    base, shop, subs = site
+    user = buyer_with_days(shop)
+    answer = requests.get(f'{base}/sub/{user.panel_sub_id}', timeout=10)
+    assert answer.status_code == 200
+    lines = base64.b64decode(answer.content).decode().splitlines()
+    assert sorted(line.rsplit('#', 1)[1] for line in lines) == sorted(
+        f'{name}-{user.panel_email}' for name in ('Germany', 'Finland', 'Japan'))
+    info = answer.headers['Subscription-Userinfo']
+    assert info.startswith('upload=0; download=0; total=0; expire=')
+    assert base64.b64decode(answer.headers['Profile-Title'].removeprefix('base64:')).decode() == 'Ёжик VPN'
+    assert answer.headers['Profile-Update-Interval'] == '12'
+    assert answer.headers['Content-Disposition'].startswith("attachment; filename*=UTF-8''")
+    # a panel that is down is left out, the rest served (another buyer: a whole feed is cached for a minute)
+    subs['Finland'].mode = 'error'  # (a stopped server would still answer on the kept-alive connection)
+    other = buyer_with_days(shop, 4343)
+    shop_feed = requests.get(f'{base}/sub/{other.panel_sub_id}', timeout=10)
+    assert shop_feed.status_code == 200 and len(base64.b64decode(shop_feed.content).splitlines()) == 2
+
+
+@pytest.mark.parametrize('sub_id', ['zzzzzzzzzzzzzzzz', '..%2F..%2Fetc', 'a' * 65, '%00', ''])
+def test_an_unknown_subid_gets_the_one_404(site, sub_id):
+    base, shop, _ = site
+    buyer_with_days(shop)
+    answer = requests.get(f'{base}/sub/{sub_id}', timeout=10)
+    assert (answer.status_code, answer.content) == (404, ID_BYTES_404)
+
+
+def test_a_buyer_without_days_gets_the_same_404(site):
+    base, shop, _ = site
+    user, _ = shop.register(77, None, 'X', 'en')
+    answer = requests.get(f'{base}/sub/{user.panel_sub_id}', timeout=10)
+    assert (answer.status_code, answer.content) == (404, ID_BYTES_404)
+
+
+def test_a_browser_gets_the_page_in_the_buyers_language(site):
+    base, shop, _ = site
+    user = buyer_with_days(shop)
+    answer = requests.get(f'{base}/sub/{user.panel_sub_id}', timeout=10,
+                          headers={'Accept': 'text/html,application/xhtml+xml', 'Accept-Language': 'ru-RU,ru'})
+    assert answer.status_code == 200 and answer.headers['Content-Type'] == 'text/html; charset=utf-8'
+    page = answer.text
+    assert 'Ёжик VPN' in page and 'Активна до' in page and f'https://shop.example.test/sub/{user.panel_sub_id}' in page
+    assert '<script' not in page and PANEL_PASSWORD not in page
+
+
+def test_the_page_in_chromium_shows_a_qr_code_of_the_link(site, browser):  # noqa: F811
+    from selenium.webdriver.common.by import By
+    base, shop, _ = site
+    user = buyer_with_days(shop)
+    browser.get(f'{base}/sub/{user.panel_sub_id}')
+    link = f'https://shop.example.test/sub/{user.panel_sub_id}'
+    assert browser.find_element(By.ID, 'link').text == link
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / 'subscription-page-served.png'))
+    qr_png = ARTIFACTS / 'subscription-qr-served.png'
+    qr_png.write_bytes(browser.find_element(By.ID, 'qr').screenshot_as_png)
+    assert decode_qr(qr_png) == link
