@@ -471,7 +471,10 @@ class Guarded:
 
     def tell(self, text):
         if self.messenger is not None and self.settings is not None:
-            tell_admins(self.settings, self.messenger, self.redact(text))
+            try:
+                tell_admins(self.settings, self.messenger, self.redact(text))
+            except Exception as exc:  # noqa: BLE001 — the database may be down too; the jobs thread must live
+                log.warning('job %s: the admins could not be told: %s', self.__name__, type(exc).__name__)
 
 
 def guarded(job, **options):
@@ -525,7 +528,10 @@ def start(shop, messenger, settings, stop=None, outages=(), redact=str):
 
     def loop():
         while not stop.is_set():
-            scheduler.run_pending()
+            try:
+                scheduler.run_pending()
+            except Exception:  # noqa: BLE001 — Guarded catches a job's failures; this is the last net
+                log.exception('the jobs loop caught a failure; it carries on')
             stop.wait(min(1.0, max(scheduler.idle_seconds or 1.0, 0.05)))
 
     threading.Thread(target=loop, name='jobs', daemon=True).start()
