@@ -252,7 +252,10 @@ class Server:
         while self.busy() and time.monotonic() < deadline:
             time.sleep(0.02)
         server.task_dispatcher.shutdown(timeout=1)
-        server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))  # the loop ends when its map is empty
+        try:
+            server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))  # the loop ends when its map is empty
+        except OSError:  # the trigger is closed already: waitress closed the server and its loop is ending
+            pass
         self.thread.join(timeout)
 
     def busy(self):
