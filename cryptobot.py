@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 import requests
 from urllib3.exceptions import NewConnectionError
 
+import httpsession
+
 log = logging.getLogger(__name__)
 
 MAINNET_URL = 'https://pay.crypt.bot'
@@ -69,7 +71,7 @@ class CryptoPayClient:
         self.max_retry_after = max_retry_after
         self._sleep = sleep
         self._bot_username = None
-        self._session = requests.Session()
+        self._session = httpsession.Session()
         self._session.headers['Crypto-Pay-API-Token'] = token
 
     def __repr__(self):

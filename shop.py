@@ -144,7 +144,7 @@ class Shop:
     def register(self, telegram_id, username, first_name, language_code, invite_code=None):
         """Return (user, created); record the inviter only for a brand-new user, never self-referral."""
         username, first_name, invite_code = (without_nul(text) for text in (username, first_name, invite_code))
-        user = User.get_or_none(User.telegram_id == telegram_id)
+        user = models.user_by_telegram_id(telegram_id)
         language = language_for(language_code)
         if user is not None:
             changes = {field: value for field, value in
@@ -171,7 +171,7 @@ class Shop:
 
     def get_user(self, telegram_id):
         """Return the user with this Telegram id, or None."""
-        return User.get_or_none(User.telegram_id == telegram_id)
+        return models.user_by_telegram_id(telegram_id)
 
     def set_awaiting(self, user, what):
         """Remember (or with None, forget) which text input the user is expected to send next."""

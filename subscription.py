@@ -21,6 +21,8 @@ from urllib.parse import quote
 
 import requests
 
+import httpsession
+
 log = logging.getLogger(__name__)
 
 # A panel's sub server answers from its own SQLite in milliseconds; one that has not connected within 1 s
@@ -123,7 +125,7 @@ class SubscriptionMerger:
         self._deadline = deadline
         self._cache_seconds = cache_seconds
         self._clock = clock
-        self._session = requests.Session()
+        self._session = httpsession.Session()
         adapter = requests.adapters.HTTPAdapter(pool_connections=max(1, len(self.panels)), pool_maxsize=16)
         self._session.mount('http://', adapter)
         self._session.mount('https://', adapter)

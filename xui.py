@@ -16,6 +16,8 @@ from urllib.parse import quote, urlsplit
 
 import requests
 
+import httpsession
+
 log = logging.getLogger(__name__)
 
 # Connect just over 3 s, the TCP retransmit window for a lost SYN; read 10 s: the panel answers in
@@ -220,7 +222,7 @@ class XuiClient:
         self._timeout = timeout
         self._retries = retries
         self._backoff = backoff
-        self._session = requests.Session()
+        self._session = httpsession.Session()
         self._session.headers['X-Requested-With'] = 'XMLHttpRequest'
         if api_token:
             self._session.headers['Authorization'] = f'Bearer {api_token}'

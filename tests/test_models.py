@@ -153,3 +153,23 @@ def test_wave_one_database_gains_the_money_tables_and_keeps_its_rows(database):
     with pytest.raises(IntegrityError), models.db.atomic():  # one mismatch record (and one alert) per payment
         models.InvoiceMismatch.create(payment=payment, detail='fiat', created_at=NOW)
     assert Payment.get_by_id(payment.id).amount == Decimal('100.10') and User.select().count() == 1
+
+
+def test_prepared_user_lookup_returns_what_peewee_returns(database):
+    """The lookup every update starts with binds new parameters to SQL built once; rows convert as peewee's own."""
+    expiry = datetime(2026, 3, 4, 5, 6, 7)
+    made = User.create(telegram_id=9_000_000_001, panel_email='spn-x', username='<a&b>', expires_at=expiry,
+                       blocked=True)
+    User.create(telegram_id=9_000_000_002, panel_email='spn-y')
+    for _ in range(2):  # the first call builds the SQL, the second reuses it
+        found = models.user_by_telegram_id(9_000_000_001)
+        assert found.__data__ == User.get(User.telegram_id == 9_000_000_001).__data__
+        assert (found.id, found.expires_at, found.blocked, found.username) == (made.id, expiry, True, '<a&b>')
+        assert models.user_by_telegram_id(9_000_000_002).panel_email == 'spn-y'
+        assert models.user_by_telegram_id(1) is None
+
+
+def test_prepared_refuses_a_query_whose_parameters_are_not_the_given_ones(database):
+    with pytest.raises(ValueError, match='parameters'):
+        models.prepared('test_hidden_parameter', lambda tid: User.select().where(
+            User.telegram_id == tid, User.blocked == False), 1)  # noqa: E712
