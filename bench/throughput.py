@@ -89,14 +89,42 @@ def summarize_profile(raw_path, top=25):
     return '\n'.join(lines)
 
 
+# Run in another checkout (the baseline) with its own models: its schema is not ours (e.g. before migration 50
+# moved the panel columns off users), so it gets a database of its own, seeded and given promo codes by its code.
+IN_CHECKOUT = '''import sys
+root, url, users, code = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+sys.path[:0] = [root, root + '/bench']
+import common, models
+common.bind(url)
+if users:
+    common.seed(users)
+with models.db.connection_context():
+    models.PromoCode.create(code=code, days=7, max_uses=10 ** 9)
+'''
+
+
+def in_checkout(root, url, users=0, code='BENCHSEED'):
+    """Seed (users > 0) and add the promo code `code` to url's database with the models of the checkout root."""
+    subprocess.run([common.python_for(root), '-c', IN_CHECKOUT, str(root), url, str(users), code], check=True,
+                   cwd=str(root), stdout=subprocess.DEVNULL)
+
+
 def run_point(kind, url, pg, panel, cryptopay, tmp, args, threads, latency, run, paced=None,
               variant=('ours', common.ROOT, 'bot.py'), tls=False):
-    """Run one bot process (variant: name, checkout, script) for args.seconds; return its figures."""
+    """Run one bot process (variant: name, checkout, script) for args.seconds; return its figures.
+
+    url is the variant's own database: ours for ours and the ceiling bot, a copy seeded by its own code for
+    another checkout.
+    """
     code = f'BENCH{run:04d}'
-    with models.db.connection_context():
-        models.PromoCode.create(code=code, days=7, max_uses=10 ** 9)
-        if hasattr(models.User, 'qr_file_id'):  # every point renders first-time QR codes: comparable repeats
-            models.User.update(qr_file_id=None, qr_link=None).where(models.User.qr_file_id.is_null(False)).execute()
+    if Path(variant[1]) != Path(common.ROOT):
+        in_checkout(variant[1], url, code=code)
+    else:
+        with models.db.connection_context():
+            models.PromoCode.create(code=code, days=7, max_uses=10 ** 9)
+            if hasattr(models.User, 'qr_file_id'):  # every point renders first-time QR codes: comparable repeats
+                models.User.update(qr_file_id=None, qr_link=None).where(
+                    models.User.qr_file_id.is_null(False)).execute()
     tg_args = ['--latency', latency, '--mix', args.mix, '--users', args.users, '--offset', run * 5000,
                '--promo', code, '--window', args.window, '--batch', args.batch]
     if paced:
@@ -170,6 +198,9 @@ def show(kind, f):
     print(f'             CPU (% of one core): {cpu}  | CPU ms/update: '
           + ' '.join(f'{n} {v}' for n, v in f['cpu_ms_per_update'].items())
           + (f'  | SQL statements/update {f["statements_per_update"]}' if f.get('statements_per_update') else ''))
+    if f.get('calls_per_update'):
+        print('             Bot API calls per update: '
+              + '  '.join(f'{k} {v}' for k, v in f['calls_per_update'].items()))
     if 'traceback' in f:
         print('             bot traceback:', f['traceback'][:600])
     if 'profile' in f:
@@ -261,6 +292,14 @@ def main():
             common.bind(url)
             seconds = common.seed(args.users)
             print(f'\n## {kind}: seeded {args.users} users in {seconds:.1f} s')
+            urls = {name: url for name, _, _ in variants}
+            for name, root, _ in variants:
+                if Path(root) != Path(common.ROOT):
+                    urls[name] = make_url(f'bench_throughput_{name}')
+                    started = time.perf_counter()
+                    in_checkout(root, urls[name], args.users)
+                    print(f'## {kind}: {name} seeded {args.users} users into a database of its own schema in '
+                          f'{time.perf_counter() - started:.1f} s')
             points = []
             if not args.no_curve:
                 points += [(latency, tls, threads, None) for latency in latencies for tls in tls_modes
@@ -279,7 +318,7 @@ def main():
                         if paced and variant[0] == 'ceiling':
                             continue
                         run += 1
-                        figures = run_point(kind, url, pg, panel, cryptopay, tmp, args, threads, latency, run,
+                        figures = run_point(kind, urls[variant[0]], pg, panel, cryptopay, tmp, args, threads, latency, run,
                                             paced=paced, variant=variant, tls=tls)
                         show(kind, figures)
                         results[variant[0]].append(figures)
