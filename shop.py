@@ -546,8 +546,9 @@ class Shop:
 
     def referral_counts(self, user):
         """Return (joined, paid) counts of the people this user invited."""
-        joined = Referral.select().where(Referral.inviter == user).count()
-        paid = Referral.select().where(Referral.inviter == user, Referral.rewarded_at.is_null(False)).count()
+        rows = models.prepared('referral_counts', lambda inviter: Referral.select(
+            fn.COUNT(Referral.id), fn.COUNT(Referral.rewarded_at)).where(Referral.inviter == inviter), user.id)
+        joined, paid = next(iter(rows.tuples()))
         return joined, paid
 
     # Admin

@@ -150,7 +150,7 @@ def run_point(kind, url, pg, panel, cryptopay, tmp, args, threads, latency, run,
         busy_before = common.busy_seconds()
         profile = None
         if args.profile:
-            raw = Path(args.profile_dir) / f'profile-{kind}-{threads}-{int(latency * 1000)}{"-gil" if args.gil else ""}.txt'
+            raw = Path(args.profile_dir) / f'profile-{name}-{kind}-{threads}-{int(latency * 1000)}{"-gil" if args.gil else ""}.txt'
             raw.parent.mkdir(parents=True, exist_ok=True)
             profile = (subprocess.Popen(['py-spy' if not Path(common.PYTHON).with_name('py-spy').exists()
                                          else str(Path(common.PYTHON).with_name('py-spy')), 'record', '-p',
