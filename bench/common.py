@@ -300,7 +300,8 @@ def bot_env(database_url, panel, cryptopay, telegram_url, backup_dir, **override
         'CRYPTOPAY_TOKEN': CRYPTOPAY_TOKEN, 'CRYPTOPAY_URL': cryptopay.url,
         'DATABASE_URL': database_url, 'ADMIN_IDS': str(ADMIN_ID), 'CHANNEL_ID': '@spn_channel',
         'CHANNEL_URL': 'https://t.me/spn_channel', 'TIMEZONE': 'UTC', 'BACKUP_DIR': str(backup_dir),
-        'PYTHONUNBUFFERED': '1'})
+        'PYTHONUNBUFFERED': '1',
+        'HTTP_PORT': str(free_port())})  # the HTTP side runs, as by default, on a port of its own per bot
     env.update({key: str(value) for key, value in overrides.items()})
     return env
 
