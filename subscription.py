@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 TIMEOUT = (1.0, 1.5)
 DEADLINE = 1.8
 CACHE_SECONDS = 60
-CACHE_SIZE = 10_000
+CACHE_SIZE = 10_000        # feeds with config lines (buyers)
+EMPTY_CACHE_SIZE = 10_000  # feeds no panel has a line for (unknown or lapsed subIds), kept apart so that a
+                           # flood of made-up subIds cannot push the buyers' feeds out
 UPDATE_INTERVAL_HOURS = 12
 MAX_BODY = 1 << 20  # bytes: a feed of a few lines is a few KB
 SUB_ID = re.compile(r'[A-Za-z0-9_-]{1,64}')
@@ -115,6 +117,11 @@ class SubscriptionMerger:
     """Fetch, merge and briefly cache buyers' feeds from the sub servers of the enabled panels.
 
     Threads share one merger: one requests.Session for every sub server, one small thread pool.
+
+    Whether a subId is ours is never asked here: a made-up one is fetched from every panel like a buyer's
+    (the panels answer their own 404), so the time of the answer does not say whether it exists. Panel load
+    stays bounded: a feed (full or empty) is asked at most once per cache_seconds, the pool runs at most
+    `workers` fetches at once, and the fetches still queued at the deadline are dropped, not run later.
     """
 
     def __init__(self, panels, shop_name, timeout=TIMEOUT, deadline=DEADLINE, cache_seconds=CACHE_SECONDS,
@@ -129,8 +136,10 @@ class SubscriptionMerger:
         adapter = requests.adapters.HTTPAdapter(pool_connections=max(1, len(self.panels)), pool_maxsize=16)
         self._session.mount('http://', adapter)
         self._session.mount('https://', adapter)
-        self._pool = ThreadPoolExecutor(max_workers=max(4, 4 * len(self.panels)), thread_name_prefix='sub')
-        self._cache = OrderedDict()
+        self.workers = max(4, 4 * len(self.panels))
+        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix='sub')
+        self._cache = OrderedDict()        # sub_id -> (fresh until, Feed with lines)
+        self._empty_cache = OrderedDict()  # sub_id -> (fresh until, Feed without lines)
         self._lock = threading.Lock()
 
     def close(self):
@@ -141,25 +150,30 @@ class SubscriptionMerger:
         """Return the merged Feed of a subId, from the cache when it is fresh."""
         now = self._clock()
         with self._lock:
-            cached = self._cache.get(sub_id)
-            if cached and cached[0] > now:
-                self._cache.move_to_end(sub_id)
-                return cached[1]
+            for cache in (self._cache, self._empty_cache):
+                cached = cache.get(sub_id)
+                if cached and cached[0] > now:
+                    cache.move_to_end(sub_id)
+                    return cached[1]
         futures = [self._pool.submit(self._fetch, panel, sub_id) for panel in self.panels]
-        done, _ = wait(futures, timeout=self._deadline)
+        done, late = wait(futures, timeout=self._deadline)
+        for future in late:  # one still queued behind others is dropped: no backlog for the panels
+            future.cancel()
         feed = merge([future.result() if future in done else None for future in futures])
         if feed.panels_failed == 0:  # a partial feed is served, not kept: the next call asks again
+            cache, size = (self._cache, CACHE_SIZE) if feed.lines else (self._empty_cache, EMPTY_CACHE_SIZE)
             with self._lock:
-                self._cache[sub_id] = (now + self._cache_seconds, feed)
-                self._cache.move_to_end(sub_id)
-                while len(self._cache) > CACHE_SIZE:
-                    self._cache.popitem(last=False)
+                cache[sub_id] = (now + self._cache_seconds, feed)
+                cache.move_to_end(sub_id)
+                while len(cache) > size:
+                    cache.popitem(last=False)
         return feed
 
     def forget(self, sub_id):
         """Drop a cached feed (after the buyer's days or panels changed)."""
         with self._lock:
             self._cache.pop(sub_id, None)
+            self._empty_cache.pop(sub_id, None)
 
     def _fetch(self, panel, sub_id):
         """Return the PanelFeed of one panel, an empty one when it has no such client, None on failure."""
@@ -186,13 +200,16 @@ class SubscriptionMerger:
         return PanelFeed(lines=decode_lines(raw), upload=info.get('upload', 0),
                          download=info.get('download', 0), total=info.get('total', 0))
 
-    def response(self, sub_id, expires_at):
-        """Answer GET /sub/{subId} for a known buyer: (status, [(header, value)], body bytes).
+    def response(self, sub_id, expires_at, known=True):
+        """Answer GET /sub/{subId}: (status, [(header, value)], body bytes).
 
         :param expires_at: the buyer's expiry (aware or naive-UTC datetime, None for none), from our ledger
+        :param known: False for a subId that is no buyer's: it is fetched all the same (the same time as a
+            buyer's), and answered as a subId no panel serves: 404, or 503 when a panel failed, never lines
+            (a client made on a panel by hand is not ours to serve)
         """
         feed = self.feed(sub_id)
-        if not feed.lines:
+        if not feed.lines or not known:
             if feed.panels_failed:
                 return 503, [('Content-Type', 'text/plain; charset=utf-8'), ('Retry-After', '60')], \
                     b'Service Unavailable\n'

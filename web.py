@@ -99,7 +99,9 @@ class App:
         """GET /sub/{subId}: the buyer's configs merged from every enabled panel, as the panels' own sub servers
         answer (subscription.py); a browser (Accept: text/html) gets the page instead (subpage.py).
 
-        An unknown subId gets the same 404 as a subId no panel serves.
+        A well-formed subId that is no buyer's goes the same way as a buyer's: every panel's sub server is asked
+        (and answers its own 404), cached alike, so neither the answer (the one 404, or 503 when a panel
+        failed) nor its time tells whether it exists. A malformed one is a 404 at once: it reveals nothing.
         """
         sub_id = environ['PATH_INFO'][len('/sub/'):]
         if not subscription.is_sub_id(sub_id):
@@ -107,7 +109,8 @@ class App:
         with models.connection():
             user = User.get_or_none(User.panel_sub_id == sub_id)
         if user is None:
-            return subscription.NOT_FOUND[0], subscription.NOT_FOUND[2], subscription.NOT_FOUND[1]
+            status, headers, body = self.merger.response(sub_id, None, known=False)
+            return status, body, headers
         if 'text/html' in environ.get('HTTP_ACCEPT', ''):
             feed = self.merger.feed(sub_id)
             page = subpage.render(self.settings.shop_name, self.shop.subscription_link(user), user.expires_at,

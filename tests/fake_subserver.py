@@ -21,6 +21,7 @@ class FakeSubServer:
         self.mode = 'ok'          # ok | garbage | hang | error
         self.hang_seconds = 5.0
         self.requests = 0
+        self.asked = []           # the subIds asked for, in order
         self._server = self._thread = None
         self.port = None
         self._lock = threading.Lock()
@@ -80,7 +81,10 @@ class FakeSubServer:
             return 500, {}, b''
         if self.mode == 'garbage':
             return 200, {'Content-Type': 'text/html'}, b'<html><body>502 Bad Gateway</body></html>\xff\xfe'
-        lines, (up, down, total, expire) = self.lines_of(unquote(raw_path[len(self.path):]))
+        sub_id = unquote(raw_path[len(self.path):])
+        with self._lock:
+            self.asked.append(sub_id)
+        lines, (up, down, total, expire) = self.lines_of(sub_id)
         if not lines:
             return 404, {}, b''
         body = ''.join(line + '\n' for line in lines).encode()

@@ -82,6 +82,47 @@ def test_a_buyer_without_days_gets_the_same_404(site):
     assert (answer.status_code, answer.content) == (404, ID_BYTES_404)
 
 
+@pytest.mark.parametrize('accept', ['*/*', 'text/html'])
+def test_an_unknown_subid_costs_the_same_panel_fetches_as_a_known_one(site, accept):
+    """No enumeration by timing: a well-formed subId that is no buyer's is asked of every panel's sub server
+    and cached the same way as a buyer's without a client, so neither the answer nor its time tells them apart.
+    """
+    base, shop, subs = site
+    lapsed, _ = shop.register(78, None, 'X', 'en')  # a buyer no panel has a client for
+    answers = {}
+    for label, sub_id in (('known', lapsed.panel_sub_id), ('unknown', 'q' * 16)):
+        counts = []
+        for _ in range(2):  # cold, then cached
+            before = {name: sub.requests for name, sub in subs.items()}
+            answer = requests.get(f'{base}/sub/{sub_id}', timeout=10, headers={'Accept': accept})
+            counts.append({name: sub.requests - before[name] for name, sub in subs.items()})
+            answers.setdefault(label, set()).add((answer.status_code, answer.content))
+        assert counts == [dict.fromkeys(subs, 1), dict.fromkeys(subs, 0)], label
+        assert all(sub.asked[-1] == sub_id for sub in subs.values()), label
+    if accept == '*/*':
+        assert answers == {'known': {(404, ID_BYTES_404)}, 'unknown': {(404, ID_BYTES_404)}}
+    else:  # a buyer's subId shows the buyer's page (the link is theirs); a made-up one the 404
+        assert answers['unknown'] == {(404, ID_BYTES_404)}
+
+
+def test_with_every_panel_down_an_unknown_subid_answers_as_a_known_one(site):
+    base, shop, subs = site
+    lapsed, _ = shop.register(79, None, 'X', 'en')
+    for sub in subs.values():
+        sub.mode = 'error'
+    known = requests.get(f'{base}/sub/{lapsed.panel_sub_id}', timeout=10)
+    unknown = requests.get(f'{base}/sub/{"r" * 16}', timeout=10)
+    assert (known.status_code, known.content) == (unknown.status_code, unknown.content) == (
+        503, b'Service Unavailable\n')
+
+
+def test_a_malformed_subid_is_answered_without_asking_the_panels(site):
+    base, _, subs = site
+    for sub_id in ('..%2F..%2Fetc', 'a' * 65, '%00', 'a.b'):
+        assert requests.get(f'{base}/sub/{sub_id}', timeout=10).status_code == 404
+    assert all(sub.requests == 0 for sub in subs.values())
+
+
 def test_a_browser_gets_the_page_in_the_buyers_language(site):
     base, shop, _ = site
     user = buyer_with_days(shop)

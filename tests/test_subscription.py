@@ -1,7 +1,9 @@
 """The merged subscription: real panels (fake, both generations) with their sub servers, over real HTTP."""
 import base64
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -126,6 +128,61 @@ def test_feeds_are_cached_briefly_per_buyer(locations):
     merger.forget(SUB_ID)
     merger.response(SUB_ID, EXPIRY)
     assert [sub.requests for _, sub in locations] == [n + 2 for n in asked]
+
+
+def test_a_subid_that_is_no_buyers_is_asked_of_every_panel_and_cached_like_one(locations):
+    """The timing of /sub must not tell whether a subId exists: the made-up one costs the same fetches."""
+    now = [1000.0]
+    merger = merger_for(locations, clock=lambda: now[0], cache_seconds=60)
+    for sub_id, known in ((SUB_ID, True), ('zzzzzzzzzzzzzzzz', False)):
+        before = [sub.requests for _, sub in locations]
+        merger.response(sub_id, EXPIRY, known=known)
+        merger.response(sub_id, EXPIRY, known=known)
+        assert [sub.requests - n for (_, sub), n in zip(locations, before)] == [1, 1, 1], sub_id
+        assert all(sub.asked[-1] == sub_id for _, sub in locations)
+
+
+def test_lines_a_panel_serves_for_a_subid_that_is_no_buyers_are_not_served(locations):
+    assert merger_for(locations).response(SUB_ID, EXPIRY, known=False) == subscription.NOT_FOUND
+    for _, sub in locations[1:]:
+        sub.mode = 'error'
+    status, _, body = merger_for(locations).response(SUB_ID, EXPIRY, known=False)
+    assert (status, body) == (503, b'Service Unavailable\n')
+
+
+def test_a_flood_of_made_up_subids_does_not_push_the_buyers_feeds_out(locations, monkeypatch):
+    monkeypatch.setattr(subscription, 'CACHE_SIZE', 5)
+    monkeypatch.setattr(subscription, 'EMPTY_CACHE_SIZE', 5)
+    merger = merger_for(locations, cache_seconds=600)
+    merger.response(SUB_ID, EXPIRY)
+    for number in range(20):
+        assert merger.response(f'madeup{number:010d}', None, known=False) == subscription.NOT_FOUND
+    asked = [sub.requests for _, sub in locations]
+    assert merger.response(SUB_ID, EXPIRY)[0] == 200
+    assert [sub.requests for _, sub in locations] == asked  # still cached
+    # the made-up ones are bounded: the oldest were dropped and are asked again
+    merger.response('madeup0000000000', None, known=False)
+    assert [sub.requests for _, sub in locations] == [n + 1 for n in asked]
+
+
+def test_fetches_still_queued_at_the_deadline_are_dropped_not_run_later(locations):
+    """A burst of feeds behind a hanging panel must not leave a backlog of requests to it."""
+    _, sub = locations[0]
+    sub.mode, sub.hang_seconds = 'hang', 1.5
+    merger = SubscriptionMerger(configs([sub]), 'Shop', timeout=(1, 10), deadline=0.3)
+    burst = 3 * merger.workers
+    gate = threading.Barrier(burst)
+
+    def one(number):
+        gate.wait()
+        return merger.feed(f'burst{number:010d}')
+
+    with ThreadPoolExecutor(burst) as callers:
+        feeds = list(callers.map(one, range(burst)))
+    assert all(feed.panels_failed == 1 for feed in feeds)
+    time.sleep(2.5)  # past the first wave's hang: a kept backlog would have started its next wave by now
+    assert sub.requests == merger.workers
+    merger.close()
 
 
 def test_a_disabled_panel_is_never_asked(locations):
