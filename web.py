@@ -107,18 +107,22 @@ class App:
         if not subscription.is_sub_id(sub_id):
             return subscription.NOT_FOUND[0], subscription.NOT_FOUND[2], subscription.NOT_FOUND[1]
         with models.connection():
-            user = User.get_or_none(User.panel_sub_id == sub_id)
-        if user is None:
+            # a hit costs what a miss does: one indexed row as a tuple (get_or_none would format the SQL into
+            # DoesNotExist on a miss, and a model row costs more to build than a tuple: ~1 ms and ~0.1 ms)
+            found = User.select(User.id, User.expires_at).where(User.panel_sub_id == sub_id).tuples().first()
+        if found is None:
             status, headers, body = self.merger.response(sub_id, None, known=False)
             return status, body, headers
-        if 'text/html' in environ.get('HTTP_ACCEPT', ''):
+        if 'text/html' in environ.get('HTTP_ACCEPT', ''):  # the buyer's own page: not a 404 to look like
+            with models.connection():
+                user = User.get_by_id(found[0])
             feed = self.merger.feed(sub_id)
             page = subpage.render(self.settings.shop_name, self.shop.subscription_link(user), user.expires_at,
                                   feed.upload, feed.download, feed.total, self.settings.timezone,
                                   self.settings.support_contact, environ.get('HTTP_ACCEPT_LANGUAGE'))
             return 200, page, [('Content-Type', 'text/html; charset=utf-8'),
                                ('Cache-Control', 'no-cache, no-store, must-revalidate')]
-        status, headers, body = self.merger.response(sub_id, user.expires_at)
+        status, headers, body = self.merger.response(sub_id, found[1])
         return status, body, headers
 
     # GET

@@ -3,17 +3,19 @@
     .venv/bin/python bench/locations.py                  # both parts
     .venv/bin/python bench/locations.py --sub-only --requests 2000
 
-Prints figures; asserts nothing. The panels are the loopback fakes of the tests (3x-ui over HTTP on
-127.0.0.1, each with its subscription server); the database is SQLite in a temp dir.
+Prints figures; asserts nothing but the status codes. The panels are the loopback fakes of the tests (3x-ui
+over HTTP on 127.0.0.1, each with its subscription server); the database is SQLite in a temp dir. /sub is
+timed for a buyer's subId and a made-up one side by side (p50/p90/p99, cold and cached): they should match.
 """
 import argparse
 import os
-import statistics
+import random
 import sys
 import tempfile
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / 'tests')]
@@ -21,6 +23,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / 'tests')]
 import jobs  # noqa: E402
 import models  # noqa: E402
 import panels  # noqa: E402
+import web  # noqa: E402
 from fake_subserver import FakeSubServer  # noqa: E402
 from fake_xui import FakePanel  # noqa: E402
 from panels import PanelConfig  # noqa: E402
@@ -45,36 +48,79 @@ def start_panels(count):
     return started
 
 
-def bench_sub(requests_count, panel_count):
-    """Time merger.response for one buyer on every panel: cold (no cache) and cached."""
+def bench_sub(requests_count, panel_count, buyers=200):
+    """Time GET /sub/{subId} through the WSGI app (our database lookup, then the merged fetch) for buyers'
+    subIds (known, 200), buyers no panel has a client for (lapsed, 404) and made-up well-formed subIds
+    (unknown, 404), cold (no cache) and cached. Lapsed and unknown get the same body: their times must match.
+
+    Known and unknown requests alternate, so a change in the machine's load falls on both alike.
+    """
     started = start_panels(panel_count)
-    sub_id = 'benchsubscription'
+    workdir = tempfile.mkdtemp(prefix='spn-bench-sub-')
+    models.connect_database(f'sqlite:///{workdir}/sub.db')
+    models.create_schema()
     expiry = datetime.utcnow() + timedelta(days=30)
+    known = [f'b{n:015d}' for n in range(buyers)]
+    lapsed = [f'l{n:015d}' for n in range(buyers)]
+    with models.db.atomic():
+        models.User.insert_many([{'telegram_id': 10_000 + n, 'panel_email': f'spn-{10_000 + n}',
+                                  'panel_sub_id': sub_id, 'invite_code': f'i{n:011d}', 'expires_at': expiry}
+                                 for n, sub_id in enumerate(known + lapsed)]).execute()
     for fake, sub in started:
-        XuiClient(fake.url, fake.inbound_id, sub.url, username=USER, password=PASSWORD).ensure_client(
-            'spn-1', expiry, sub_id, 1)
-    configs = [PanelConfig(name=f'p{n}', url='http://127.0.0.1:1', inbound_id=1, sub_url=sub.url,
-                           username='u', password='p') for n, (_, sub) in enumerate(started)]
-    figures = {}
-    for label, cache_seconds in (('cold', 0), ('cached', 3600)):
-        merger = SubscriptionMerger(configs, 'Bench VPN', cache_seconds=cache_seconds)
-        merger.response(sub_id, expiry)  # warm the connections
-        times = []
-        for _ in range(requests_count):
-            begin = time.perf_counter()
-            status, _, _ = merger.response(sub_id, expiry)
-            times.append((time.perf_counter() - begin) * 1000)
-            assert status == 200
-        merger.close()
-        figures[label] = times
+        client = XuiClient(fake.url, fake.inbound_id, sub.url, username=USER, password=PASSWORD)
+        for n, sub_id in enumerate(known):
+            client.ensure_client(f'spn-{10_000 + n}', expiry, sub_id, 10_000 + n)
+    configs = tuple(PanelConfig(name=f'p{n}', url='http://127.0.0.1:1', inbound_id=1, sub_url=sub.url,
+                                username='u', password='p') for n, (_, sub) in enumerate(started))
+    settings = SimpleNamespace(webhook_url=None, panels=configs, shop_name='Bench VPN')
+    app = web.App(settings, shop=None, messenger=None)
+    made_up = random.Random(13)
+    alphabet = 'abcdefghijklmnopqrstuvwxyz0123456789'
+
+    def unknown_id():  # the form of our subIds (models.User.panel_sub_id), never one of ours
+        return ''.join(made_up.choice(alphabet) for _ in range(16))
+
+    def get(sub_id):
+        status = []
+        begin = time.perf_counter()
+        app({'REQUEST_METHOD': 'GET', 'PATH_INFO': f'/sub/{sub_id}', 'HTTP_ACCEPT': '*/*'},
+            lambda line, headers: status.append(line))
+        return (time.perf_counter() - begin) * 1000, status[0][:3]
+
+    figures, loads = {}, []
+    for phase, cache_seconds in (('cold', 0), ('cached', 3600)):
+        app.merger.close()
+        app.merger = SubscriptionMerger(configs, 'Bench VPN', cache_seconds=cache_seconds)
+        unknown = [unknown_id() for _ in range(buyers)]
+        for sub_id in known[:8] + lapsed[:8] + unknown[:8]:  # warm the connections (and, cached, fill the caches)
+            get(sub_id)
+        if phase == 'cached':
+            for sub_id in known + lapsed + unknown:
+                get(sub_id)
+        loads.append(os.getloadavg()[0])
+        times = {'known': [], 'lapsed': [], 'unknown': []}
+        for number in range(requests_count):
+            for label, ids in (('known', known), ('lapsed', lapsed), ('unknown', unknown)):
+                # cold: every request a fetch (no cache); a fresh made-up id each time, as a scan would send
+                sub_id = unknown_id() if (phase, label) == ('cold', 'unknown') else ids[number % len(ids)]
+                elapsed, status = get(sub_id)
+                assert status == ('200' if label == 'known' else '404'), (phase, label, status)
+                times[label].append(elapsed)
+        loads.append(os.getloadavg()[0])
+        figures[phase] = times
+    app.merger.close()
     for fake, sub in started:
         sub.stop()
         fake.stop()
-    load = os.getloadavg()[0]
-    for label, times in figures.items():
-        print(f'/sub feed, {panel_count} panels, {label:6}: p50 {statistics.median(times):7.2f} ms  '
-              f'p99 {percentile(times, 0.99):7.2f} ms  max {max(times):7.2f} ms  ({len(times)} requests, '
-              f'load average {load:.1f})')
+    print(f'GET /sub/{{subId}} through the WSGI app, {panel_count} panels, {requests_count} requests each, '
+          f'known = a buyer on every panel (200), lapsed = a buyer on none (404), unknown = a made-up subId '
+          f'(404); ms; '
+          f'load average {min(loads):.1f}-{max(loads):.1f}')
+    print(f'{"":8}{"":9}{"p50":>8}{"p90":>8}{"p99":>8}{"max":>8}')
+    for phase, times in figures.items():
+        for label, values in times.items():
+            print(f'{phase:8}{label:9}' + ''.join(f'{figure:8.2f}' for figure in (
+                percentile(values, 0.5), percentile(values, 0.9), percentile(values, 0.99), max(values))))
 
 
 def bench_backfill(buyers, seconds):
