@@ -156,8 +156,9 @@ def retry_provisioning(shop, messenger, now=None, counts=None):
         with ThreadPoolExecutor(max_workers=len(panels), thread_name_prefix='panel-retry') as pool:
             counts['pushed'] += sum(pool.map(lambda panel: retry_panel(shop, panel, now, own_connection=True),
                                              panels))
-    waiting = Payment.select().where(Payment.status == PAID, Payment.notified_at.is_null(),
-                                     Payment.provisioned_at.is_null(False))
+    # (paid and not yet told: the index on (status, notified_at) finds them; "provisioned" is left to
+    # deliver_link, because SQLite would rather walk (status, provisioned_at) over every paid payment)
+    waiting = Payment.select().where(Payment.status == PAID, Payment.notified_at.is_null())
     for payment in waiting:
         counts['delivered'] += deliver_link(shop, messenger, payment, now)
     delivered = counts['delivered']
@@ -187,8 +188,11 @@ def alert_stuck(shop, messenger):
     admin, so it is reported after ALERT_AFTER_REFUSALS tries; a timeout or a refused connection after
     ALERT_AFTER_FAILURES.
     """
+    # per enabled panel (only those are pushed), so the index on (panel, dirty, ...) finds the dirty rows
+    names = [panel.name for panel in shop.enabled_panels]
     stuck = list(PanelClient.select(PanelClient, User.telegram_id).join(User)
-                 .where(PanelClient.dirty == True, PanelClient.alerted == False,  # noqa: E712
+                 .where(PanelClient.panel.in_(names), PanelClient.dirty == True,  # noqa: E712
+                        PanelClient.alerted == False,  # noqa: E712
                         ((PanelClient.refused == True) & (PanelClient.failures >= ALERT_AFTER_REFUSALS))  # noqa: E712
                         | (PanelClient.failures >= ALERT_AFTER_FAILURES))
                  .order_by(PanelClient.panel, PanelClient.id).limit(1000))

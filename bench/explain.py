@@ -77,11 +77,13 @@ def capture(call, match):
 
 def key_queries(now, panels=PANEL_NAMES[:3], pushed_user_id=1):
     """Return [(name, sql, params)]: the statements each round of the jobs, a push and GET /sub issue."""
-    panel = SimpleNamespace(name=panels[0], enabled=True,
-                            client=SimpleNamespace(ensure_client=lambda **_: {'uuid': 'bench'}))
+    enabled = [SimpleNamespace(name=name, enabled=True,
+                               client=SimpleNamespace(ensure_client=lambda **_: {'uuid': 'bench'}))
+               for name in panels]
+    panel = enabled[0]
     idle = SimpleNamespace(name='no-such-panel', enabled=True)
     shop = SimpleNamespace(settings=SimpleNamespace(invoice_expires_seconds=3600, timezone='UTC'),
-                           enabled_panels=[panel], link_base=LINK_BASE,
+                           enabled_panels=enabled, link_base=LINK_BASE,
                            panel=SimpleNamespace(subscription_link=lambda sub_id: 'https://old.example.test/sub/'))
     idle_shop = SimpleNamespace(**{**shop.__dict__, 'enabled_panels': [idle]})
     app = SimpleNamespace(merger=None, settings=None, shop=None)
@@ -116,8 +118,9 @@ def key_queries(now, panels=PANEL_NAMES[:3], pushed_user_id=1):
 def seed(buyers, panels, now, chunk=1000):
     """A shop of `buyers`: 60 % active, 20 % lapsed, 20 % never paid; each paying buyer on every panel.
 
-    1 % of buyers have a pending invoice, 0.5 % of panel rows are dirty (some failing, a few alerted),
-    lapsed buyers got their three reminders. Ids are dense from 1.
+    50 buyers have a pending invoice and 30 rows per panel are dirty (some failing, some alerted), at any
+    size: those come from the last hour's activity, not from the number of buyers. Lapsed buyers got their
+    three reminders. Ids are dense from 1.
     """
     started = time.perf_counter()
     with models.connection():
@@ -136,12 +139,12 @@ def seed(buyers, panels, now, chunk=1000):
                                      'provider_id': str(10_000_000 + i), 'created_at': now, 'paid_at': now,
                                      'provisioned_at': now, 'notified_at': now})
                     for number, name in enumerate(panels):
-                        dirty = (i * 31 + number) % 200 == 0
+                        dirty = i % 997 == number + 1 and i < 30 * 997  # 30 per panel, at any size
                         clients.append({'user': user_id, 'panel': name, 'dirty': dirty, 'pushed_expiry': expires,
                                         'failures': 6 if dirty and i % 3 == 0 else 0,
                                         'retry_at': now + timedelta(seconds=i % 120) if dirty else None,
                                         'alerted': dirty and i % 2 == 0})
-                if i % 100 == 3:
+                if i % 97 == 3 and i < 50 * 97:  # 50 pending: invoices live an hour, whatever the shop's size
                     payments.append({'invoice_id': 20_000_000 + i, 'user': user_id, 'plan_days': 30,
                                      'amount': '100', 'currency': 'RUB', 'status': PENDING, 'pay_url': 'x',
                                      'provider_id': str(20_000_000 + i), 'created_at': now})
