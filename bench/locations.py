@@ -53,7 +53,7 @@ def bench_sub(requests_count, panel_count, buyers=200):
     subIds (known, 200), buyers no panel has a client for (lapsed, 404) and made-up well-formed subIds
     (unknown, 404), cold (no cache) and cached. Lapsed and unknown get the same body: their times must match.
 
-    Known and unknown requests alternate, so a change in the machine's load falls on both alike.
+    The kinds take turns in a shuffled order, so a change in the machine's load falls on all alike.
     """
     started = start_panels(panel_count)
     workdir = tempfile.mkdtemp(prefix='spn-bench-sub-')
@@ -99,8 +99,10 @@ def bench_sub(requests_count, panel_count, buyers=200):
                 get(sub_id)
         loads.append(os.getloadavg()[0])
         times = {'known': [], 'lapsed': [], 'unknown': []}
+        order = [('known', known), ('lapsed', lapsed), ('unknown', unknown)]
         for number in range(requests_count):
-            for label, ids in (('known', known), ('lapsed', lapsed), ('unknown', unknown)):
+            made_up.shuffle(order)  # no kind always follows another
+            for label, ids in order:
                 # cold: every request a fetch (no cache); a fresh made-up id each time, as a scan would send
                 sub_id = unknown_id() if (phase, label) == ('cold', 'unknown') else ids[number % len(ids)]
                 elapsed, status = get(sub_id)
