@@ -6,7 +6,7 @@ who credits it; days only move through models.grant_days; the panel is derived f
 import logging
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass
 from datetime import timedelta, timezone
 from decimal import Decimal
@@ -33,6 +33,7 @@ FRESH_MARGIN = timedelta(minutes=2)  # an invoice this close to its expiry is no
 TELEGRAM_ID_PATTERN = re.compile(r'^-?[0-9]{1,18}$')  # fits a 64-bit column; '²'.isdigit() is True, this is not
 NOTIFY_LEASE = timedelta(minutes=2)  # a sender that crashed mid-send is replaced after this
 PANEL_BACKOFF_CAP = timedelta(minutes=1)  # the link must follow within about a minute of the panel's return
+PUSH_GRACE = 2.0  # seconds the other panels' pushes get once one panel has the days (the link is given then)
 
 
 # One push per user at a time in this process, across the Shop instances of the handlers and of the jobs;
@@ -346,7 +347,13 @@ class Shop:
             return self.provision_on(self.enabled_panels[0], user_id, now)
         futures = [self._pushers.submit(self._push_in_own_connection, panel, user_id, now)
                    for panel in self.enabled_panels]
-        return any([future.result() for future in futures])
+        for future in as_completed(futures):
+            if future.result():
+                # the link works now; a panel still pushing (down, hanging) finishes in the background and the
+                # retry job catches it up. The others get a moment, so a healthy shop is level when we answer.
+                wait(futures, timeout=PUSH_GRACE)
+                return True
+        return False
 
     def provision_on(self, panel, user_id, now=None):
         """Push the user's ledger expiry to one panel; return True once that panel matches the ledger."""

@@ -344,3 +344,25 @@ def test_the_doctor_checks_every_panel_its_subscription_server_and_the_file_mode
     finally:
         for sub in subs:
             sub.stop()
+
+
+def test_a_hanging_panel_does_not_hold_back_the_link(tmp_path, panel, cryptopay, database, fakes):
+    """Found by the soak (3 panels, one hanging): the buyer's link waited for the hanging panel's read timeout."""
+    settings = make_settings(tmp_path, panel, cryptopay, database, fakes, PUBLIC_URL='https://shop.example.test/')
+    crypto = CryptoPayClient(settings.cryptopay_token, settings.cryptopay_url, timeout=(1, 2), retries=1,
+                             backoff=0.01)
+
+    def patient(config_):  # reads for 60 s: the hang below outlasts any load on the machine
+        return XuiClient(config_.url, config_.inbound_id, config_.sub_url, username=config_.username,
+                         password=config_.password, timeout=(1, 60), retries=0, backoff=0.01)
+
+    shop = Shop(settings, panels.connect(settings.panels, patient), crypto)
+    germany = fakes[0][1]
+    germany.hang_next(n=100, seconds=45)
+    user, payment = paid_buyer(shop, cryptopay)
+    result = shop.check_payment(user.telegram_id, payment.invoice_id)
+    assert result.provisioned and Payment.get_by_id(payment.id).provisioned_at is not None
+    # the link was given while Germany still holds its answer: its push has neither succeeded nor failed yet
+    germany_row = state(User.get_by_id(user.id), 'Germany')
+    assert (germany_row.dirty, germany_row.failures) == (True, 0), germany_row.last_error
+    germany.stop()  # ends the held answer: the push records its failure in the background
