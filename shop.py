@@ -33,7 +33,7 @@ FRESH_MARGIN = timedelta(minutes=2)  # an invoice this close to its expiry is no
 TELEGRAM_ID_PATTERN = re.compile(r'^-?[0-9]{1,18}$')  # fits a 64-bit column; '²'.isdigit() is True, this is not
 NOTIFY_LEASE = timedelta(minutes=2)  # a sender that crashed mid-send is replaced after this
 PANEL_BACKOFF_CAP = timedelta(minutes=1)  # the link must follow within about a minute of the panel's return
-PUSH_GRACE = 2.0  # seconds the other panels' pushes get once one panel has the days (the link is given then)
+PUSH_GRACE = 1.0  # seconds the other panels' pushes get once one panel has the days (the link is given then)
 
 
 # One push per user at a time in this process, across the Shop instances of the handlers and of the jobs;

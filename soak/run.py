@@ -44,6 +44,7 @@ from test_faults import (BUSY, CRASH_POINTS, Outcome, audit, crash, crash_during
                          race_presses_through_bot, race_two_bots, start_cryptopay_fault, start_panel_fault, told,
                          wait_until)
 from test_web import race_webhooks_and_the_poller  # noqa: E402
+import wave2  # noqa: E402  (soak/wave2.py: the scenarios of issues 12-14)
 
 FUZZ_PROPERTIES = 5  # the @given tests in tests/test_fuzz.py
 
@@ -123,6 +124,26 @@ SCENARIOS = [
      functools.partial(cryptopay_outage_live, fault='hang', requests=4), 's', False),
     ('database unreachable (handlers and poller in-process)', database_outage, 's', False),
     ('PostgreSQL restarted while bot.py serves', postgres_restart_noted, 's', True),
+    # wave 2, issue 12: the HTTP side and several processes
+    ('webhook mode: 5 buyers, Crypto Pay webhook x17 each, Check presses and the poller at once',
+     wave2.webhook_mode_race, 's', False),
+    *[(f'{n} bot.py processes {via}, 30 buyers, kill -9 of the job holder halfway',
+       functools.partial(wave2.processes_with_a_kill, processes=n, via=via.split()[-1]), 's', True)
+      for n in (2, 3) for via in ('direct', 'through PgBouncer')],
+    # wave 2, issue 13: one of three panels (legacy, v3.1.0, newest) failing, then back
+    *[(f'3 panels, one {label} for 30 s after the links', functools.partial(wave2.one_panel_failing, fault=fault),
+       's', False) for fault, label in (('down', 'refusing connections'), ('hang', 'hanging past the read timeout'),
+                                        ('garbage', 'answering an HTML page'),
+                                        ('refusing', 'answering success:false'))],
+    ('a third panel added mid-run: backfill of 10 paid buyers, 10 more paying', wave2.panel_added_mid_run, 's',
+     False),
+    # wave 2, issue 14: Telegram Stars
+    ('Stars: successful_payment delivered 3 times, recovery job every second (5 buyers)',
+     wave2.stars_delivered_again, 's', False),
+    ('Stars: successful_payment dropped, recovered by the job (5 buyers)', wave2.stars_dropped, 's', False),
+    ('Stars: kill -9 between the charge and our commit', wave2.stars_kill_before_commit, 's', False),
+    ('Stars: each of 3 charges refunded twice', wave2.stars_refund_twice, 's', False),
+    ('Stars: a monthly subscription renewed 3 times, every other update dropped', wave2.stars_monthly, 's', False),
 ]
 
 
@@ -161,9 +182,9 @@ def hostile_input(database_url, examples):
 def row(name, runs, failed, outcomes, clock):
     payments = sum(o.payments for o in outcomes)
     lost, double = sum(o.lost for o in outcomes), sum(o.double for o in outcomes)
-    longest = max((o.recovery for o in outcomes), default=0.0)
-    recovery = f'{longest:.1f} {clock}' if payments else 'n/a'
-    return f'| {name} | {runs} | {failed} | {payments} | {lost} | {double} | {recovery} |'
+    slowest = max(outcomes, key=lambda o: o.recovery, default=Outcome())
+    recovery = f'{slowest.recovery:.1f} {clock}' if payments else 'n/a'
+    return f'| {name} | {runs} | {failed} | {payments} | {lost} | {double} | {recovery} | {slowest.notes} |'
 
 
 def code_version():
@@ -202,11 +223,47 @@ def throwaway_postgres():
                  '-c synchronous_commit=off -c full_page_writes=off -c max_connections=300', 'start')
         subprocess.run([str(binary / 'createdb'), '-h', '127.0.0.1', '-p', str(port), '-U', 'postgres', 'spn_soak'],
                        check=True)
-        yield f'postgresql://postgres@127.0.0.1:{port}/spn_soak'
+        url = f'postgresql://postgres@127.0.0.1:{port}/spn_soak'
+        with throwaway_pgbouncer(home, port, owner) as pooled:
+            if pooled:
+                os.environ['TEST_PGBOUNCER_URL'] = pooled  # the several-process rows read it, as the tests do
+            yield url
     finally:
         with contextlib.suppress(subprocess.CalledProcessError):
             as_owner('pg_ctl', '-D', str(data), '-m', 'immediate', '-w', 'stop')
         shutil.rmtree(home, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def throwaway_pgbouncer(home, server_port, owner):
+    """PgBouncer in transaction mode in front of the throwaway server, as scripts/test.sh starts it (Neon's pooled
+    endpoint); yield its URL, or None when pgbouncer is not installed."""
+    binary = shutil.which('pgbouncer') or ('/usr/sbin/pgbouncer' if os.path.exists('/usr/sbin/pgbouncer') else None)
+    if binary is None:
+        print('soak: pgbouncer not found; the rows through PgBouncer are skipped', file=sys.stderr)
+        yield None
+        return
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        port = probe.getsockname()[1]
+    folder = home / 'pgbouncer'
+    folder.mkdir()
+    (folder / 'users.txt').write_text('"postgres" ""\n')
+    (folder / 'pgbouncer.ini').write_text('\n'.join([
+        '[databases]', f'spn_soak = host=127.0.0.1 port={server_port} dbname=spn_soak', '[pgbouncer]',
+        'listen_addr = 127.0.0.1', f'listen_port = {port}', 'unix_socket_dir =', 'auth_type = trust',
+        f'auth_file = {folder}/users.txt', 'pool_mode = transaction', 'max_client_conn = 1000',
+        'default_pool_size = 20', f'logfile = {folder}/pgbouncer.log', f'pidfile = {folder}/pgbouncer.pid', '']))
+    if os.geteuid() == 0:
+        for path in (folder, *folder.iterdir()):
+            shutil.chown(path, owner)
+    prefix = ['runuser', '-u', owner, '--'] if os.geteuid() == 0 else []
+    subprocess.run(prefix + [binary, '-d', '-q', str(folder / 'pgbouncer.ini')], check=True)
+    try:
+        yield f'postgresql://postgres@127.0.0.1:{port}/spn_soak'
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int((folder / 'pgbouncer.pid').read_text()), 15)
 
 
 def main(argv=None):
@@ -232,10 +289,13 @@ def main(argv=None):
         sqlite = models.is_sqlite()
         lines = [f'Database: {"SQLite" if sqlite else "PostgreSQL"}; 3x-ui panel shape: v{args.panel_version}; '
                  f'code: {code_version()}; {args.runs} run(s) of each scenario.', '',
-                 '| Scenario | Runs | Failed runs | Paid invoices | Lost | Double credits | Longest recovery |',
-                 '|---|---|---|---|---|---|---|']
+                 '| Scenario | Runs | Failed runs | Paid | Lost | Double credits | Longest recovery | Notes (that run) |',
+                 '|---|---|---|---|---|---|---|---|']
         for name, scenario, clock, postgres_only in SCENARIOS:
             if (args.only and not any(part in name for part in args.only)) or (postgres_only and sqlite):
+                continue
+            if 'PgBouncer' in name and not os.environ.get('TEST_PGBOUNCER_URL'):
+                print(f'skipped {name}: no PgBouncer', file=sys.stderr)
                 continue
             outcomes, failed = [], 0
             for number in range(1, args.runs + 1):
@@ -251,7 +311,7 @@ def main(argv=None):
             models.db.close()
             updates, failed = hostile_input(url, args.fuzz_examples)
             lines.append(f'| hostile input: {FUZZ_PROPERTIES} hypothesis properties × {args.fuzz_examples} '
-                         f'examples, plus fixed cases | {updates} | {failed} | 0 | 0 | 0 | n/a |')
+                         f'examples, plus fixed cases | {updates} | {failed} | 0 | 0 | 0 | n/a | |')
         print('\n'.join(lines))
     return 0
 

@@ -1,0 +1,56 @@
+"""Smoke test of soak/run.py's wave-2 scenarios (issues 12-14): each runs once at a tiny size, so CI proves they
+still run and still find 0 lost, 0 double. The figures come from soak/run.py at full size (docs/dev/RELIABILITY.md);
+nothing here is timed. Scenarios that do not depend on the database run on one of the two suites only, to keep
+the cost of this file under about a minute in all.
+"""
+import sys
+
+import pytest
+
+from conftest import PG_URL, ROOT
+from test_faults import rig  # noqa: F401 (a fixture)
+
+sys.path.insert(0, str(ROOT / 'soak'))
+import wave2  # noqa: E402
+
+ON_SQLITE, ON_POSTGRES = not PG_URL, bool(PG_URL)
+
+
+def passes(outcome, rig):
+    assert outcome.payments > 0
+    assert (outcome.lost, outcome.double, outcome.problems) == (0, 0, []), rig.output()[-5000:]
+    assert 'Traceback' not in rig.output()
+
+
+@pytest.mark.skipif(not ON_SQLITE, reason='run on the SQLite suite only (the cost of this file)')
+def test_webhook_mode_race(rig):
+    passes(wave2.webhook_mode_race(rig, buyers=1, replays=17, presses=2), rig)
+
+
+@pytest.mark.skipif(not ON_POSTGRES, reason='several processes need PostgreSQL')
+def test_two_processes_through_pgbouncer_with_a_kill(rig):
+    via = 'pgbouncer' if wave2.os.environ.get('TEST_PGBOUNCER_URL') else 'direct'
+    passes(wave2.processes_with_a_kill(rig, processes=2, via=via, buyers=4, poll_seconds=1), rig)
+
+
+@pytest.mark.skipif(not ON_SQLITE, reason='run on the SQLite suite only (the cost of this file)')
+def test_one_of_three_panels_answering_garbage(rig):
+    passes(wave2.one_panel_failing(rig, fault='garbage', buyers=1, seconds=0), rig)
+
+
+@pytest.mark.skipif(not ON_POSTGRES, reason='run on the PostgreSQL suite only (the cost of this file)')
+def test_a_panel_added_mid_run(rig):
+    passes(wave2.panel_added_mid_run(rig, buyers=2), rig)
+
+
+@pytest.mark.skipif(not ON_SQLITE, reason='run on the SQLite suite only (the cost of this file)')
+@pytest.mark.parametrize('scenario', ['stars_delivered_again', 'stars_dropped', 'stars_refund_twice',
+                                      'stars_monthly'])
+def test_stars(rig, scenario):
+    sizes = {'stars_monthly': {'renewals': 2}}
+    passes(getattr(wave2, scenario)(rig, **sizes.get(scenario, {'buyers': 1})), rig)
+
+
+@pytest.mark.skipif(not ON_POSTGRES, reason='run on the PostgreSQL suite only (the cost of this file)')
+def test_stars_kill_before_commit(rig):
+    passes(wave2.stars_kill_before_commit(rig), rig)
