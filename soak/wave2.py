@@ -36,13 +36,22 @@ def healthy(port):
         return False
 
 
-def start_webhook_bot(rig, port, log='bot', **overrides):
-    """Start bot.py serving HTTP on port (webhook mode when WEBHOOK_URL is given) and wait until it is healthy."""
-    bot = rig.launch(log=log, HTTP_PORT=port, **overrides)
-    wait_until(lambda: healthy(port) or bot.process.poll() is not None, 60, f'{log} serving /healthz')
-    if bot.process.poll() is not None:
-        raise AssertionError(f'{log} exited with {bot.process.returncode}:\n{bot.output()}')
-    return bot
+def start_webhook_bot(rig, log='bot', webhook_url=None, **overrides):
+    """Start bot.py serving HTTP on a free port and wait until it is healthy; return (bot, port).
+
+    webhook_url(port) gives WEBHOOK_URL (webhook mode). A port another program took between free_port() and
+    the bot's bind (the machine is shared) is given up for another one.
+    """
+    for _ in range(5):
+        port = free_port()
+        extra = {'WEBHOOK_URL': webhook_url(port)} if webhook_url else {}
+        bot = rig.launch(log=log, HTTP_PORT=port, **extra, **overrides)
+        wait_until(lambda: healthy(port) or bot.process.poll() is not None, 60, f'{log} serving /healthz')
+        if bot.process.poll() is None:
+            return bot, port
+        if 'already in use' not in bot.output().splitlines()[-1]:
+            break
+    raise AssertionError(f'{log} exited with {bot.process.returncode}:\n{bot.output()}')
 
 
 def shop_in_parallel(telegram, buyers):
@@ -92,8 +101,7 @@ def one_link_each(rig, invoice_ids, outcome):
 def webhook_mode_race(rig, buyers=5, replays=17, presses=3):
     """Webhook mode: every update POSTed to /telegram; each paid invoice's Crypto Pay webhook replayed 17 times
     at once, racing the poller (every second) and the buyer's own Check presses."""
-    port = free_port()
-    start_webhook_bot(rig, port, WEBHOOK_URL=f'http://127.0.0.1:{port}', PAYMENT_POLL_SECONDS=1)
+    _, port = start_webhook_bot(rig, webhook_url=lambda port: f'http://127.0.0.1:{port}', PAYMENT_POLL_SECONDS=1)
     rig.telegram.wait_webhook(timeout=30)
     people = [person(2700 + n, name=f'Hook{n}') for n in range(buyers)]
     menus = shop_in_parallel(rig.telegram, people)
@@ -141,11 +149,14 @@ def processes_with_a_kill(rig, processes=2, via='direct', buyers=30, poll_second
         database_url = os.environ.get('TEST_PGBOUNCER_URL') or ''
         if not database_url:
             raise AssertionError('no PgBouncer: set TEST_PGBOUNCER_URL (soak/run.py --postgres starts one)')
-    ports = [free_port() for _ in range(processes)]
-    proxy = RoundRobin(ports)
+    proxy = RoundRobin([])
     try:
-        bots = [start_webhook_bot(rig, port, log=f'bot{n}', WEBHOOK_URL=proxy.url, DATABASE_URL=database_url,
-                                  PAYMENT_POLL_SECONDS=poll_seconds) for n, port in enumerate(ports)]
+        started = [start_webhook_bot(rig, log=f'bot{n}', webhook_url=lambda port: proxy.url,
+                                     DATABASE_URL=database_url, PAYMENT_POLL_SECONDS=poll_seconds)
+                   for n in range(processes)]
+        bots, ports = [bot for bot, _ in started], [port for _, port in started]
+        with proxy.lock:
+            proxy.ports, proxy.served = ports, {port: 0 for port in ports}
         rig.cryptopay.deliver_webhooks(proxy.url + '/cryptopay')
         people = [person(20000 + n, name=f'Buyer{n}') for n in range(buyers)]
         menus = shop_in_parallel(rig.telegram, people)

@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
+import models
 from conftest import PG_URL, ROOT
+from models import Payment, User
 from test_faults import rig  # noqa: F401 (a fixture)
 
 sys.path.insert(0, str(ROOT / 'soak'))
@@ -35,7 +37,12 @@ def test_two_processes_through_pgbouncer_with_a_kill(rig):
 
 @pytest.mark.skipif(not ON_SQLITE, reason='run on the SQLite suite only (the cost of this file)')
 def test_one_of_three_panels_answering_garbage(rig):
-    passes(wave2.one_panel_failing(rig, fault='garbage', buyers=1, seconds=0), rig)
+    outcome = wave2.one_panel_failing(rig, fault='garbage', buyers=1, seconds=0)
+    passes(outcome, rig)
+    # the audit sees a panel ahead of the ledger (a double credit there), on any one of the panels
+    invoice_id = Payment.get().invoice_id
+    rig.panel.clients[User.get().panel_email]['expiryTime'] += 86_400_000
+    assert wave2.audit_panels(rig, [('Japan', rig.panel)], [invoice_id], 0).double == 1
 
 
 @pytest.mark.skipif(not ON_POSTGRES, reason='run on the PostgreSQL suite only (the cost of this file)')
@@ -48,7 +55,13 @@ def test_a_panel_added_mid_run(rig):
                                       'stars_monthly'])
 def test_stars(rig, scenario):
     sizes = {'stars_monthly': {'renewals': 2}}
-    passes(getattr(wave2, scenario)(rig, **sizes.get(scenario, {'buyers': 1})), rig)
+    outcome = getattr(wave2, scenario)(rig, **sizes.get(scenario, {'buyers': 1}))
+    passes(outcome, rig)
+    # the audit sees days beyond what was paid, and a charge with no payment
+    models.grant_days(User.get().id, 1, 'admin', 'soak-audit')
+    assert wave2.stars_audit(rig, 0).double >= 1
+    rig.telegram.charges['stx-never-recorded'] = {**next(iter(rig.telegram.charges.values())), 'refunded': False}
+    assert wave2.stars_audit(rig, 0).lost >= 1
 
 
 @pytest.mark.skipif(not ON_POSTGRES, reason='run on the PostgreSQL suite only (the cost of this file)')
