@@ -11,6 +11,10 @@ killed link message waits out its 2-minute lease). Lost: paid, but not settled, 
 with the ledger's expiry and told to the buyer. Double: days beyond what was paid, or a panel ahead of
 the ledger. Recovery: from the end of the fault (for races, from the start) until every buyer had their
 link. Progress and failures go to stderr, the markdown table to stdout.
+
+The wave-2 scenarios (webhook mode, several processes, several panels, Telegram Stars) are in soak/wave2.py;
+tests/test_soak.py runs each once at a tiny size in CI. With --postgres a PgBouncer in transaction mode is
+started in front of the server for the rows "through PgBouncer" (skipped when pgbouncer is not installed).
 """
 import argparse
 import contextlib
