@@ -12,7 +12,8 @@ with the ledger's expiry and told to the buyer. Double: days beyond what was pai
 the ledger. Recovery: from the end of the fault (for races, from the start) until every buyer had their
 link. Progress and failures go to stderr, the markdown table to stdout.
 
-The wave-2 scenarios (webhook mode, several processes, several panels, Telegram Stars) are in soak/wave2.py;
+The wave-2 scenarios (webhook mode, several processes, several panels, Telegram Stars) are in soak/http_side.py,
+soak/several_panels.py and soak/stars_payments.py;
 tests/test_soak.py runs each once at a tiny size in CI. With --postgres a PgBouncer in transaction mode is
 started in front of the server for the rows "through PgBouncer" (skipped when pgbouncer is not installed).
 """
@@ -48,7 +49,9 @@ from test_faults import (BUSY, CRASH_POINTS, Outcome, audit, crash, crash_during
                          race_presses_through_bot, race_two_bots, start_cryptopay_fault, start_panel_fault, told,
                          wait_until)
 from test_web import race_webhooks_and_the_poller  # noqa: E402
-import wave2  # noqa: E402  (soak/wave2.py: the scenarios of issues 12-14)
+import http_side  # noqa: E402  (this folder: the scenarios of issue 12)
+import several_panels  # noqa: E402  (issue 13)
+import stars_payments  # noqa: E402  (issue 14)
 
 FUZZ_PROPERTIES = 5  # the @given tests in tests/test_fuzz.py
 
@@ -130,24 +133,24 @@ SCENARIOS = [
     ('PostgreSQL restarted while bot.py serves', postgres_restart_noted, 's', True),
     # wave 2, issue 12: the HTTP side and several processes
     ('webhook mode: 5 buyers, Crypto Pay webhook x17 each, Check presses and the poller at once',
-     wave2.webhook_mode_race, 's', False),
+     http_side.webhook_mode_race, 's', False),
     *[(f'{n} bot.py processes {via}, 30 buyers, kill -9 of the job holder halfway',
-       functools.partial(wave2.processes_with_a_kill, processes=n, via=via.split()[-1]), 's', True)
+       functools.partial(http_side.processes_with_a_kill, processes=n, via=via.split()[-1]), 's', True)
       for n in (2, 3) for via in ('direct', 'through PgBouncer')],
     # wave 2, issue 13: one of three panels (legacy, v3.1.0, newest) failing, then back
-    *[(f'3 panels, one {label} for 30 s after the links', functools.partial(wave2.one_panel_failing, fault=fault),
+    *[(f'3 panels, one {label} for 30 s after the links', functools.partial(several_panels.one_panel_failing, fault=fault),
        's', False) for fault, label in (('down', 'refusing connections'), ('hang', 'hanging past the read timeout'),
                                         ('garbage', 'answering an HTML page'),
                                         ('refusing', 'answering success:false'))],
-    ('a third panel added mid-run: backfill of 10 paid buyers, 10 more paying', wave2.panel_added_mid_run, 's',
+    ('a third panel added mid-run: backfill of 10 paid buyers, 10 more paying', several_panels.panel_added_mid_run, 's',
      False),
     # wave 2, issue 14: Telegram Stars
     ('Stars: successful_payment delivered 3 times, recovery job every second (5 buyers)',
-     wave2.stars_delivered_again, 's', False),
-    ('Stars: successful_payment dropped, recovered by the job (5 buyers)', wave2.stars_dropped, 's', False),
-    ('Stars: kill -9 between the charge and our commit', wave2.stars_kill_before_commit, 's', False),
-    ('Stars: each of 3 charges refunded twice', wave2.stars_refund_twice, 's', False),
-    ('Stars: a monthly subscription renewed 3 times, every other update dropped', wave2.stars_monthly, 's', False),
+     stars_payments.stars_delivered_again, 's', False),
+    ('Stars: successful_payment dropped, recovered by the job (5 buyers)', stars_payments.stars_dropped, 's', False),
+    ('Stars: kill -9 between the charge and our commit', stars_payments.stars_kill_before_commit, 's', False),
+    ('Stars: each of 3 charges refunded twice', stars_payments.stars_refund_twice, 's', False),
+    ('Stars: a monthly subscription renewed 3 times, every other update dropped', stars_payments.stars_monthly, 's', False),
 ]
 
 

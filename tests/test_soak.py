@@ -3,6 +3,7 @@ still run and still find 0 lost, 0 double. The figures come from soak/run.py at 
 nothing here is timed. Scenarios that do not depend on the database run on one of the two suites only, to keep
 the cost of this file under about a minute in all.
 """
+import os
 import sys
 
 import pytest
@@ -13,7 +14,9 @@ from models import Payment, User
 from test_faults import rig  # noqa: F401 (a fixture)
 
 sys.path.insert(0, str(ROOT / 'soak'))
-import wave2  # noqa: E402
+import http_side  # noqa: E402
+import several_panels  # noqa: E402
+import stars_payments  # noqa: E402
 
 ON_SQLITE, ON_POSTGRES = not PG_URL, bool(PG_URL)
 
@@ -26,28 +29,28 @@ def passes(outcome, rig):
 
 @pytest.mark.skipif(not ON_SQLITE, reason='run on the SQLite suite only (the cost of this file)')
 def test_webhook_mode_race(rig):
-    passes(wave2.webhook_mode_race(rig, buyers=1, replays=17, presses=2), rig)
+    passes(http_side.webhook_mode_race(rig, buyers=1, replays=17, presses=2), rig)
 
 
 @pytest.mark.skipif(not ON_POSTGRES, reason='several processes need PostgreSQL')
 def test_two_processes_through_pgbouncer_with_a_kill(rig):
-    via = 'pgbouncer' if wave2.os.environ.get('TEST_PGBOUNCER_URL') else 'direct'
-    passes(wave2.processes_with_a_kill(rig, processes=2, via=via, buyers=4, poll_seconds=1), rig)
+    via = 'pgbouncer' if os.environ.get('TEST_PGBOUNCER_URL') else 'direct'
+    passes(http_side.processes_with_a_kill(rig, processes=2, via=via, buyers=4, poll_seconds=1), rig)
 
 
 @pytest.mark.skipif(not ON_SQLITE, reason='run on the SQLite suite only (the cost of this file)')
 def test_one_of_three_panels_answering_garbage(rig):
-    outcome = wave2.one_panel_failing(rig, fault='garbage', buyers=1, seconds=0)
+    outcome = several_panels.one_panel_failing(rig, fault='garbage', buyers=1, seconds=0)
     passes(outcome, rig)
     # the audit sees a panel ahead of the ledger (a double credit there), on any one of the panels
     invoice_id = Payment.get().invoice_id
     rig.panel.clients[User.get().panel_email]['expiryTime'] += 86_400_000
-    assert wave2.audit_panels(rig, [('Japan', rig.panel)], [invoice_id], 0).double == 1
+    assert several_panels.audit_panels(rig, [('Japan', rig.panel)], [invoice_id], 0).double == 1
 
 
 @pytest.mark.skipif(not ON_POSTGRES, reason='run on the PostgreSQL suite only (the cost of this file)')
 def test_a_panel_added_mid_run(rig):
-    passes(wave2.panel_added_mid_run(rig, buyers=2), rig)
+    passes(several_panels.panel_added_mid_run(rig, buyers=2), rig)
 
 
 @pytest.mark.skipif(not ON_SQLITE, reason='run on the SQLite suite only (the cost of this file)')
@@ -55,15 +58,15 @@ def test_a_panel_added_mid_run(rig):
                                       'stars_monthly'])
 def test_stars(rig, scenario):
     sizes = {'stars_monthly': {'renewals': 2}}
-    outcome = getattr(wave2, scenario)(rig, **sizes.get(scenario, {'buyers': 1}))
+    outcome = getattr(stars_payments, scenario)(rig, **sizes.get(scenario, {'buyers': 1}))
     passes(outcome, rig)
     # the audit sees days beyond what was paid, and a charge with no payment
     models.grant_days(User.get().id, 1, 'admin', 'soak-audit')
-    assert wave2.stars_audit(rig, 0).double >= 1
+    assert stars_payments.stars_audit(rig, 0).double >= 1
     rig.telegram.charges['stx-never-recorded'] = {**next(iter(rig.telegram.charges.values())), 'refunded': False}
-    assert wave2.stars_audit(rig, 0).lost >= 1
+    assert stars_payments.stars_audit(rig, 0).lost >= 1
 
 
 @pytest.mark.skipif(not ON_POSTGRES, reason='run on the PostgreSQL suite only (the cost of this file)')
 def test_stars_kill_before_commit(rig):
-    passes(wave2.stars_kill_before_commit(rig), rig)
+    passes(stars_payments.stars_kill_before_commit(rig), rig)
