@@ -9,7 +9,6 @@ import functools
 import io
 import logging
 import os
-import re
 import signal
 import sys
 import threading
@@ -18,12 +17,13 @@ from datetime import datetime, timezone
 
 import telebot
 import zxingcpp
-from peewee import IntegrityError, InterfaceError, OperationalError
+from peewee import InterfaceError, OperationalError
 from PIL import Image
 from telebot import apihelper
 from telebot.apihelper import ApiTelegramException
 from telebot.types import BotCommand, BotCommandScopeChat, BotCommandScopeDefault, CallbackQuery
 
+import admin
 import config
 import jobs
 import keyboards
@@ -32,12 +32,13 @@ import panels
 import tgsender
 import stars
 import web
+from admin import ADMIN_COMMANDS
 from cryptobot import CryptoPayClient, CryptoPayError
 from messenger import Messenger
 from outages import Outage, Watched, cryptopay_unreachable, describe, telegram_unreachable
 from shop import InvoiceInProgress, Shop, TooManyInvoices, language_for as shop_language
 import texts
-from markup import (MAX_CALLBACK_ANSWER, MAX_CAPTION, MAX_DESCRIPTION, MAX_MESSAGE, MAX_SHORT_DESCRIPTION, Html, clip_html,
+from markup import (MAX_CALLBACK_ANSWER, MAX_CAPTION, MAX_DESCRIPTION, MAX_MESSAGE, MAX_SHORT_DESCRIPTION, clip_html,
                     clip_plain, html, visible)
 from texts import human_bytes, plain, plan_name, show_date, t
 from xui import XuiClient
@@ -45,7 +46,6 @@ from xui import XuiClient
 log = logging.getLogger('bot')
 
 MEMBER_STATUSES = ('member', 'administrator', 'creator')
-ADMIN_COMMANDS = ('stats', 'newcode', 'user', 'give', 'broadcast', 'sync', 'panels', 'refund')
 # Telegram holds getUpdates open this long; the read timeout must exceed it.
 LONG_POLL_SECONDS = 25
 # A button press must be answered within ~15 s (Telegram then refuses the answer): inside handlers each
@@ -154,13 +154,6 @@ def qr_png(link, scale=8):
     return buffer.getvalue()
 
 
-def pending_panels(user):
-    """Say (plain text) which panels still wait for the user's days (' · panel update pending: Germany'), or ''."""
-    names = [name for (name,) in models.PanelClient.select(models.PanelClient.panel)
-             .where(models.PanelClient.user == user.id, models.PanelClient.dirty == True).tuples()]  # noqa: E712
-    return f' · panel update pending: {", ".join(sorted(names))}' if names else ''
-
-
 def command_argument(text):
     """Return what follows the command word of a message ('' if nothing)."""
     parts = (text or '').split(maxsplit=1)
@@ -201,6 +194,7 @@ class ShopBot:
                                      chat_types=private)
         self.checkout_pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix='checkout')
         bot.process_new_pre_checkout_query = self.on_pre_checkout_queries
+        self.admin = admin.AdminCommands(shop, settings, self.stars, self.messenger, self.reply)
 
     # Plumbing
 
@@ -268,14 +262,7 @@ class ShopBot:
                     language_code=language_code)
             except ApiTelegramException as exc:  # a profile without a description still sells
                 log.warning('bot description not set lang=%s: %s', lang, exc.description)
-        admin_commands = [BotCommand('start', 'Main menu'), BotCommand('stats', 'Shop figures'),
-                          BotCommand('newcode', '[days] [uses] [CODE] — new promo code'),
-                          BotCommand('user', '<id|@username> — look a customer up'),
-                          BotCommand('give', '<id|@username> <days> — extend by hand'),
-                          BotCommand('broadcast', '<text> — message every user'),
-                          BotCommand('sync', 'Compare the panels with the ledger'),
-                          BotCommand('panels', 'Each panel: answers, clients, pending pushes'),
-                          BotCommand('refund', '<telegram_payment_charge_id> — refund a Stars payment')]
+        admin_commands = [BotCommand('start', 'Main menu')] + [BotCommand(name, line) for name, line in admin.MENU]
         for admin_id in self.settings.admin_ids:
             try:
                 self.bot.set_my_commands(admin_commands, scope=BotCommandScopeChat(admin_id))
@@ -308,7 +295,7 @@ class ShopBot:
                 self.shop.set_awaiting(user, 'promo')
                 self.reply(message.chat.id, t(user.language, 'promo_ask'))
         elif command in ADMIN_COMMANDS and self.is_admin(user.telegram_id):
-            getattr(self, f'admin_{command}')(message, user, argument)
+            self.admin.run(command, message.chat.id, message.message_id, user, argument)
         else:
             self.reply(message.chat.id, t(user.language, 'unknown'))
 
@@ -602,133 +589,6 @@ class ShopBot:
 
     def button_help(self, call, user, _):
         self.show(call, self.help_text(user.language), keyboards.back_to_menu(user.language))
-
-    # Admin commands (reached only for ADMIN_IDS)
-
-    def admin_stats(self, message, user, _):
-        stats = self.shop.stats()
-        revenue = self.stars.revenue()
-        lines = ', '.join(f'{count} · {total} {"⭐" if currency == stars.XTR else currency}'
-                          for currency, (count, total) in sorted(revenue.items())) or 'none'
-        text = t(user.language, 'adm_stats', **stats)
-        if len(self.shop.panels) > 1:
-            text = Html(text + t(user.language, 'adm_stats_panels', panels=', '.join(
-                f'{name} {count}' for name, count in stats['panel_clients'].items())))
-        self.reply(message.chat.id, Html(text + '\n' + t(user.language, 'adm_revenue', lines=lines)))
-
-    def admin_panels(self, message, user, _):
-        blocks = []
-        for row in self.shop.panel_report(probe=True):
-            if not row['enabled']:
-                state = 'disabled in PANELS_FILE (never touched)'
-            elif row['reachable']:
-                state = 'answers, ' + ('v3.1+ clients API' if row['generation'] == 'v3' else 'inbounds API (≤ v3.0)')
-            else:
-                state = f'does not answer: {row["error"]}'
-            last_error = f'\nLast push error: {row["last_error"]}' if row['last_error'] else ''
-            blocks.append(t(user.language, 'adm_panel', name=row['name'], state=state, clients=row['clients'],
-                            pending=row['pending'], last_error=last_error))
-        self.reply(message.chat.id, Html('\n\n'.join(blocks)))
-
-    def admin_refund(self, message, user, argument):
-        lang = user.language
-        if not argument or len(argument.split()) != 1:
-            self.reply(message.chat.id, t(lang, 'adm_refund_usage'))
-            return
-        result = self.stars.refund(argument)
-        if result.outcome == 'refunded':
-            customer = models.User.get_by_id(result.payment.user_id)
-            self.reply(message.chat.id, t(lang, 'adm_refunded', amount=int(result.payment.amount),
-                                          id=customer.telegram_id, days=result.payment.plan_days,
-                                          expiry=self.date(customer.expires_at)))
-        elif result.outcome == 'refused':
-            self.reply(message.chat.id, t(lang, 'adm_refund_refused', reason=result.detail))
-        else:
-            self.reply(message.chat.id, t(lang, f'adm_refund_{result.outcome}'))
-
-    def admin_newcode(self, message, user, argument):
-        lang = user.language
-        parts = argument.split()
-        try:
-            days = int(parts[0]) if len(parts) > 0 else 7
-            uses = int(parts[1]) if len(parts) > 1 else 1
-        except ValueError:  # int() takes only what a person would type as a number; '²' fails here
-            days = uses = 0
-        code = parts[2] if len(parts) > 2 else None
-        if not (1 <= days <= 3650 and 1 <= uses <= 1_000_000) or len(parts) > 3 or \
-                (code is not None and not (6 <= len(code) <= 32 and code.isascii() and code.isalnum())):
-            self.reply(message.chat.id, t(lang, 'adm_newcode_usage'))
-            return
-        try:
-            promo = self.shop.create_promo(user.telegram_id, days, uses, code)
-        except ValueError:  # create_promo's own check, the same as above
-            self.reply(message.chat.id, t(lang, 'adm_newcode_usage'))
-            return
-        except IntegrityError:
-            self.reply(message.chat.id, t(lang, 'adm_code_exists', code=code.upper()))
-            return
-        self.reply(message.chat.id, t(lang, 'adm_code_created', code=promo.code, days=days, uses=uses))
-
-    def admin_user(self, message, user, argument):
-        lang = user.language
-        customer = self.shop.find_user(argument)
-        if customer is None:
-            self.reply(message.chat.id, t(lang, 'adm_user_unknown' if argument else 'adm_user_usage'))
-            return
-        payments = list(customer.payments.order_by(models.Payment.created_at.desc()).limit(5))
-        grants = list(customer.grants.order_by(models.Grant.id.desc()).limit(5))
-        flags = ''.join(flag for flag, on in ((' (active)', customer.is_active()), (' · blocked the bot', customer.blocked))
-                        if on) + pending_panels(customer)
-        self.reply(message.chat.id, t(
-            lang, 'adm_user', name=customer.first_name, username=customer.username or '-', id=customer.telegram_id,
-            language=customer.language, expiry=self.date(customer.expires_at) if customer.expires_at else 'none',
-            flags=flags, registered=self.date(customer.created_at), invited=customer.referrer_id is not None,
-            payments=', '.join(f'{p.provider} {p.provider_id or "#" + str(p.id)} '
-                               f'{int(p.amount) if p.currency == stars.XTR else p.amount} {p.currency} {p.status}'
-                               + (f' (subscription until {self.date(p.subscription_until)}, renewal '
-                                  f'{"canceled" if p.renewal_canceled else "on"})' if p.subscription_until else '')
-                               for p in payments) or 'none',
-            grants=', '.join(f'+{g.days}d {g.reason}' for g in grants) or 'none'))
-
-    def admin_give(self, message, user, argument):
-        lang = user.language
-        parts = argument.split()
-        customer = self.shop.find_user(parts[0]) if len(parts) == 2 else None
-        days = int(parts[1]) if len(parts) == 2 and re.fullmatch('[0-9]{1,4}', parts[1]) else 0
-        if customer is None or not 1 <= days <= 3650:
-            self.reply(message.chat.id, t(lang, 'adm_give_usage'))
-            return
-        try:  # the message identifies the grant, so a re-delivered update cannot credit twice
-            expiry = self.shop.admin_give(user.telegram_id, customer, days, f'{message.chat.id}:{message.message_id}')
-        except IntegrityError:
-            self.reply(message.chat.id, t(lang, 'adm_give_again'))
-            return
-        provisioned = self.shop.provision(customer.id)
-        self.reply(message.chat.id, t(lang, 'adm_given' if provisioned else 'adm_given_panel_down', days=days,
-                                      id=customer.telegram_id, expiry=self.date(expiry)))
-
-    def admin_broadcast(self, message, user, argument):
-        lang = user.language
-        if not argument:
-            self.reply(message.chat.id, t(lang, 'adm_broadcast_usage'))
-            return
-        status = self.reply(message.chat.id, t(lang, 'adm_broadcast_started'))
-        # cut the plain text to Telegram's visible limit first, then escape it: '&' is one character to Telegram
-        text = html(clip_plain(argument, MAX_MESSAGE))
-
-        def say(report, key):
-            counts = dict(delivered=report.delivered, blocked=report.blocked, failed=report.failed)
-            if key == 'adm_broadcast_done' and report.error:
-                return t(lang, 'adm_broadcast_stopped', error=report.error, **counts)
-            return t(lang, key, **counts)
-
-        threading.Thread(target=self.messenger.run_broadcast, args=(text, status.chat.id, status.message_id),
-                         kwargs={'progress_text': lambda report: say(report, 'adm_broadcast_progress'),
-                                 'final_text': lambda report: say(report, 'adm_broadcast_done')},
-                         name='broadcast', daemon=True).start()
-
-    def admin_sync(self, message, user, _):
-        self.reply(message.chat.id, '\n\n'.join(report.text(user.language) for report in jobs.reconcile_all(self.shop)))
 
 
 class LogErrors(telebot.ExceptionHandler):
