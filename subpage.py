@@ -4,14 +4,13 @@ Plain HTML from a Jinja2 template with autoescaping; no JavaScript. Russian or E
 The import buttons use each app's documented deep-link scheme (see APPS).
 """
 import base64
-import io
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote
 
 import jinja2
-import qrcode
-from qrcode.image.pure import PyPNGImage
+
+from qr import qr_png
 
 RUSSIAN_REGION = {'ru', 'uk', 'be', 'kk', 'ky', 'uz', 'tg', 'tk', 'hy', 'az', 'ka'}
 
@@ -77,10 +76,7 @@ def language_of(accept_language):
 
 def qr_data_uri(link):
     """Render the link as a PNG QR code in a data: URI (error correction M: scans from a phone screen)."""
-    buffer = io.BytesIO()
-    qrcode.make(link, image_factory=PyPNGImage, box_size=6, border=4,
-                error_correction=qrcode.constants.ERROR_CORRECT_M).save(buffer)
-    return 'data:image/png;base64,' + base64.b64encode(buffer.getvalue()).decode()
+    return 'data:image/png;base64,' + base64.b64encode(qr_png(link, scale=6)).decode()
 
 
 def human_bytes(count):

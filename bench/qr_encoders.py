@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/qr_encoders.py [--codes 40] [--repeat 5]
 
-Encoders: qrcode + pypng (the bot until 2751ac3), qrcode + Pillow, segno's own PNG writer
-(`pip install segno` to include it; not a requirement), zxing-cpp + Pillow (bot.qr_png now).
+Encoders: qrcode + pypng (the bot until 2751ac3), qrcode + Pillow, segno's own PNG writer (`pip install
+qrcode pypng segno` to include them; not requirements), zxing-cpp + Pillow (qr.qr_png: the bot and the page).
 All at error correction M with a 4-module quiet zone and 8 px a module. CPU is this process's
 (time.process_time), the minimum over --repeat rounds, so other work on the machine moves it
 little. Each PNG is decoded with zxing-cpp's reader, as taken and as a phone camera would see it
@@ -46,7 +46,7 @@ def segno_png(link):
 
 
 def zxing_pillow(link):
-    from bot import qr_png
+    from qr import qr_png
     return qr_png(link)
 
 
@@ -66,7 +66,7 @@ def main():
     print(f'# qr encoders: {common.machine_line()}')
     links = [f'https://vpn.example.test:2096/sub/{i:016d}' for i in range(args.codes)]
     for label, encode in (('qrcode + pypng (before)', qrcode_pypng), ('qrcode + Pillow', qrcode_pillow),
-                          ('segno', segno_png), ('zxing-cpp + Pillow (bot.qr_png)', zxing_pillow)):
+                          ('segno', segno_png), ('zxing-cpp + Pillow (qr.qr_png)', zxing_pillow)):
         try:
             png = encode(links[0])
         except ImportError as exc:
