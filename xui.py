@@ -11,12 +11,13 @@ import secrets
 import threading
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
 from urllib.parse import quote, urlsplit
 
 import requests
 
 import httpsession
+from xui_fields import (LEGACY_FIELDS, as_bytes, client_body, client_view, datetime_to_ms, record_to_client,
+                        traffic_view)
 
 log = logging.getLogger(__name__)
 
@@ -29,24 +30,8 @@ SESSION_COOKIES = ('3x-ui', 'session')
 # The field that holds a client's key, per inbound protocol; legacy routes address clients by it.
 KEY_FIELDS = {'vless': 'id', 'vmess': 'id', 'trojan': 'password', 'shadowsocks': 'email',
               'hysteria': 'auth', 'hysteria2': 'auth'}
-# The fields of 3x-ui's `type Client` with their JSON types: every write body is decoded into that struct by
-# Go's encoding/json, which refuses a value of the wrong type (e.g. the comma-separated string allowedIPs
-# that a v3.4.2+ ClientRecord carries, where Client has []string). The union of v2.9.4 - v3.6.0 and the
-# unreleased HEAD (resetDay, resetMax, trafficReset, trafficResetDay); a version ignores the keys it lacks.
-# Source: model.go `type Client` at each tag (internal/database/model/model.go from v3.3.1).
-CLIENT_FIELDS = {
-    'id': str, 'security': str, 'password': str, 'flow': str, 'reverse': 'reverse', 'auth': str,
-    'privateKey': str, 'publicKey': str, 'allowedIPs': list, 'preSharedKey': str, 'keepAlive': int,
-    'secret': str, 'adTag': str, 'email': str, 'limitIp': int, 'totalGB': int, 'expiryTime': int,
-    'enable': bool, 'tgId': int, 'subId': str, 'group': str, 'comment': str, 'reset': int,
-    'resetDay': int, 'resetMax': int, 'trafficReset': str, 'trafficResetDay': int,
-}
-# Legacy panels store a settings entry as sent; their web page also keeps a shadowsocks client's `method` there
-# (web/assets/js/model/inbound.js, Shadowsocks.toJson), which xray reads.
-LEGACY_FIELDS = {**CLIENT_FIELDS, 'method': str}
 # Asked for during detection; only whether the route exists matters.
 PROBE_EMAIL = 'spn-generation-probe'
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 class XuiError(Exception):
@@ -80,102 +65,6 @@ class _RouteMissing(XuiError):
 def _panel_msg(payload):
     """Return an envelope's msg in the panel's words, without the line breaks of Go's fmt.Sprintln."""
     return str(payload.get('msg') or '').replace('\n', '').strip()
-
-
-def _ms_to_datetime(ms):
-    """Turn panel milliseconds into an aware UTC datetime; 0 means never (None)."""
-    ms = int(ms or 0)
-    if ms == 0:
-        return None
-    if ms < 0:
-        # "delayed start": the clock starts at first use, so at least this much time is left
-        return datetime.now(timezone.utc) + timedelta(milliseconds=-ms)
-    return EPOCH + timedelta(milliseconds=ms)
-
-
-def _datetime_to_ms(moment):
-    """Turn a datetime (None = never; naive means UTC, as stored) into panel milliseconds."""
-    if moment is None:
-        return 0
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return (moment - EPOCH) // timedelta(milliseconds=1)
-
-
-def _as_bytes(value):
-    """Read a byte count: the panel's totalGB, total, up and down are all plain bytes; missing is 0."""
-    return int(value or 0)
-
-
-def _as_tg_id(value):
-    """Read a Telegram id, which old panels and the web UI store as a string or ''."""
-    try:
-        return int(value) or None
-    except (TypeError, ValueError):
-        return None
-
-
-def _client_view(client):
-    """Describe a stored client (a settings entry: `id` is the UUID) in the bot's terms."""
-    return {'email': client.get('email', ''),
-            'uuid': client.get('id') or client.get('password') or client.get('auth') or '',
-            'sub_id': client.get('subId') or '',
-            'expiry': _ms_to_datetime(client.get('expiryTime')),
-            'enable': client.get('enable') is True,
-            'total_bytes': _as_bytes(client.get('totalGB')),
-            'tg_id': _as_tg_id(client.get('tgId'))}
-
-
-def _traffic_view(row):
-    """Describe a traffic row in the bot's terms."""
-    return {'up': _as_bytes(row.get('up')), 'down': _as_bytes(row.get('down')),
-            'total': _as_bytes(row.get('total')), 'expiry': _ms_to_datetime(row.get('expiryTime')),
-            'enable': row.get('enable') is True}
-
-
-def _as_type(value, kind):
-    """Convert one value read from the panel to the JSON type `kind` that Client has for it."""
-    if kind is str:
-        return value if isinstance(value, str) else ''
-    if kind is bool:
-        return value is True
-    if kind is int:
-        if isinstance(value, bool):
-            return 0
-        if isinstance(value, (int, float)):
-            return int(value)
-        try:
-            return int(str(value).strip())
-        except ValueError:
-            return 0
-    if kind is list:
-        # ClientRecord joins Client's []string with commas (ToRecord); ToClient splits and trims them again
-        parts = value if isinstance(value, list) else str(value or '').split(',')
-        return [str(part).strip() for part in parts if isinstance(part, str) and part.strip()]
-    # reverse: an object {"tag": ...} in Client; the record shows it as an object, null, or a raw string
-    tag = value.get('tag') if isinstance(value, dict) else None
-    return {'tag': tag} if isinstance(tag, str) and tag.strip() else None
-
-
-def _client_body(client, fields=CLIENT_FIELDS):
-    """Build a write body from the panel's Client fields only, each converted to its Client type.
-
-    What the panel sent is never echoed: keys not in `fields` are dropped, empty optional ones left out.
-    """
-    body = {}
-    for key, kind in fields.items():
-        if key in client:
-            value = _as_type(client[key], kind)
-            if value is not None and value != []:
-                body[key] = value
-    return body
-
-
-def _record_to_client(record):
-    """Turn a v3.1+ ClientRecord (int `id`, key in `uuid`) into a Client body, as the panel's ToClient does."""
-    client = {key: value for key, value in record.items() if key not in ('id', 'uuid')}
-    client['id'] = record.get('uuid') or ''
-    return _client_body(client)
 
 
 def _key_field(protocol):
@@ -244,8 +133,8 @@ class XuiClient:
         """
         if not email or not sub_id:
             raise ValueError('a panel client needs an email and a sub_id')
-        fields = {'email': email, 'enable': True, 'expiryTime': _datetime_to_ms(expiry),
-                  'totalGB': _as_bytes(total_bytes), 'limitIp': int(limit_ip), 'tgId': int(tg_id or 0),
+        fields = {'email': email, 'enable': True, 'expiryTime': datetime_to_ms(expiry),
+                  'totalGB': as_bytes(total_bytes), 'limitIp': int(limit_ip), 'tgId': int(tg_id or 0),
                   'subId': sub_id}
         return self._call(lambda api: api.ensure(fields))
 
@@ -501,23 +390,23 @@ class _Legacy:
     def ensure(self, fields):
         protocol, settings, client = self._find(fields['email'])
         if client is None:
-            new = _client_body({**_new_key(protocol, settings), 'flow': '', 'comment': '', 'reset': 0, **fields})
+            new = client_body({**_new_key(protocol, settings), 'flow': '', 'comment': '', 'reset': 0, **fields})
             try:
                 self._send('inbounds/addClient', new)
-                return _client_view(new)
+                return client_view(new)
             except _Refused:
                 # an earlier try whose answer was lost may have added it
                 protocol, settings, client = self._find(fields['email'])
                 if client is None:
                     raise
         # updateClient replaces the whole stored client: send every field back, with the same key
-        new = {**_client_body(client, LEGACY_FIELDS), **fields}
+        new = {**client_body(client, LEGACY_FIELDS), **fields}
         self._send('inbounds/updateClient/' + quote(str(client.get(_key_field(protocol), '')), safe=''), new)
-        return _client_view(new)
+        return client_view(new)
 
     def get(self, email):
         client = self._find(email)[2]
-        return _client_view(client) if client else None
+        return client_view(client) if client else None
 
     def traffic(self, email):
         try:
@@ -527,7 +416,7 @@ class _Legacy:
             if self.get(email) is None:
                 return None
             raise
-        return _traffic_view(row) if row else None
+        return traffic_view(row) if row else None
 
     def delete(self, email):
         protocol, _, client = self._find(email)
@@ -537,7 +426,7 @@ class _Legacy:
 
     def list(self):
         _, settings = self._xui._inbound()
-        return [_client_view(c) for c in settings.get('clients') or [] if c.get('email')]
+        return [client_view(c) for c in settings.get('clients') or [] if c.get('email')]
 
 
 class _V3:
@@ -566,14 +455,14 @@ class _V3:
         found = self._found(email)
         if found is None:
             raise XuiError(f'the panel accepted client {email} but does not return it')
-        return _client_view(_record_to_client(found['client']))
+        return client_view(record_to_client(found['client']))
 
     def ensure(self, fields):
         email = fields['email']
         found = self._found(email)
         if found is None:
             protocol, settings = self._xui._inbound()
-            new = _client_body({**_new_key(protocol, settings), 'flow': '', 'comment': '', 'reset': 0, **fields})
+            new = client_body({**_new_key(protocol, settings), 'flow': '', 'comment': '', 'reset': 0, **fields})
             # adding it again (a retry after a lost answer) only re-attaches it: no error
             self._xui._api('POST', 'clients/add', {'client': new, 'inboundIds': [self._xui.inbound_id]})
             return self._stored(email)
@@ -581,13 +470,13 @@ class _V3:
             raise XuiError(f'client {email} already exists on the panel in inbound(s) '
                            f'{found.get("inboundIds") or []}, not in inbound {self._xui.inbound_id}')
         # update replaces the whole client; without its key v3.1 - v3.3.0 would mint a new one
-        client = {**_record_to_client(found['client']), **fields}
+        client = {**record_to_client(found['client']), **fields}
         self._xui._api('POST', 'clients/update/' + quote(email, safe=''), client)
         return self._stored(email)
 
     def get(self, email):
         found = self._found(email)
-        return _client_view(_record_to_client(found['client'])) if self._ours(found) else None
+        return client_view(record_to_client(found['client'])) if self._ours(found) else None
 
     def traffic(self, email):
         try:
@@ -597,7 +486,7 @@ class _V3:
             if self._found(email) is None:
                 return None
             raise
-        return _traffic_view(row) if row else None
+        return traffic_view(row) if row else None
 
     def delete(self, email):
         if self._ours(self._found(email)):
@@ -605,5 +494,5 @@ class _V3:
 
     def list(self):
         records = self._xui._api('GET', 'clients/list') or []
-        return [_client_view(_record_to_client(r)) for r in records
+        return [client_view(record_to_client(r)) for r in records
                 if self._xui.inbound_id in (r.get('inboundIds') or [])]
