@@ -11,10 +11,8 @@ import os
 import signal
 import sys
 import threading
-import time
 from datetime import datetime, timezone
 
-import telebot
 from peewee import InterfaceError, OperationalError
 from telebot import apihelper
 from telebot.apihelper import ApiTelegramException
@@ -26,14 +24,14 @@ import jobs
 import keyboards
 import models
 import panels
-import tgsender
 import stars
 import web
 from admin import ADMIN_COMMANDS
 from cryptobot import CryptoPayClient, CryptoPayError
 from logs import RedactSecrets, secrets_of, setup_logging
 from messenger import Messenger
-from outages import Outage, Watched, cryptopay_unreachable, describe, telegram_unreachable
+from outages import Outage, Watched, cryptopay_unreachable
+from polling import make_bot, start_telegram
 from qr import qr_png
 from shop import InvoiceInProgress, Shop, TooManyInvoices, language_for as shop_language
 import texts
@@ -45,15 +43,9 @@ from xui import XuiClient
 log = logging.getLogger('bot')
 
 MEMBER_STATUSES = ('member', 'administrator', 'creator')
-# Telegram holds getUpdates open this long; the read timeout must exceed it.
-LONG_POLL_SECONDS = 25
 # A button press must be answered within ~15 s (Telegram then refuses the answer): inside handlers each
 # outside call is tried once, with these timeouts; only the jobs retry with backoff.
 HANDLER_TIMEOUT = (3.05, 5)
-# Start-up tries to reach Telegram again after 5 s, 10 s, 20 s ... at most 5 minutes apart.
-START_RETRY_FIRST, START_RETRY_MAX = 5, 300
-# getMe answers at once when Telegram is up; a hang is reported this soon instead of after READ_TIMEOUT.
-START_READ_TIMEOUT = 10
 
 
 def limit_malloc_arenas(arenas=2):
@@ -510,61 +502,6 @@ class ShopBot:
         self.show(call, self.help_text(user.language), keyboards.back_to_menu(user.language))
 
 
-class LogErrors(telebot.ExceptionHandler):
-    """Log an unexpected handler error with its traceback and keep polling (telebot would pause or stop).
-
-    A reply lost because Telegram is unreachable is one line for the whole outage, not a traceback each.
-    """
-
-    def __init__(self, outage):
-        self.outage = outage
-
-    def handle(self, exception):
-        if telegram_unreachable(exception):
-            self.outage.failed(describe(exception))
-        elif isinstance(exception, ApiTelegramException):
-            log.warning('telegram refused a call: %s', exception.description)
-        else:
-            log.error('update failed', exc_info=exception)
-        return True
-
-
-class PollingBot(telebot.TeleBot):
-    """A TeleBot whose long poll tells the Telegram Outage how it went and waits an outage out quietly."""
-
-    def __init__(self, *args, outage, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.outage = outage
-        self.stopping = threading.Event()
-
-    def get_updates(self, *args, **kwargs):
-        try:
-            updates = super().get_updates(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 — sorted by telegram_unreachable, the rest re-raised
-            if not telegram_unreachable(exc):
-                raise
-            self.stopping.wait(self.outage.failed(describe(exc)))
-            return []
-        self.outage.ok()
-        return updates
-
-    def stop_polling(self):
-        self.stopping.set()
-        super().stop_polling()
-
-
-def make_bot(settings, outage=None):
-    """Create the TeleBot, pointed at TELEGRAM_API_URL, with explicit timeouts."""
-    apihelper.API_URL = settings.telegram_api_url + '/bot{0}/{1}'
-    apihelper.FILE_URL = settings.telegram_api_url + '/file/bot{0}/{1}'
-    apihelper.CONNECT_TIMEOUT = 10
-    apihelper.READ_TIMEOUT = 30
-    apihelper.CUSTOM_REQUEST_SENDER = tgsender.RequestSender()  # urllib3, kept-alive; telebot's errors
-    outage = outage or Outage('Telegram', alert_after=settings.outage_alert_minutes * 60, alert_while_down=False)
-    return PollingBot(settings.bot_token, threaded=True, num_threads=settings.worker_threads,
-                      skip_pending=False, exception_handler=LogErrors(outage), outage=outage)
-
-
 def build_shop(settings, for_jobs=False, cryptopay_outage=None):
     """Create a Shop with its panels' and Crypto Pay clients (Crypto Pay's calls watched for outages).
 
@@ -583,35 +520,6 @@ def panel_client(config, **retry):
     """Make the XuiClient of one panel."""
     return XuiClient(config.url, config.inbound_id, config.sub_url, username=config.username or None,
                      password=config.password or None, api_token=config.api_token or None, **retry)
-
-
-def start_telegram(bot, shop_bot, settings):
-    """Ask Telegram who the bot is and set it up; while Telegram cannot be reached, say so and try again.
-
-    Each failed try is one line naming what could not be reached, never the token; the tries back off
-    from START_RETRY_FIRST to START_RETRY_MAX seconds. Return False when Telegram refuses (a wrong token).
-    """
-    delay = START_RETRY_FIRST
-    while True:
-        apihelper.READ_TIMEOUT = START_READ_TIMEOUT
-        try:
-            shop_bot.username = bot.get_me().username
-            bot.delete_webhook()
-            shop_bot.set_commands()
-            return True
-        except Exception as exc:  # noqa: BLE001 — sorted below; nothing reaches Python's stderr traceback
-            if isinstance(exc, ApiTelegramException) and not telegram_unreachable(exc):
-                log.error('Telegram refused to start the bot (check BOT_TOKEN and TELEGRAM_API_URL): %s',
-                          exc.description)
-                return False
-            if not telegram_unreachable(exc):
-                raise
-            log.error('cannot reach Telegram at %s (%s); trying again in %s s', settings.telegram_api_url,
-                      describe(exc), delay)
-        finally:
-            apihelper.READ_TIMEOUT = 30
-        time.sleep(delay)
-        delay = min(delay * 2, START_RETRY_MAX)
 
 
 def run(settings):
