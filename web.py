@@ -24,7 +24,6 @@ import jobs
 import leases
 import metrics
 import models
-import subpage
 import subscription
 from cryptobot import CryptoPayClient
 from models import Payment, User
@@ -117,6 +116,7 @@ class App:
             with models.connection():
                 user = User.get_by_id(found[0])
             feed = self.merger.feed(sub_id)
+            import subpage  # Jinja2 and the page's templates load on the first page asked for (~1.5 MB of RSS)
             page = subpage.render(self.settings.shop_name, self.shop.subscription_link(user), user.expires_at,
                                   feed.upload, feed.download, feed.total, self.settings.timezone,
                                   self.settings.support_contact, environ.get('HTTP_ACCEPT_LANGUAGE'))
