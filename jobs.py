@@ -21,7 +21,7 @@ import metrics
 import models
 import stars
 from cryptobot import CryptoPayError
-from models import CRYPTOPAY, PAID, PENDING, Grant, PanelClient, Payment, Reminder, User, utcnow
+from models import CRYPTOPAY, EXPIRED, PAID, PENDING, Grant, PanelClient, Payment, Reminder, User, utcnow
 from shop import invoice_payload
 from texts import show_date, t
 from xui import XuiError
@@ -30,6 +30,9 @@ log = logging.getLogger('jobs')
 
 POLL_BATCH = 1000  # getInvoices takes at most 1000 ids per call
 MISSING_GRACE = timedelta(minutes=10)  # Crypto Pay's clock and ours may differ a little
+# An invoice we marked expired (missing from an answer, our clock ahead) may still be paid at Crypto Pay: the
+# poller asks about it until this long after Crypto Pay's own expiry (INVOICE_EXPIRES_SECONDS), then never again.
+RECHECK_EXPIRED_FOR = timedelta(hours=24)
 ALERT_AFTER_FAILURES = 5  # failed pushes before the admins hear of a stuck client (a timeout may pass)
 ALERT_AFTER_REFUSALS = 2  # ... when the panel itself refused (e.g. "Duplicate email"): it will not pass
 LOG_REPEAT_EVERY = 20  # a job failing again and again logs one line per this many failed runs
@@ -46,6 +49,9 @@ REMINDERS = (  # kind, expiring no later than now + this, and later than now + t
 def poll_payments(shop, messenger, now=None, counts=None):
     """Ask Crypto Pay about every pending invoice, in batches; settle the paid, expire the dead.
 
+    Invoices we marked expired are asked about too until RECHECK_EXPIRED_FOR after Crypto Pay's own expiry,
+    so one paid after all (Crypto Pay still took it, our clock ran ahead) is credited without a Check press.
+
     :param counts: a dict that gets the running counts (settled, expired), read if the run fails.
     """
     now = now or utcnow()
@@ -53,36 +59,42 @@ def poll_payments(shop, messenger, now=None, counts=None):
     counts.update(settled=0, expired=0)
     # An invoice missing from an answer counts as gone only once it could no longer be paid anyway,
     # so a partial answer never expires a payable invoice.
-    missing_before = now - timedelta(seconds=shop.settings.invoice_expires_seconds) - MISSING_GRACE
-    after_id, settled = 0, 0
-    while True:
-        batch = list(Payment.select().where(Payment.status == PENDING, Payment.provider == CRYPTOPAY,
-                                            Payment.id > after_id)
-                     .order_by(Payment.id).limit(POLL_BATCH))
-        if not batch:
-            break
-        after_id = batch[-1].id
-        asked = {payment.invoice_id for payment in batch}
-        answer = shop.cryptopay.get_invoices(sorted(asked))
-        invoices = {invoice.get('invoice_id'): invoice for invoice in answer}
-        # a paid invoice we did not ask for that carries one of our payloads is judged as that payment's answer
-        strangers = {invoice.get('payload'): invoice for invoice in answer
-                     if invoice.get('invoice_id') not in asked and invoice.get('status') == 'paid'}
-        for payment in batch:
-            invoice = invoices.get(payment.invoice_id)
-            if invoice is None and strangers:
-                invoice = strangers.get(invoice_payload(payment.user.telegram_id, payment.plan_days))
-            if invoice is not None and invoice.get('status') == 'paid':
-                if settle_paid(shop, messenger, payment, invoice, 'poller', now):
-                    settled += 1
-                    counts['settled'] = settled
-            elif invoice is not None and invoice.get('status') == 'expired' or (
-                    invoice is None and payment.created_at <= missing_before):
-                if shop.expire_payment(payment.invoice_id):
-                    counts['expired'] += 1
-                    tell_expired(messenger, payment)
+    lifetime = timedelta(seconds=shop.settings.invoice_expires_seconds)
+    missing_before = now - lifetime - MISSING_GRACE
+    # the invoices we gave up on that Crypto Pay may still take money for (a bounded window: the
+    # (status, created_at) index finds them), then the pending ones (so those expired by this run wait for the next)
+    unpaid = ((Payment.status == EXPIRED) & (Payment.created_at > now - lifetime - RECHECK_EXPIRED_FOR),
+              Payment.status == PENDING)
+    for which in unpaid:
+        after_id = 0
+        while batch := list(Payment.select().where(which, Payment.provider == CRYPTOPAY, Payment.id > after_id)
+                            .order_by(Payment.id).limit(POLL_BATCH)):
+            after_id = batch[-1].id
+            judge_batch(shop, messenger, batch, missing_before, now, counts)
     alert_mismatches(shop, messenger)
-    return settled
+    return counts['settled']
+
+
+def judge_batch(shop, messenger, batch, missing_before, now, counts):
+    """Ask Crypto Pay about one batch of payments (one getInvoices call); settle the paid, expire the gone."""
+    asked = {payment.invoice_id for payment in batch}
+    answer = shop.cryptopay.get_invoices(sorted(asked))
+    invoices = {invoice.get('invoice_id'): invoice for invoice in answer}
+    # a paid invoice we did not ask for that carries one of our payloads is judged as that payment's answer
+    strangers = {invoice.get('payload'): invoice for invoice in answer
+                 if invoice.get('invoice_id') not in asked and invoice.get('status') == 'paid'}
+    for payment in batch:
+        invoice = invoices.get(payment.invoice_id)
+        if invoice is None and strangers:
+            invoice = strangers.get(invoice_payload(payment.user.telegram_id, payment.plan_days))
+        if invoice is not None and invoice.get('status') == 'paid':
+            if settle_paid(shop, messenger, payment, invoice, 'poller', now):
+                counts['settled'] += 1
+        elif invoice is not None and invoice.get('status') == 'expired' or (
+                invoice is None and payment.created_at <= missing_before):
+            if shop.expire_payment(payment.invoice_id):  # False for one expired already: told once
+                counts['expired'] += 1
+                tell_expired(messenger, payment)
 
 
 def alert_mismatches(shop, messenger, now=None):

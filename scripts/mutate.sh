@@ -2,12 +2,14 @@
 # Mutation testing of the money paths with mutmut (issue 15.4). Not part of scripts/test.sh or CI.
 #
 #   scripts/mutate.sh                  every mutant of the money functions below, then the totals
-#   scripts/mutate.sh 'shop.xǁShopǁsettle__mutmut_*'    only these mutants (mutmut's names, globs allowed)
+#   scripts/mutate.sh 'shop.xǁShopǁsettle__mutmut_*'    re-run only these mutants (mutmut's names, globs
+#                                      allowed), keeping the last run's other verdicts
+#   scripts/mutation_report.py         the totals and survivors of everything run so far, again
 #   MUTATE_JOBS=1 scripts/mutate.sh    fewer worker processes (default 2: the machine is shared)
 #
-# Mutates shop.py, models.py and jobs.py in a copy (mutants/, thrown away at each run, so the run always
-# sees today's code) and runs, per mutant, only the tests of setup.cfg [mutmut] that reach its function,
-# on SQLite. A survivor is a change to a money rule that no test notices: add a test that kills it, or, if
+# Mutates shop.py, models.py, jobs.py and stars.py in a copy (mutants/, thrown away at each full run; mutmut
+# re-makes a changed function's mutants) and runs, per mutant, only the tests of setup.cfg [mutmut] that
+# reach its function, on SQLite. A survivor is a change to a money rule that no test notices: add a test that kills it, or, if
 # it cannot change behaviour, list it with the reason in scripts/mutants-equivalent.txt.
 # Exits non-zero when a survivor is not listed there.
 set -euo pipefail
@@ -15,7 +17,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The money paths: settlement, invoice checks, promo redemption, gifts, referrals, the day grant,
-# the payment poller and the provisioning retry (with the link delivery they drive).
+# the payment poller and the per-panel provisioning retry (with the link delivery they drive), and the
+# Stars settlement (the update, the getStarTransactions recovery job, the refund's take-back).
 MONEY=(
     'shop.xǁShopǁregister__mutmut_*'
     'shop.xǁShopǁcheck_payment__mutmut_*'
@@ -32,12 +35,20 @@ MONEY=(
     'shop.xǁShopǁrelease_notification__mutmut_*'
     'shop.xǁShopǁclaim_gift__mutmut_*'
     'shop.xǁShopǁredeem_promo__mutmut_*'
+    'shop.xǁShopǁ_redeem__mutmut_*'
     'models.x_grant_days__mutmut_*'
     'models.x_mark_dirty__mutmut_*'
     'jobs.x_poll_payments__mutmut_*'
+    'jobs.x_judge_batch__mutmut_*'
+    'jobs.x_settle_paid__mutmut_*'
     'jobs.x_deliver_link__mutmut_*'
     'jobs.x_retry_provisioning__mutmut_*'
     'jobs.x_retry_panel__mutmut_*'
+    'stars.xǁStarsǁsettle__mutmut_*'
+    'stars.xǁStarsǁdeliver__mutmut_*'
+    'stars.xǁStarsǁsync_transactions__mutmut_*'
+    'stars.xǁStarsǁ_apply__mutmut_*'
+    'stars.xǁStarsǁrecord_refund__mutmut_*'
 )
 
 if [[ ! -x .venv/bin/python ]]; then
@@ -48,11 +59,13 @@ fi
 # mutmut (pinned) and what it pulls in; kept out of the hash-locked files: it never runs in the service or CI
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-mutation.txt
 
-rm -rf mutants
-mkdir mutants
+# A full run starts from nothing; a run of named mutants (survivors, after new tests) keeps the last run's
+# verdicts, and mutmut itself re-makes the mutants of any function whose code changed since.
+if [[ $# -eq 0 ]]; then rm -rf mutants; fi
+mkdir -p mutants
 # every other module the tests import, also ones added after setup.cfg's also_copy was written
 for module in *.py; do
-    case $module in shop.py | models.py | jobs.py) ;; *) cp -p "$module" mutants/ ;; esac
+    case $module in shop.py | models.py | jobs.py | stars.py) ;; *) cp -p "$module" mutants/ ;; esac
 done
 
 if [[ $# -gt 0 ]]; then selected=("$@"); else selected=("${MONEY[@]}"); fi

@@ -75,6 +75,7 @@ class FakeCryptoPay:
         self._lock = threading.Lock()
         self._faults = []  # scripted replies for the next requests, in order
         self._forged = {}  # invoice_id -> (id of the invoice answered instead, fields changed in the answer)
+        self._hidden = set()  # invoice ids getInvoices leaves out of its answers (hide())
         self._wake = threading.Event()  # cuts hangs short on stop()
         self._next_id = 1
         self._next_update = 1
@@ -206,6 +207,11 @@ class FakeCryptoPay:
                 self._forged.pop(invoice_id, None)
             else:
                 self._forged[invoice_id] = (as_invoice if as_invoice is not None else invoice_id, fields)
+
+    def hide(self, invoice_id, hidden=True):
+        """Leave invoice_id out of getInvoices answers (a partial answer) until hide(invoice_id, False)."""
+        with self._lock:
+            (self._hidden.add if hidden else self._hidden.discard)(invoice_id)
 
     def _answer_about(self, invoice):
         forged = self._forged.get(invoice['invoice_id'])
@@ -412,7 +418,8 @@ class FakeCryptoPay:
                 found = [invoice for invoice in found if invoice.get(field) == p[field]]
         # newest first; the real order is undocumented, and this is not the order ids were asked in
         found.sort(key=lambda invoice: invoice['invoice_id'], reverse=True)
-        return {'items': [self._answer_about(invoice) for invoice in found[offset:offset + count]]}
+        return {'items': [self._answer_about(invoice) for invoice in found[offset:offset + count]
+                          if invoice['invoice_id'] not in self._hidden]}
 
     def _delete_invoice(self, p):
         invoice_id = _integer(p.get('invoice_id'))

@@ -57,6 +57,46 @@ def test_a_paid_invoice_we_had_marked_expired_settles_once(shop, cryptopay):
     assert len(grants()) == 1
 
 
+def asked_about(cryptopay, invoice_id):
+    """How many getInvoices calls named invoice_id."""
+    return sum(str(invoice_id) in str(params.get('invoice_ids', '')).split(',')
+               for method, params in cryptopay.calls if method == 'getInvoices')
+
+
+def test_the_poller_alone_settles_a_paid_invoice_it_had_marked_expired_once(shop, cryptopay, telegram, messenger,
+                                                                          settings):
+    """Nobody presses Check: the poller itself must find the money paid for an invoice it had given up on."""
+    user = customer(shop, telegram)
+    payment = shop.create_invoice(user, 30, now=NOW)
+    gone = NOW + timedelta(seconds=settings.invoice_expires_seconds) + jobs.MISSING_GRACE
+    cryptopay.hide(payment.invoice_id)  # one answer without it, once it could no longer be paid by our clock
+    jobs.poll_payments(shop, messenger, now=gone)
+    assert Payment.get_by_id(payment.id).status == EXPIRED
+    cryptopay.hide(payment.invoice_id, False)
+    cryptopay.pay(payment.invoice_id)  # Crypto Pay's clock: still payable there
+    assert jobs.poll_payments(shop, messenger, now=gone + timedelta(minutes=1)) == 1
+    assert jobs.poll_payments(shop, messenger, now=gone + timedelta(minutes=2)) == 0
+    assert Payment.get_by_id(payment.id).status == PAID
+    assert [(g.reason, g.reference, g.days) for g in grants()] == [('payment', str(payment.invoice_id), 30)]
+    [link] = links_sent(telegram)
+    assert shop.subscription_link(fresh(user)) in link.params['text']
+
+
+def test_the_poller_asks_about_an_expired_invoice_until_crypto_pays_expiry_plus_a_margin(shop, cryptopay, messenger,
+                                                                                        settings):
+    user = customer(shop)
+    payment = shop.create_invoice(user, 30, now=NOW)
+    assert shop.expire_payment(payment.invoice_id)
+    until = NOW + timedelta(seconds=settings.invoice_expires_seconds) + jobs.RECHECK_EXPIRED_FOR
+    jobs.poll_payments(shop, messenger, now=until - timedelta(seconds=1))
+    assert asked_about(cryptopay, payment.invoice_id) == 1
+    jobs.poll_payments(shop, messenger, now=until)  # older than that: never asked again, the cost is bounded
+    assert asked_about(cryptopay, payment.invoice_id) == 1
+    cryptopay.pay(payment.invoice_id)
+    assert jobs.poll_payments(shop, messenger, now=until) == 0 and grants() == []
+    assert Payment.get_by_id(payment.id).status == EXPIRED
+
+
 # Panel retries: the backoff, and whose row a failure touches
 
 def test_a_failed_push_backs_off_30_s_then_every_minute_for_that_user_only(shop, panel):
