@@ -20,7 +20,7 @@ import models
 import stars
 from conftest import BOT_TOKEN, make_shop, settings_env
 from messenger import Messenger
-from models import PAID, PENDING, REFUNDED, Grant, Payment, Referral, User
+from models import EXPIRED, PAID, PENDING, REFUNDED, Grant, Payment, Referral, User
 from test_e2e import ADMIN, ask, current, eventually, panel_expiry, person, press, start_bot, text_of
 
 STARS_PLANS = '30:250,7:60'  # 30 days by both methods, 7 days only in Stars; 90 days only in crypto (PLANS)
@@ -225,6 +225,24 @@ def test_a_dropped_update_is_recovered_by_the_job_within_one_round(telegram, pro
     reads = telegram.counts['getStarTransactions']
     assert shop_stars.sync_transactions(messenger) == 0 and len(payment_grants()) == 1
     assert telegram.counts['getStarTransactions'] == reads + 1  # one call: only what is new
+
+
+def test_a_charge_for_a_payment_we_had_expired_is_settled_once_by_the_job(telegram, provider, panel):
+    """Telegram charged after we had closed the invoice here (an unpaid-invoice expiry, our clock ahead) and the
+    update was lost: the recovery job alone credits it, on its own row, once."""
+    shop_stars, messenger = provider
+    payment, charge_id = charge(telegram, provider, person(2012), drop=True)
+    Payment.update(status=EXPIRED).where(Payment.id == payment.id).execute()  # what a local expiry leaves
+    assert shop_stars.sync_transactions(messenger) == 1
+    assert shop_stars.sync_transactions(messenger) == 0
+    stored = Payment.get_by_id(payment.id)
+    assert (stored.status, stored.provider_id) == (PAID, charge_id) and stored.notified_at is not None
+    assert Payment.select().count() == 1  # no stray row beside the one that was charged
+    assert [(g.reference, g.days) for g in payment_grants()] == [(f'stars:{payment.id}', 30)]
+    user = User.get(User.telegram_id == 2012)
+    assert panel_expiry(panel, user.panel_email) == user.expires_at
+    assert sum(user.panel_sub_id in text_of(m) for m in telegram.messages_to(2012)) == 1
+    assert shop_stars.settle(2012, f'stars:{payment.id}', charge_id, 'XTR', 250).outcome == 'duplicate'
 
 
 def test_the_job_pages_through_many_transactions(telegram, provider):
