@@ -255,7 +255,6 @@ class ShopBot:
     # Buttons
 
     def on_button(self, call):
-        notice = None
         try:
             user = self.user_of(call.from_user)
             action, number = keyboards.parse_callback(call.data)
@@ -263,8 +262,12 @@ class ShopBot:
                 notice = t(user.language, 'stale')
             else:
                 notice = getattr(self, f'button_{action}')(call, user, number)
-        finally:
-            self.answer(call, notice)
+        except (OperationalError, InterfaceError):
+            raise  # the database is down: guarded answers the press with the busy notice (a press is answered once)
+        except BaseException:
+            self.answer(call, None)  # stop the spinner; the error goes on to the log
+            raise
+        self.answer(call, notice)
 
     def on_button_elsewhere(self, call):
         """Stop the spinner of a press outside the presser's private chat; show nothing, register nobody."""
