@@ -2,7 +2,8 @@
 
 Reads mutmut's result files (mutants/*.py.meta); a survivor is matched against scripts/mutants-equivalent.txt
 by its function and the lines the mutation wrote, so the list holds when code moves. Exit 1 on an unexplained
-survivor. Usage: scripts/mutation_report.py [--seconds N] [MUTANT_GLOB...]
+survivor. Usage: scripts/mutation_report.py [--seconds N] [MUTANT_GLOB...]; with no glob, every mutant that has a
+verdict (the money functions scripts/mutate.sh ran, also over several runs).
 """
 import argparse
 import fnmatch
@@ -50,9 +51,10 @@ def equivalents():
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument('--seconds', type=int, default=None)
-    parser.add_argument('globs', nargs='*', default=['*'])
+    parser.add_argument('globs', nargs='*')
     args = parser.parse_args()
-    chosen = [(name, code) for name, code in results() if any(fnmatch.fnmatch(name, glob) for glob in args.globs)]
+    chosen = [(name, code) for name, code in results()
+              if any(fnmatch.fnmatch(name, glob) for glob in args.globs) or not args.globs and code is not None]
     statuses = Counter(STATUS.get(code, f'exit {code}') for _, code in chosen)
     known = equivalents()
     # a timeout is a mutant the tests stopped (a loop that never ends); anything unknown is looked at

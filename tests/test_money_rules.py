@@ -217,6 +217,17 @@ def test_promo_expiry_is_judged_at_the_given_moment_and_is_exclusive(shop):
     assert shop.redeem_promo(user, '', now=NOW)[0] == 'invalid'
 
 
+def test_promo_lockout_ends_exactly_ten_minutes_after_the_fifth_failure(shop):
+    from shop import PROMO_LOCKOUT
+    user = customer(shop)
+    shop.create_promo(900, days=10, uses=5, code='RIGHT123')
+    for guess in ('AAAA1111', 'BBBB2222', 'CCCC3333', 'DDDD4444', 'EEEE5555'):
+        assert shop.redeem_promo(user, guess, now=NOW)[0] == 'unknown'
+    assert shop.redeem_promo(user, 'RIGHT123', now=NOW + PROMO_LOCKOUT - timedelta(seconds=1))[0] == 'locked'
+    assert shop.promo_lock_minutes(user, now=NOW + PROMO_LOCKOUT) == 0
+    assert shop.redeem_promo(user, 'RIGHT123', now=NOW + PROMO_LOCKOUT)[0] == 'ok'  # the same moment the wait ends
+
+
 # The link after a payment: told once, in the buyer's language and time zone, retried when it failed
 
 def links_sent(telegram):

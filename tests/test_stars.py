@@ -7,7 +7,7 @@ import os
 import signal
 import threading
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -298,6 +298,30 @@ def test_refund_takes_the_days_back_once_and_the_panel_follows(stars_bot, telegr
     card = text_of(ask(telegram, ADMIN, '/user 2020'))
     assert f'stars {charge_id} 250 XTR refunded' in card, card
     assert 'No Stars payment' in text_of(ask(telegram, ADMIN, '/refund stx-nothing-like-it'))
+
+
+def test_recording_a_refund_takes_back_that_charges_days_once_at_the_given_time(telegram, provider):
+    shop_stars, _ = provider
+    now = datetime(2026, 11, 26, 12, 0, 0)
+    paid = []
+    for telegram_id in (2015, 2016):
+        payment, charge_id = charge(telegram, provider, person(telegram_id))
+        assert shop_stars.settle(telegram_id, f'stars:{payment.id}', charge_id, 'XTR', 250, now=now).outcome == \
+            'settled'
+        paid.append(Payment.get_by_id(payment.id))
+    first, second = paid
+    assert shop_stars.record_refund(first, now=now + timedelta(days=1)) is True
+    assert shop_stars.record_refund(Payment.get_by_id(first.id), now=now + timedelta(days=2)) is False
+    assert [payment.status for payment in Payment.select().order_by(Payment.id)] == [REFUNDED, PAID]
+    assert [(g.user_id, g.days, g.reference, g.created_at) for g in Grant.select().where(Grant.reason == 'refund')] \
+        == [(first.user_id, -30, f'stars:{first.id}', now + timedelta(days=1))]
+    assert User.get_by_id(first.user_id).expires_at == now  # the 30 days given at `now` are gone again
+    assert User.get_by_id(second.user_id).expires_at == now + timedelta(days=30)
+    # the ledger already holds this charge's take-back (a backup restored over a later state): never twice
+    Grant.create(user=second.user_id, days=-30, reason='refund', reference=f'stars:{second.id}',
+                 expires_after=now, created_at=now)
+    assert shop_stars.record_refund(second, now=now) is False
+    assert Payment.get_by_id(second.id).status == PAID
 
 
 def test_a_refund_telegram_refuses_changes_nothing_and_says_why(telegram, provider):
