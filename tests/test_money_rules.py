@@ -114,6 +114,18 @@ def test_a_failed_push_backs_off_30_s_then_every_minute_for_that_user_only(shop,
     assert (state(bystander).failures, state(bystander).retry_at) == (0, None)
 
 
+def test_a_panel_refusal_is_kept_in_its_own_words_up_to_500_characters_and_counted_on_that_panel(shop, panel):
+    from metrics import REGISTRY  # the bot's own registry, served at /metrics
+    user = customer(shop)
+    models.grant_days(user.id, 30, 'admin', 'a1', now=NOW)
+    before = REGISTRY.get_sample_value('spn_panel_failures_total', {'panel': 'main'}) or 0
+    words = 'Duplicate email: ' + 'x' * 600
+    panel.success_false_next(n=10, msg=words)
+    assert shop.provision(user.id, now=NOW) is False
+    assert (state(user).last_error, state(user).refused, state(user).failures) == (words[:500], True, 1)
+    assert REGISTRY.get_sample_value('spn_panel_failures_total', {'panel': 'main'}) == before + 1
+
+
 def test_retry_pushes_every_due_user_in_one_run_and_waits_for_the_due_time(shop, panel, telegram, messenger):
     users = [customer(shop, telegram, telegram_id) for telegram_id in (1001, 1002, 1003)]
     for user in users:
@@ -226,6 +238,16 @@ def test_promo_lockout_ends_exactly_ten_minutes_after_the_fifth_failure(shop):
     assert shop.redeem_promo(user, 'RIGHT123', now=NOW + PROMO_LOCKOUT - timedelta(seconds=1))[0] == 'locked'
     assert shop.promo_lock_minutes(user, now=NOW + PROMO_LOCKOUT) == 0
     assert shop.redeem_promo(user, 'RIGHT123', now=NOW + PROMO_LOCKOUT)[0] == 'ok'  # the same moment the wait ends
+
+
+def test_a_redeemed_code_does_not_count_toward_the_lockout(shop):
+    user = customer(shop)
+    shop.create_promo(900, days=10, uses=5, code='RIGHT123')
+    for guess in ('AAAA1111', 'BBBB2222', 'CCCC3333', 'DDDD4444'):
+        assert shop.redeem_promo(user, guess, now=NOW)[0] == 'unknown'
+    assert shop.redeem_promo(user, 'RIGHT123', now=NOW)[0] == 'ok'
+    assert shop.redeem_promo(user, 'EEEE5555', now=NOW)[0] == 'unknown'  # the fifth failure is still heard
+    assert shop.redeem_promo(user, 'FFFF6666', now=NOW)[0] == 'locked'
 
 
 # The link after a payment: told once, in the buyer's language and time zone, retried when it failed
