@@ -338,6 +338,22 @@ def test_a_check_returns_the_payment_it_looked_at(shop, cryptopay):
     assert (paid.payment.invoice_id, paid.payment.status) == (payment.invoice_id, PAID)
 
 
+def test_each_settlement_is_counted_once_under_the_path_that_made_it(shop, cryptopay, messenger):
+    from metrics import REGISTRY  # the bot's own registry, served at /metrics
+
+    def settled(path):
+        return REGISTRY.get_sample_value('spn_payments_settled_total', {'provider': 'cryptopay', 'path': path}) or 0
+    user = customer(shop)
+    by_button, by_poller = shop.create_invoice(user, 30), shop.create_invoice(user, 90)
+    before = {path: settled(path) for path in ('button', 'poller')}
+    for payment in (by_button, by_poller):
+        cryptopay.pay(payment.invoice_id)
+    shop.check_payment(user.telegram_id, by_button.invoice_id)
+    shop.check_payment(user.telegram_id, by_button.invoice_id)  # paid already: not counted again
+    jobs.poll_payments(shop, messenger, now=NOW)
+    assert {path: settled(path) - before[path] for path in before} == {'button': 1, 'poller': 1}
+
+
 def test_an_invoice_gone_from_crypto_pay_is_expired_at_the_check(shop, cryptopay):
     user = customer(shop)
     payment = shop.create_invoice(user, 30)
