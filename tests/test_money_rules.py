@@ -354,6 +354,26 @@ def test_each_settlement_is_counted_once_under_the_path_that_made_it(shop, crypt
     assert {path: settled(path) - before[path] for path in before} == {'button': 1, 'poller': 1}
 
 
+def test_a_mismatch_is_reported_for_its_own_payment_only(shop, cryptopay):
+    user = customer(shop)
+    forged, honest = shop.create_invoice(user, 30), shop.create_invoice(user, 90)
+    cryptopay.pay(forged.invoice_id)
+    cryptopay.forge(forged.invoice_id, amount='0.01')  # "paid", but not what we asked for
+    result = shop.check_payment(user.telegram_id, forged.invoice_id)
+    assert (result.status, result.payment.id) == ('mismatch', forged.id)
+    assert shop.check_payment(user.telegram_id, honest.invoice_id).status == PENDING  # Crypto Pay says active
+    assert grants() == []
+
+
+def test_settling_a_paid_invoice_says_true_once_whoever_comes_second(shop, cryptopay, telegram, messenger):
+    user = customer(shop, telegram)
+    payment = shop.create_invoice(user, 30)
+    invoice = cryptopay.pay(payment.invoice_id)
+    assert jobs.settle_paid(shop, messenger, payment, invoice, 'webhook', NOW) is True
+    assert jobs.settle_paid(shop, messenger, Payment.get_by_id(payment.id), invoice, 'poller', NOW) is False
+    assert len(grants()) == 1 and len(links_sent(telegram)) == 1
+
+
 def test_an_invoice_gone_from_crypto_pay_is_expired_at_the_check(shop, cryptopay):
     user = customer(shop)
     payment = shop.create_invoice(user, 30)
