@@ -373,3 +373,43 @@ def test_reconciliation_runs_at_reconcile_time(settings, panel, cryptopay, datab
     scheduler = jobs.build_scheduler(None, None, later)
     times = {job.job_func.func.__name__: job.at_time for job in scheduler.jobs if job.at_time}
     assert str(times['report_reconcile']) == '05:07:00'
+
+
+
+@pytest.fixture
+def three_panels():
+    from fake_xui import FakePanel
+    from conftest import PANEL_USER
+    started = [(name, FakePanel(generation=generation, username=PANEL_USER, password=PANEL_PASSWORD).start())
+               for name, generation in (('Germany', 'legacy'), ('Finland', 'v3'), ('Japan', 'v3'))]
+    yield started
+    for _, fake in started:
+        fake.stop()
+
+
+@pytest.mark.parametrize('count', [2, 3])
+def test_a_retry_round_pushes_every_panel_and_counts_what_it_did(tmp_path, panel, cryptopay, database, telegram,
+                                                                  messenger, three_panels, count):
+    from test_locations import make_settings, make_shop
+    shop = make_shop(make_settings(tmp_path, panel, cryptopay, database, three_panels[:count],
+                                   PUBLIC_URL='https://shop.example.test/'))
+    user = customer(shop, telegram)
+    models.grant_days(user.id, 30, 'admin', 'a1', now=NOW)  # due on all three panels, never pushed
+    counts = {}
+    assert jobs.retry_provisioning(shop, messenger, now=NOW, counts=counts) == 0
+    assert counts == {'pushed': count, 'delivered': 0}
+    assert [(row.panel, row.dirty) for row in models.PanelClient.select().order_by(models.PanelClient.panel)] == \
+        sorted((name, False) for name, _ in three_panels[:count])
+
+
+def test_a_retry_round_on_one_panel_counts_pushes_and_links(shop, cryptopay, telegram, messenger, panel):
+    buyer, other = customer(shop, telegram), customer(shop, telegram, 1002)
+    payment = pending_invoice(shop, buyer)
+    cryptopay.pay(payment.invoice_id)
+    panel.refuse()
+    assert shop.settle(payment.invoice_id, now=NOW) and not shop.provision(buyer.id, now=NOW)
+    models.grant_days(other.id, 7, 'admin', 'a2', now=NOW)
+    panel.accept()
+    counts = {}
+    assert jobs.retry_provisioning(shop, messenger, now=NOW + timedelta(minutes=1), counts=counts) == 1
+    assert counts == {'pushed': 2, 'delivered': 1}

@@ -372,6 +372,7 @@ def test_settling_a_paid_invoice_says_true_once_whoever_comes_second(shop, crypt
     assert jobs.settle_paid(shop, messenger, payment, invoice, 'webhook', NOW) is True
     assert jobs.settle_paid(shop, messenger, Payment.get_by_id(payment.id), invoice, 'poller', NOW) is False
     assert len(grants()) == 1 and len(links_sent(telegram)) == 1
+    assert Payment.get_by_id(payment.id).notified_at == NOW  # told at the caller's clock
 
 
 def test_an_invoice_gone_from_crypto_pay_is_expired_at_the_check(shop, cryptopay):
