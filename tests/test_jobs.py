@@ -394,22 +394,32 @@ def test_a_retry_round_pushes_every_panel_and_counts_what_it_did(tmp_path, panel
     shop = make_shop(make_settings(tmp_path, panel, cryptopay, database, three_panels[:count],
                                    PUBLIC_URL='https://shop.example.test/'))
     user = customer(shop, telegram)
-    models.grant_days(user.id, 30, 'admin', 'a1', now=NOW)  # due on all three panels, never pushed
+    models.grant_days(user.id, 30, 'admin', 'a1', now=NOW)
+    finland = dict(three_panels)['Finland']
+    finland.refuse()
+    assert shop.provision(user.id, now=NOW)  # Finland failed: due again 30 s later, by the job's clock
+    finland.accept()
     counts = {}
-    assert jobs.retry_provisioning(shop, messenger, now=NOW, counts=counts) == 0
-    assert counts == {'pushed': count, 'delivered': 0}
+    assert jobs.retry_provisioning(shop, messenger, now=NOW + timedelta(seconds=29), counts=counts) == 0
+    assert counts == {'pushed': 0, 'delivered': 0}
+    assert jobs.retry_provisioning(shop, messenger, now=NOW + timedelta(seconds=30), counts=counts) == 0
+    assert counts == {'pushed': 1, 'delivered': 0}
     assert [(row.panel, row.dirty) for row in models.PanelClient.select().order_by(models.PanelClient.panel)] == \
         sorted((name, False) for name, _ in three_panels[:count])
+    assert pool_in_use() == 0  # each panel's thread gave its connection back
 
 
 def test_a_retry_round_on_one_panel_counts_pushes_and_links(shop, cryptopay, telegram, messenger, panel):
-    buyer, other = customer(shop, telegram), customer(shop, telegram, 1002)
-    payment = pending_invoice(shop, buyer)
-    cryptopay.pay(payment.invoice_id)
+    buyers = [customer(shop, telegram, telegram_id) for telegram_id in (1001, 1002)]
     panel.refuse()
-    assert shop.settle(payment.invoice_id, now=NOW) and not shop.provision(buyer.id, now=NOW)
+    for buyer in buyers:
+        payment = pending_invoice(shop, buyer)
+        cryptopay.pay(payment.invoice_id)
+        assert shop.settle(payment.invoice_id, now=NOW) and not shop.provision(buyer.id, now=NOW)
+    other = customer(shop, telegram, 1003)
     models.grant_days(other.id, 7, 'admin', 'a2', now=NOW)
     panel.accept()
     counts = {}
-    assert jobs.retry_provisioning(shop, messenger, now=NOW + timedelta(minutes=1), counts=counts) == 1
-    assert counts == {'pushed': 2, 'delivered': 1}
+    assert jobs.retry_provisioning(shop, messenger, now=NOW + timedelta(minutes=1), counts=counts) == 2
+    assert counts == {'pushed': 3, 'delivered': 2}
+    assert pool_in_use() == 0
