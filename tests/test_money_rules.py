@@ -375,6 +375,35 @@ def test_settling_a_paid_invoice_says_true_once_whoever_comes_second(shop, crypt
     assert Payment.get_by_id(payment.id).notified_at == NOW  # told at the caller's clock
 
 
+def test_the_poller_judges_each_buyers_invoice_as_theirs_and_stamps_a_mismatch_at_its_clock(shop, cryptopay,
+                                                                                             telegram, messenger):
+    from models import InvoiceMismatch
+    first, second = customer(shop, telegram, 1001), customer(shop, telegram, 1002)
+    shop.create_invoice(first, 30)
+    honest, forged = shop.create_invoice(second, 30), shop.create_invoice(second, 90)
+    for payment in (honest, forged):
+        cryptopay.pay(payment.invoice_id)
+    cryptopay.forge(forged.invoice_id, amount='0.01')
+    assert shop.apply_invoice_state(forged, cryptopay.invoices[forged.invoice_id] | {'amount': '0.01'}, now=NOW) \
+        is False
+    counts = {}
+    assert jobs.poll_payments(shop, messenger, now=NOW, counts=counts) == 1
+    assert counts == {'settled': 1, 'expired': 0}
+    assert Payment.get_by_id(honest.id).status == PAID and Payment.get_by_id(forged.id).status == PENDING
+    assert [(m.payment_id, m.created_at) for m in InvoiceMismatch.select()] == [(forged.id, NOW)]
+
+
+def test_the_poller_leaves_stars_payments_to_their_own_job(shop, cryptopay, messenger):
+    user = customer(shop)
+    stars_row = Payment.create(user=user, plan_days=30, amount=250, currency='XTR', provider='stars', pay_url='',
+                               created_at=NOW - DAY)
+    crypto = shop.create_invoice(user, 30, now=NOW)
+    jobs.poll_payments(shop, messenger, now=NOW + 2 * DAY)
+    assert Payment.get_by_id(stars_row.id).status == PENDING
+    asked = [params['invoice_ids'] for method, params in cryptopay.calls if method == 'getInvoices']
+    assert asked == [str(crypto.invoice_id)]
+
+
 def test_an_invoice_gone_from_crypto_pay_is_expired_at_the_check(shop, cryptopay):
     user = customer(shop)
     payment = shop.create_invoice(user, 30)
