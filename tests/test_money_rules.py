@@ -393,6 +393,20 @@ def test_the_poller_judges_each_buyers_invoice_as_theirs_and_stamps_a_mismatch_a
     assert [(m.payment_id, m.created_at) for m in InvoiceMismatch.select()] == [(forged.id, NOW)]
 
 
+def test_a_paid_invoice_we_asked_about_is_never_taken_for_another_missing_one(shop, cryptopay, telegram, messenger):
+    """Two invoices of one buyer for one plan carry the same payload: the paid one answers only for itself."""
+    from models import InvoiceMismatch
+    user = customer(shop, telegram)
+    paid = shop.create_invoice(user, 30, now=NOW)
+    Payment.update(created_at=NOW - DAY).where(Payment.id == paid.id).execute()  # so the next is a new invoice
+    missing = shop.create_invoice(user, 30, now=NOW)
+    assert missing.id != paid.id
+    cryptopay.pay(paid.invoice_id)
+    cryptopay.hide(missing.invoice_id)
+    assert jobs.poll_payments(shop, messenger, now=NOW) == 1
+    assert Payment.get_by_id(missing.id).status == PENDING and InvoiceMismatch.select().count() == 0
+
+
 def test_the_poller_leaves_stars_payments_to_their_own_job(shop, cryptopay, messenger):
     user = customer(shop)
     stars_row = Payment.create(user=user, plan_days=30, amount=250, currency='XTR', provider='stars', pay_url='',
