@@ -407,6 +407,18 @@ def test_a_paid_invoice_we_asked_about_is_never_taken_for_another_missing_one(sh
     assert Payment.get_by_id(missing.id).status == PENDING and InvoiceMismatch.select().count() == 0
 
 
+def test_a_strangers_answer_never_replaces_an_invoices_own_answer(shop, cryptopay, telegram, messenger):
+    honest_buyer, other = customer(shop, telegram, 1001), customer(shop, telegram, 1002)
+    settled_before = shop.create_invoice(other, 30)
+    cryptopay.pay(settled_before.invoice_id)
+    assert jobs.poll_payments(shop, messenger, now=NOW) == 1
+    honest, odd = shop.create_invoice(honest_buyer, 30), shop.create_invoice(other, 90)
+    cryptopay.pay(honest.invoice_id)
+    cryptopay.forge(odd.invoice_id, as_invoice=settled_before.invoice_id)  # a paid invoice we did not ask about
+    assert jobs.poll_payments(shop, messenger, now=NOW) == 1
+    assert Payment.get_by_id(honest.id).status == PAID and Payment.get_by_id(odd.id).status == PENDING
+
+
 def test_the_poller_leaves_stars_payments_to_their_own_job(shop, cryptopay, messenger):
     user = customer(shop)
     stars_row = Payment.create(user=user, plan_days=30, amount=250, currency='XTR', provider='stars', pay_url='',
