@@ -9,9 +9,9 @@
 #
 # Mutates shop.py, models.py, jobs.py and stars.py in a copy (mutants/, thrown away at each full run; mutmut
 # re-makes a changed function's mutants) and runs, per mutant, only the tests of setup.cfg [mutmut] that
-# reach its function, on SQLite. A survivor is a change to a money rule that no test notices: add a test that kills it, or, if
-# it cannot change behaviour, list it with the reason in scripts/mutants-equivalent.txt.
-# Exits non-zero when a survivor is not listed there.
+# reach its function, on SQLite. A survivor is a change to a money rule that no test notices: add a test that
+# kills it, or, if it cannot change behaviour, list it with the reason in scripts/mutants-equivalent.txt. Exits
+# non-zero when a survivor is not listed there.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
