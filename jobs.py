@@ -12,13 +12,14 @@ from datetime import timedelta
 from html import escape
 import schedule
 
-from peewee import IntegrityError, Value, fn
+from peewee import IntegrityError, fn
 
 import backup
 import keyboards
 import leases
 import metrics
 import models
+import passes
 import stars
 from cryptobot import CryptoPayError
 from models import CRYPTOPAY, EXPIRED, PAID, PENDING, Grant, PanelClient, Payment, Reminder, User, utcnow
@@ -237,22 +238,31 @@ def tell_admins(settings, messenger, text):
 def announce_new_link(shop, messenger, now=None, per_round=ANNOUNCE_PER_ROUND):
     """Tell each active buyer their new link once, after the link's base changed (one panel → several).
 
-    A buyer with no recorded base was given the first panel's own link (wave 1). :return: messages sent
+    A buyer with no recorded base was given the first panel's own link (wave 1). The buyers are walked by id
+    in a pass per link base (passes.py): once every buyer was looked at, a round reads only its cursor and
+    the newest id (a buyer registers with the current base), and the pass is run again hourly.
+    :return: messages sent
     """
     now = now or utcnow()
     current = shop.link_base
-    wave1 = shop.panel.subscription_link('')
-    if current == wave1:  # nothing changed for wave-1 buyers: record it without a word
-        User.update(link_base=current).where(User.link_base.is_null()).execute()
+    name = passes.cursor_name('announce', current)
+    walk = passes.next_range(name, now)
+    if walk is None:
+        return 0
+    after, upto = walk
+    chunk = (User.id > after) & (User.id <= upto)
+    if current == shop.panel.subscription_link(''):  # nothing changed for wave-1 buyers: record it without a word
+        User.update(link_base=current).where(chunk, User.link_base.is_null()).execute()
     stale = User.link_base.is_null() | (User.link_base != current)
     sent = 0
-    due = (User.select().where(User.expires_at > now, User.blocked == False, stale)  # noqa: E712
-           .order_by(User.id).limit(per_round))
+    due = list(User.select().where(chunk, User.expires_at > now, User.blocked == False, stale)  # noqa: E712
+               .order_by(User.id).limit(per_round))
     for user in due:
         claimed = User.update(link_base=current).where(User.id == user.id, stale).execute()
         if claimed:  # another process took it otherwise
             text = t(user.language, 'link_changed', link=shop.subscription_link(user))
             sent += messenger.send(user.telegram_id, text) == 'sent'
+    passes.advance(name, after, due[-1].id if len(due) == per_round else upto)
     return sent
 
 
@@ -260,25 +270,37 @@ def backfill_panels(shop, now=None, per_round=BACKFILL_PER_ROUND):
     """Put every active buyer onto each enabled panel that lacks them, a few per second (a panel just added).
 
     Only rows are made here (dirty, so retry_provisioning pushes them); a disabled or removed panel is
-    never touched. :return: {panel name: rows added}
+    never touched. Each panel has a pass over the buyers by id (passes.py, cursor 'backfill:<panel>'): a
+    buyer who gets days later is put on every enabled panel by the grant itself (models.mark_dirty), so once
+    the pass has reached the newest buyer a round reads only its cursor and the newest id, and the pass is
+    run again hourly. :return: {panel name: rows added}
     """
     now = now or utcnow()
     added = {}
     for panel in shop.enabled_panels:
-        missing = (User.select(User.id, Value(panel.name), Value(True), Value(0), Value(False), Value(False))
-                   .where(User.expires_at > now,
+        name = passes.cursor_name('backfill', panel.name)
+        walk = passes.next_range(name, now)
+        if walk is None:
+            added[panel.name] = 0
+            continue
+        after, upto = walk
+        missing = [user_id for (user_id,) in
+                   User.select(User.id)
+                   .where(User.id > after, User.id <= upto, User.expires_at > now,
                           ~fn.EXISTS(PanelClient.select(PanelClient.id)
                                      .where(PanelClient.user == User.id, PanelClient.panel == panel.name)))
-                   .order_by(User.id).limit(per_round))
-        insert = (PanelClient.insert_from(missing, [PanelClient.user, PanelClient.panel, PanelClient.dirty,
-                                                    PanelClient.failures, PanelClient.refused, PanelClient.alerted])
-                  .on_conflict_ignore())
-        count = models.db.execute(insert).rowcount  # peewee's execute() gives the last id, not the count
+                   .order_by(User.id).limit(per_round).tuples()]
+        count = 0
+        if missing:
+            rows = [{'user': user_id, 'panel': panel.name, 'dirty': True, 'failures': 0, 'refused': False,
+                     'alerted': False} for user_id in missing]
+            # peewee's execute() gives the last id, not the count
+            count = models.db.execute(PanelClient.insert_many(rows).on_conflict_ignore()).rowcount
+        reached = missing[-1] if len(missing) == per_round else upto
+        passes.advance(name, after, reached)
         if count:
-            left = (User.select().where(User.expires_at > now, ~fn.EXISTS(
-                PanelClient.select(PanelClient.id).where(PanelClient.user == User.id,
-                                                         PanelClient.panel == panel.name))).count())
-            log.info('backfill panel=%s added=%s left=%s', panel.name, count, left)
+            log.info('backfill panel=%s added=%s reached user id %s of %s', panel.name, count, reached,
+                     User.select(fn.MAX(User.id)).scalar())
         added[panel.name] = count
     return added
 

@@ -229,7 +229,8 @@ class JobLease(BaseModel):
     class Meta:
         table_name = 'job_leases'
 class Cursor(BaseModel):
-    """Where a job stopped reading an outside list (e.g. 'stars': how many getStarTransactions it has read)."""
+    """Where a job stopped reading a list: an outside one (e.g. 'stars': how many getStarTransactions it has
+    read), or the buyers, by id (passes.py: 'backfill:<panel>', 'announce#<hash of the link base>')."""
     name = CharField(max_length=32, unique=True)
     position = BigIntegerField(default=0)
     updated_at = DateTimeField(default=utcnow)

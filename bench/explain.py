@@ -7,7 +7,8 @@ The SQL is the code's own: each job (or the /sub handler) runs against the seede
 the connection that keeps the statement it issues (peewee's SQL and params) and stops it there, so what is
 explained is what the bot sends. Prints, per query, its plan (SQLite: EXPLAIN QUERY PLAN; PostgreSQL:
 EXPLAIN ANALYZE) and the median time of running it at each size: a query served by an index costs the same
-at 5,000 and 50,000 buyers. A line "FULL SCAN" marks a plan step that reads a whole table.
+at 5,000 and 50,000 buyers. "full scans" names a plan step that reads a whole table. Then the time of a
+whole round of the two jobs that walk the buyers in passes (passes.py) when there is nothing to do.
 
 SQLite is left without ANALYZE statistics, as the bot leaves it; PostgreSQL is analyzed, as autovacuum
 would have done after the seeding. Asserts nothing; tests/test_explain.py checks the plans cheaply.
@@ -30,9 +31,11 @@ if str(ROOT) not in sys.path:
 
 import jobs  # noqa: E402
 import models  # noqa: E402
+import passes  # noqa: E402
 import shop as shop_module  # noqa: E402
 import web  # noqa: E402
-from models import PAID, PENDING, PanelClient, Payment, Reminder, User  # noqa: E402
+from models import PAID, PENDING, Cursor, PanelClient, Payment, Reminder, User  # noqa: E402
+from peewee import fn  # noqa: E402
 
 PANEL_NAMES = ('Germany', 'Finland', 'Japan', 'Poland', 'Turkey')
 LINK_BASE = 'https://shop.example.test/sub/'
@@ -75,16 +78,24 @@ def capture(call, match):
     raise AssertionError(f'no statement matching {match!r} was issued')
 
 
-def key_queries(now, panels=PANEL_NAMES[:3], pushed_user_id=1):
-    """Return [(name, sql, params)]: the statements each round of the jobs, a push and GET /sub issue."""
+def bench_shop(panels):
+    """A stand-in for the Shop with just what the jobs read: its enabled panels (pushes answer at once)."""
     enabled = [SimpleNamespace(name=name, enabled=True,
                                client=SimpleNamespace(ensure_client=lambda **_: {'uuid': 'bench'}))
                for name in panels]
-    panel = enabled[0]
-    idle = SimpleNamespace(name='no-such-panel', enabled=True)
-    shop = SimpleNamespace(settings=SimpleNamespace(invoice_expires_seconds=3600, timezone='UTC'),
+    return SimpleNamespace(settings=SimpleNamespace(invoice_expires_seconds=3600, timezone='UTC'),
                            enabled_panels=enabled, link_base=LINK_BASE,
                            panel=SimpleNamespace(subscription_link=lambda sub_id: 'https://old.example.test/sub/'))
+
+
+def key_queries(now, panels=PANEL_NAMES[:3], pushed_user_id=1):
+    """Return [(name, sql, params)]: the statements each round of the jobs, a push and GET /sub issue.
+
+    backfill_panels and announce_new_link are caught in the first round of a pass over the buyers (no cursor
+    yet), the most a round of theirs reads; an idle round's statement is the newest buyer id."""
+    shop = bench_shop(panels)
+    panel = shop.enabled_panels[0]
+    idle = SimpleNamespace(name='no-such-panel', enabled=True)
     idle_shop = SimpleNamespace(**{**shop.__dict__, 'enabled_panels': [idle]})
     app = SimpleNamespace(merger=None, settings=None, shop=None)
     environ = {'PATH_INFO': '/sub/s000000000000042', 'HTTP_ACCEPT': '*/*'}
@@ -98,11 +109,13 @@ def key_queries(now, panels=PANEL_NAMES[:3], pushed_user_id=1):
         ('alert_stuck: stuck pushes',
          lambda: jobs.alert_stuck(shop, None), r'FROM "panel_clients"'),
         ('backfill_panels: buyers missing on a panel',
-         lambda: jobs.backfill_panels(shop, now=now), r'^INSERT'),
+         lambda: jobs.backfill_panels(shop, now=now), r'^SELECT .*EXISTS'),
+        ('passes: the newest buyer id (an idle round)',
+         lambda: jobs.backfill_panels(shop, now=now), r'MAX\('),
         ('send_reminders: due reminders',
          lambda: jobs.send_reminders(shop, None, now=now), r'FROM "users"'),
         ('announce_new_link: buyers with an old link',
-         lambda: jobs.announce_new_link(shop, None, now=now), r'FROM "users"'),
+         lambda: jobs.announce_new_link(shop, None, now=now), r'^SELECT .*"link_base"'),
         ('push: the buyer\'s row of a panel (Shop._push)',
          lambda: shop_module.Shop._push(shop, panel, pushed_user_id, now), r'FROM "panel_clients"'),
         ('push: mark the paid payments provisioned',
@@ -223,6 +236,31 @@ def time_of(sql, params, repeat):
     return statistics.median(times)
 
 
+def idle_rounds(now, panels, repeat):
+    """Return {job: median ms of a whole round with nothing to do}: every pass over the buyers has reached the
+    newest one, as in a shop whose panels are complete and whose buyers were all told their link."""
+    shop = bench_shop(panels)
+    names = [passes.cursor_name('backfill', name) for name in panels] + [passes.cursor_name('announce', LINK_BASE)]
+    rounds = {'backfill_panels': lambda: jobs.backfill_panels(shop, now=now),
+              'announce_new_link': lambda: jobs.announce_new_link(shop, None, now=now)}
+    times = {}
+    with models.connection():
+        newest = User.select(fn.MAX(User.id)).scalar()
+        Cursor.delete().where(Cursor.name.in_(names)).execute()
+        Cursor.insert_many([{'name': name, 'position': newest, 'updated_at': now} for name in names]).execute()
+        for job, call in rounds.items():
+            samples = []
+            for _ in range(repeat):
+                begin = time.perf_counter()
+                done = call()
+                samples.append((time.perf_counter() - begin) * 1000)
+                if sum(done.values()) if isinstance(done, dict) else done:
+                    raise RuntimeError(f'{job}: a round that should have had nothing to do did {done}')
+            times[job] = statistics.median(samples)
+        Cursor.delete().where(Cursor.name.in_(names)).execute()
+    return times
+
+
 def bind(url):
     if models.db.obj is not None:
         if not models.db.is_closed():
@@ -235,13 +273,14 @@ def bind(url):
 
 def run(kind, fresh, sizes, panels, repeat):
     now = models.utcnow().replace(microsecond=0)
-    results = {}
+    results, idle = {}, {}
     for buyers in sizes:
         bind(fresh(f'explain_{buyers}'))
         seconds = seed(buyers, panels, now)
         queries = key_queries(now, panels, pushed_user_id=first_dirty_user(panels[0]))
         results[buyers] = [(name, sql, params, plan(sql, params), time_of(sql, params, repeat))
                            for name, sql, params in queries]
+        idle[buyers] = idle_rounds(now, panels, repeat)
         print(f'{kind}: seeded {buyers:,} buyers x {len(panels)} panels in {seconds:.1f} s', flush=True)
     small, large = sizes[0], sizes[-1]
     print(f'\n== {kind}: {len(panels)} panels; median of {repeat} runs; load average '
@@ -252,6 +291,9 @@ def run(kind, fresh, sizes, panels, repeat):
         scans = full_scans(results[large][number][1], results[large][number][3])
         print(f'{name:48}' + ''.join(f'{ms:8.2f}ms' for ms in times) + f'  {times[-1] / times[0]:5.1f}x  '
               + ('; '.join(scans) if scans else 'none'))
+    print(f'\n{"whole round with nothing to do (passes done)":48}' + ''.join(f'{size:>10,}' for size in sizes))
+    for job in idle[small]:
+        print(f'{job:48}' + ''.join(f'{idle[size][job]:8.2f}ms' for size in sizes))
     print(f'\n-- {kind}: the SQL and its plan at {large:,} buyers --')
     for name, sql, params, lines, _ in results[large]:
         print(f'\n[{name}]\n{sql}\nparams: {params}')

@@ -9,6 +9,7 @@ from telebot import apihelper
 
 import jobs
 import models
+import passes
 from conftest import BOT_TOKEN, CRYPTOPAY_TOKEN, PANEL_PASSWORD, our_threads, pool_in_use, wait_threads_back
 from cryptobot import CryptoPayError
 from outages import Outage, Watched, cryptopay_unreachable
@@ -423,3 +424,27 @@ def test_a_retry_round_on_one_panel_counts_pushes_and_links(shop, cryptopay, tel
     assert jobs.retry_provisioning(shop, messenger, now=NOW + timedelta(minutes=1), counts=counts) == 2
     assert counts == {'pushed': 3, 'delivered': 2}
     assert pool_in_use() == held
+
+
+def test_a_pass_over_the_buyers_keeps_its_place_in_the_database(database):
+    # a 32-character panel name still names a cursor that fits cursors.name (VARCHAR(32) on PostgreSQL)
+    name = passes.cursor_name('backfill', 'P' * 32)
+    assert len(name) == 32 and name != passes.cursor_name('backfill', 'P' * 31 + 'Q')
+    assert passes.cursor_name('backfill', 'Germany') == 'backfill:Germany'
+    assert passes.next_range(name, NOW) is None  # no buyers yet
+    User.insert_many([{'telegram_id': 5000 + n, 'panel_email': f'spn-{n}', 'invite_code': f'i{n:09d}',
+                       'panel_sub_id': f'sub{n:013d}'} for n in range(12)]).execute()
+    first = User.select(User.id).order_by(User.id).scalar() - 1  # ids are dense on both databases, from any start
+    assert passes.next_range(name, NOW, chunk=5) == (0, first + 5)  # buyers above the cursor are read
+    passes.advance(name, 0, first + 5)
+    assert passes.next_range(name, NOW, chunk=5) == (first + 5, first + 10)
+    passes.advance(name, 0, 3)  # a round that another process overtook meanwhile leaves the pass where it is
+    assert passes.next_range(name, NOW, chunk=5) == (first + 5, first + 10)
+    passes.advance(name, first + 5, first + 10)
+    assert passes.next_range(name, NOW, chunk=5) == (first + 10, first + 12)
+    passes.advance(name, first + 10, first + 12)
+    assert passes.next_range(name, NOW + timedelta(minutes=59), chunk=5) is None  # done: idle...
+    assert passes.next_range(name, NOW + timedelta(hours=1), chunk=5) == (0, first + 5)  # ...until it starts again
+    passes.advance(name, 0, first + 12)
+    # a clock set back by an hour does not stall the pass until the clock catches up
+    assert passes.next_range(name, NOW, chunk=5) == (0, first + 5)

@@ -1,6 +1,7 @@
 """Several panels (locations) behind one link: settings, per-panel pushes and retries, backfill, reconcile."""
 import subprocess
 import sys
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 
 import pytest
@@ -78,6 +79,30 @@ def state(user, panel_name):
 def expiry_on(fake, user):
     client = fake.clients.get(user.panel_email)
     return client and datetime.utcfromtimestamp(client['expiryTime'] / 1000)
+
+
+@contextmanager
+def recorded():
+    """Within: the list of (sql, params) of every statement this thread's database connection runs."""
+    seen, database = [], models.db.obj
+    real = database.execute_sql
+
+    def execute_sql(sql, params=None, *args, **kwargs):
+        seen.append((sql, list(params or ())))
+        return real(sql, params, *args, **kwargs)
+
+    database.execute_sql = execute_sql
+    try:
+        yield seen
+    finally:
+        del database.execute_sql
+
+
+def reads_of_buyers(seen):
+    return [sql for sql, _ in seen if 'FROM "users"' in sql or sql.startswith('UPDATE "users"')]
+
+
+NEWEST_ID = 'SELECT MAX("t1"."id") FROM "users" AS "t1"'
 
 
 def paid_buyer(shop, cryptopay, telegram_id=501):
@@ -195,7 +220,16 @@ def test_a_new_panel_gets_every_active_buyer_paced_and_a_disabled_one_none(tmp_p
     shop = make_shop(settings)
     added = jobs.backfill_panels(shop, now=NOW, per_round=100)
     assert added == {'Germany': 0, 'Finland': 100}
-    rounds = 1
+    assert jobs.backfill_panels(shop, now=NOW, per_round=100)['Finland'] == 100
+    active = [user.id for user in User.select(User.id).where(User.expires_at > NOW).order_by(User.id)]
+    reached = models.Cursor.get(models.Cursor.name == 'backfill:Finland').position
+    assert reached == active[199]
+    # the bot restarts mid-backfill: the new process carries on after the last buyer put on the panel
+    shop = make_shop(settings)
+    with recorded() as seen:
+        assert jobs.backfill_panels(shop, now=NOW, per_round=100) == {'Germany': 0, 'Finland': 100}
+    assert [params[0] for sql, params in seen if 'EXISTS' in sql] == [reached]  # (Germany's pass is done)
+    rounds = 3
     while jobs.backfill_panels(shop, now=NOW, per_round=100)['Finland']:
         rounds += 1
     assert rounds == 9  # 900 active buyers, 100 a round: paced
@@ -208,6 +242,64 @@ def test_a_new_panel_gets_every_active_buyer_paced_and_a_disabled_one_none(tmp_p
     assert len([email for email in fakes[1][1].clients if email.startswith('spn-')]) == 900
     assert not fakes[2][1].clients or not any(email.startswith('spn-') for email in fakes[2][1].clients)
     assert PanelClient.select().where(PanelClient.dirty == True).count() == 0  # noqa: E712
+
+
+def test_a_complete_panel_costs_the_backfill_no_read_of_the_buyers_and_a_buyer_missed_elsewhere_is_found(
+        multi, cryptopay):
+    shop, fakes = multi
+    with models.db.atomic():  # 30 buyers from before the panels were added: on none of them yet
+        User.insert_many([{'telegram_id': 20_000 + n, 'panel_email': f'spn-{20_000 + n}',
+                           'panel_sub_id': f'sub{n:013d}', 'invite_code': f'i{n:09d}',
+                           'expires_at': NOW + timedelta(days=30)} for n in range(30)]).execute()
+    names = ['Germany', 'Finland', 'Japan']
+    assert jobs.backfill_panels(shop, now=NOW) == {name: 30 for name in names}
+    # nobody is missing: a round reads each panel's cursor and the newest buyer's id, no buyer
+    with recorded() as seen:
+        assert jobs.backfill_panels(shop, now=NOW + timedelta(minutes=1)) == {name: 0 for name in names}
+    assert reads_of_buyers(seen) == [NEWEST_ID] * 3
+    # a buyer who gets days later is put on every enabled panel by the grant itself, not by the backfill
+    user, _ = shop.register(555, None, 'Late', 'en')
+    models.grant_days(user.id, 30, 'admin', 'late', now=NOW)
+    assert sorted(row.panel for row in PanelClient.select().where(PanelClient.user == user.id)) == sorted(names)
+    # one with days but no rows, above the cursors (written by a process with the old panels file): next round
+    stray = User.create(telegram_id=556, panel_email='spn-556', expires_at=NOW + timedelta(days=3))
+    assert jobs.backfill_panels(shop, now=NOW + timedelta(minutes=2)) == {name: 1 for name in names}
+    assert state(stray, 'Japan').dirty
+    # one below the cursors that lost its row (an older backup restored): found by the hourly pass
+    first = User.select().order_by(User.id).first()
+    PanelClient.delete().where(PanelClient.user == first.id, PanelClient.panel == 'Finland').execute()
+    assert jobs.backfill_panels(shop, now=NOW + timedelta(minutes=30))['Finland'] == 0
+    assert jobs.backfill_panels(shop, now=NOW + timedelta(minutes=61)) == {'Germany': 0, 'Finland': 1, 'Japan': 0}
+    assert state(first, 'Finland').dirty
+
+
+def test_the_link_announcement_reads_no_buyer_once_all_were_told_and_finds_a_stale_one_later(
+        tmp_path, panel, cryptopay, database, fakes, telegram, messenger):
+    shop = make_shop(make_settings(tmp_path, panel, cryptopay, database, fakes, PUBLIC_URL='https://shop.example.test'))
+    old = 'https://germany.example.test/sub/'
+    ids = list(range(10, 130, 10))  # 12 active wave-1 buyers (no base recorded) and one lapsed
+    with models.db.atomic():
+        User.insert_many([{'id': user_id, 'telegram_id': user_id, 'panel_email': f'spn-{user_id}',
+                           'invite_code': f'i{user_id:09d}', 'panel_sub_id': f'sub{user_id:013d}',
+                           'expires_at': NOW + timedelta(days=1 if user_id != 130 else -1)}
+                          for user_id in ids + [130]]).execute()
+    for user_id in ids + [55, 140, 130]:
+        telegram.add_user({'id': user_id, 'first_name': 'B'})
+    assert [jobs.announce_new_link(shop, messenger, now=NOW, per_round=5) for _ in range(4)] == [5, 5, 2, 0]
+    with recorded() as seen:
+        assert jobs.announce_new_link(shop, messenger, now=NOW + timedelta(minutes=1), per_round=5) == 0
+    assert reads_of_buyers(seen) == [NEWEST_ID]
+    # a buyer registered by a process with the old settings, above the cursor: told next round
+    User.create(id=140, telegram_id=140, panel_email='spn-140', link_base=old, expires_at=NOW + timedelta(days=9))
+    assert jobs.announce_new_link(shop, messenger, now=NOW + timedelta(minutes=2)) == 1
+    # one below the cursor (an older backup's row restored): told by the hourly pass
+    User.create(id=55, telegram_id=55, panel_email='spn-55', link_base=old, expires_at=NOW + timedelta(days=9))
+    assert jobs.announce_new_link(shop, messenger, now=NOW + timedelta(minutes=30)) == 0
+    assert jobs.announce_new_link(shop, messenger, now=NOW + timedelta(minutes=61)) == 1
+    told = sorted(int(c.params['chat_id']) for c in telegram.sent if c.method == 'sendMessage')
+    assert told == sorted(ids + [55, 140])  # each active one once; the lapsed buyer never
+    stale = User.link_base.is_null() | (User.link_base != 'https://shop.example.test/sub/')
+    assert [user.id for user in User.select().where(stale)] == [130]  # the lapsed one
 
 
 def test_reconcile_covers_and_reports_every_panel(multi, cryptopay, telegram, messenger):
@@ -262,6 +354,9 @@ def test_moving_to_several_panels_tells_each_active_buyer_their_new_link_once(tm
     User.update(link_base=None).execute()  # as wave-1 buyers are after the upgrade
     assert jobs.announce_new_link(one, messenger) == 0  # one panel, same link: nothing to say
     assert User.select().where(User.link_base.is_null()).count() == 0
+    with recorded() as seen:  # and next minute, no buyer is read or written
+        assert jobs.announce_new_link(one, messenger) == 0
+    assert reads_of_buyers(seen) == [NEWEST_ID]
     several = make_shop(make_settings(tmp_path, panel, cryptopay, database, fakes,
                                       PUBLIC_URL='https://shop.example.test'))
     assert jobs.announce_new_link(several, messenger) == 1
