@@ -23,8 +23,8 @@ from pathlib import Path
 
 import requests
 
-from common import (CRYPTOPAY_TOKEN, PYTHON, ROOT, Postgres, Process, bind, bot_env, cpu_seconds, free_port, log,
-                    rss_mb, start_fakes)
+from common import (CRYPTOPAY_TOKEN, PYTHON, ROOT, Postgres, Process, bind, bot_env, busy_seconds, children,
+                    cpu_seconds, free_port, log, rss_mb, start_fakes)
 
 
 def wait_healthy(ports, bots, timeout=60):
@@ -61,13 +61,19 @@ def updates_per_second(pg, panel, cryptopay, processes, seconds, tmp):
             bots.append(Process([PYTHON, str(ROOT / 'bot.py')], env=env, log_path=Path(tmp) / f'bot{processes}-{n}.log'))
         wait_healthy(ports, bots)
         time.sleep(3)  # warm-up: every process is taking updates
+        postmaster = int((pg.dir / 'data' / 'postmaster.pid').read_text().split()[0])
+        parts = {'bots': lambda: [bot.pid for bot in bots], 'postgres': lambda: [postmaster, *children(postmaster)],
+                 'fake Bot API': lambda: [telegram.pid], 'proxy': lambda: [proxy.pid]}
         before, started = sends(telegram.first), time.monotonic()
-        cpu_before = cpu_seconds([bot.pid for bot in bots])
+        cpu_before = {name: cpu_seconds(pids()) for name, pids in parts.items()}
+        busy_before = busy_seconds()
         time.sleep(seconds)
         after, elapsed = sends(telegram.first), time.monotonic() - started
-        cpu = cpu_seconds([bot.pid for bot in bots]) - cpu_before
+        handled = max(after - before, 1)
+        per_update = {name: (cpu_seconds(pids()) - cpu_before[name]) / handled * 1000 for name, pids in parts.items()}
+        per_update['whole machine'] = (busy_seconds() - busy_before) / handled * 1000
         rss = [rss_mb(bot.pid) for bot in bots]
-        return (after - before) / elapsed, rss, cpu / max(after - before, 1) * 1000
+        return (after - before) / elapsed, rss, per_update
     finally:
         for bot in bots:
             bot.stop()
@@ -178,11 +184,12 @@ def main():
             if not args.skip_rate:
                 base = None
                 for n in map(int, args.processes.split(',')):
-                    rate, rss, cpu_ms = updates_per_second(pg, panel, cryptopay, n, args.seconds, tmp)
+                    rate, rss, per_update = updates_per_second(pg, panel, cryptopay, n, args.seconds, tmp)
                     base = base or rate
                     print(f'webhook mode, {n} process(es): {rate:.0f} updates/s ({rate / base:.2f}x one), '
-                          f'{cpu_ms:.2f} ms bot CPU per update, RSS {", ".join(f"{r:.0f}" for r in rss)} MB',
-                          flush=True)
+                          f'{per_update["bots"]:.2f} ms bot CPU per update, RSS {", ".join(f"{r:.0f}" for r in rss)} MB; '
+                          f'CPU ms per update: {", ".join(f"{k} {v:.2f}" for k, v in per_update.items())} '
+                          f'(2 cores = {2000 / rate:.2f} ms per update at this rate)', flush=True)
             if not args.skip_latency:
                 times, linked = webhook_latency(pg, panel, cryptopay, args.payments, tmp)
                 cuts = statistics.quantiles(times, n=100)
