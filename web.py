@@ -242,8 +242,7 @@ class Server:
         self.app = app
         self.server = waitress.create_server(app, host=host, port=port, threads=HTTP_THREADS,
                                              max_request_body_size=MAX_BODY, clear_untrusted_proxy_headers=True,
-                                             ident='spn', expose_tracebacks=False,
-                                             asyncore_use_poll=True)  # poll(2): less CPU per request than select
+                                             ident='spn', expose_tracebacks=False)
         self.port = self.server.effective_port
         self.thread = threading.Thread(target=self.server.run, name='http', daemon=True)
 
