@@ -126,8 +126,12 @@ def settle_paid(shop, messenger, payment, invoice, path, now=None):
 
 
 def sync_stars(shop, messenger, now=None):
-    """The Stars safety net: settle every Stars payment whose update never reached us (stars.sync_transactions)."""
-    return stars.Stars(shop, messenger.bot).sync_transactions(messenger, now)
+    """The Stars safety net: settle every Stars payment whose update never reached us (stars.sync_transactions),
+    then expire the unpaid invoices past their lifetime. Return the number settled."""
+    provider = stars.Stars(shop, messenger.bot)
+    settled = provider.sync_transactions(messenger, now)
+    provider.expire_unpaid(now)
+    return settled
 
 
 def tell_expired(messenger, payment):

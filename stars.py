@@ -6,6 +6,8 @@ amount in whole Stars) named by its invoice payload 'stars:<row id>'. Each Teleg
 provider_id, unique per provider, and its days are a Grant ('payment', 'stars:<row id>'). A refund is a Grant
 ('refund', same reference) of the negative days. Days and the referral bonus go through models.grant_days and
 Shop.reward_referral, the panel through Shop.provision, the link through jobs.deliver_link.
+An unpaid invoice expires after INVOICE_EXPIRES_SECONDS, as a Crypto Pay invoice does: its pre-checkout is
+refused and the job marks it expired; a charge for it that Telegram took anyway is still credited once.
 Outside facts: https://core.telegram.org/bots/api#payments and /bots/payments-stars.
 """
 import logging
@@ -28,6 +30,7 @@ log = logging.getLogger('stars')
 XTR = 'XTR'
 PAYLOAD_PATTERN = re.compile(r'^stars:([0-9]{1,18})$')
 SUBSCRIPTION_PERIOD = 2592000  # 30 days in seconds: the only subscription period Telegram allows
+FRESH_MARGIN = timedelta(minutes=2)  # an invoice this close to its expiry is not offered again (shop.py's)
 PAGE = 100  # getStarTransactions returns at most 100 per call
 OVERLAP = 20  # transactions re-read each round, in case Telegram's list shifted (settling is idempotent)
 
@@ -83,13 +86,17 @@ class Stars:
         price = self.settings.stars_plan(days)
         if price is None:
             raise KeyError(days)
+        now = now or utcnow()
+        lifetime = self.lifetime()
+        fresh_after = now - lifetime + min(FRESH_MARGIN, lifetime / 2)  # not one about to expire
         pending = (Payment.select().where(Payment.user == user.id, Payment.provider == STARS,
                                           Payment.status == PENDING, Payment.plan_days == days,
-                                          Payment.amount == price).order_by(Payment.id.desc()).first())
+                                          Payment.amount == price, Payment.created_at > fresh_after)
+                   .order_by(Payment.id.desc()).first())
         if pending is not None:
             return pending
         payment = Payment.create(user=user.id, plan_days=days, amount=price, currency=XTR, provider=STARS,
-                                 pay_url='', created_at=now or utcnow())
+                                 pay_url='', created_at=now)
         log.info('stars invoice created user=%s payment=%s days=%s stars=%s', user.telegram_id, payment.id, days,
                  price)
         return payment
@@ -105,7 +112,11 @@ class Stars:
         return self.bot.send_invoice(chat_id, title, description, payload_of(payment), provider_token='',
                                      currency=XTR, prices=[LabeledPrice(title, int(payment.amount))])
 
-    def pre_checkout(self, telegram_id, currency, total_amount, payload):
+    def lifetime(self):
+        """How long an unpaid invoice can be paid: INVOICE_EXPIRES_SECONDS, as for Crypto Pay (a timedelta)."""
+        return timedelta(seconds=self.settings.invoice_expires_seconds)
+
+    def pre_checkout(self, telegram_id, currency, total_amount, payload, now=None):
         """Judge a pre_checkout_query: None when it may be paid, else the text key of the reason to refuse."""
         payment = payment_of(payload)
         if payment is None:
@@ -115,9 +126,25 @@ class Stars:
             return 'stars_refuse_not_yours'
         if currency != XTR or total_amount != int(payment.amount):
             return 'stars_refuse_amount'
+        if payment.status == EXPIRED or payment.status == PENDING and \
+                payment.created_at <= (now or utcnow()) - self.lifetime():
+            return 'stars_refuse_expired'
         if payment.status != PENDING:
             return 'stars_refuse_paid' if payment.status == PAID else 'stars_refuse_closed'
         return None
+
+    def expire_unpaid(self, now=None):
+        """Mark every pending Stars payment older than its lifetime expired; return how many this call marked.
+
+        Settlement takes an expired payment too (settle), so a charge Telegram made anyway is never lost.
+        """
+        before = (now or utcnow()) - self.lifetime()
+        expired = (Payment.update(status=EXPIRED)
+                   .where(Payment.provider == STARS, Payment.status == PENDING, Payment.created_at <= before)
+                   .execute())
+        if expired:
+            log.info('stars invoices expired: %s', expired)
+        return expired
 
     def recurring(self, days):
         """Tell whether this plan is sold as a monthly Stars subscription (STARS_RECURRING=1, the 30-day plan)."""

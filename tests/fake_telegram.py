@@ -22,8 +22,9 @@ Payments in Telegram Stars (XTR): sendInvoice / createInvoiceLink, then ``pay(us
 the pre_checkout_query a paying user's app sends; an ok answer charges the user, records a StarTransaction
 (getStarTransactions, chronological, paged by offset) and queues the successful_payment message
 (``drop=True`` loses that update, as when the bot was down). ``renew(charge_id)`` makes a subscription's
-next monthly charge. refundStarPayment and editUserStarSubscription refuse as Telegram does
-(CHARGE_ALREADY_REFUNDED, CHARGE_NOT_FOUND, ...).
+next monthly charge. The Stars methods refuse as the Bot API server does (its own checks, from
+github.com/tdlib/telegram-bot-api's Client.cpp, with its wording), then as Telegram's servers do (their
+error names; where no source gives a name, the comment beside it says so).
 
 Run it alone for benchmarks: ``python tests/fake_telegram.py --port 0 [--synthetic N]``
 prints its URL, serves until SIGTERM, then prints a JSON summary; ``GET /_fake/stats``
@@ -446,7 +447,36 @@ def throwaway_tls(directory, host="127.0.0.1"):
 
 
 def _flag(params, name):
-    return str(params.get(name, "")).lower() in ("true", "1")
+    """A boolean argument as the Bot API reads it (Client::to_bool): true, yes or 1, any case; else false."""
+    return str(params.get(name, "")).strip().lower() in ("true", "yes", "1")
+
+
+def _required(params, name):
+    """A required string argument, refused as the Bot API does (Client::get_required_string_arg)."""
+    value = str(params.get(name, ""))
+    if not value:
+        # "Parameter ... is required", its first letter lowered by Client::fail_query_with_error
+        raise bad_request(f'parameter "{name}" is required')
+    return value
+
+
+def _user_id(params):
+    """user_id as the Bot API reads it (Client::get_user_id): a positive integer, else 400 before Telegram sees it."""
+    user_id = _td_integer(params.get("user_id"))
+    if user_id <= 0:
+        raise bad_request("invalid user_id specified")
+    return user_id
+
+
+def _td_integer(value, default=0):
+    """An integer argument as td::to_integer reads it: leading digits after an optional '-', garbage is 0."""
+    match = re.match(r"\s*(-?)([0-9]+)", str(value or ""))
+    if value in (None, ""):
+        return default
+    return int(match[1] + match[2]) if match else 0
+
+
+QUERY_ID_INVALID = ("query is too old and response timeout expired or query ID is invalid")  # the Bot API's words
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -1057,24 +1087,42 @@ class FakeTelegram:
         return charge_id
 
     def _invoice_params(self, params):
-        """Check an invoice as Telegram does for Stars; return its details."""
-        title, description = str(params.get("title", "")), str(params.get("description", ""))
-        payload = str(params.get("payload", ""))
-        if not 1 <= len(title) <= 32:
-            raise bad_request("INVOICE_TITLE_EMPTY" if not title else "TITLE_INVALID")
-        if not 1 <= len(description) <= 255:
-            raise bad_request("INVOICE_DESCRIPTION_EMPTY" if not description else "DESCRIPTION_INVALID")
-        if not 1 <= len(payload.encode()) <= 128:
+        """Check an invoice as the Bot API (Client::get_input_message_invoice) and then Telegram do for Stars.
+
+        The Bot API's checks and words come first; the rest are Telegram's server errors, named as the MTProto
+        method pages list them for messages.sendMedia / payments.exportInvoice where they do; TITLE_INVALID,
+        DESCRIPTION_INVALID, CURRENCY_INVALID and PROVIDER_TOKEN_INVALID for these cases are in no source found.
+        """
+        title, description = _required(params, "title"), _required(params, "description")
+        payload = _required(params, "payload")
+        currency, prices = _required(params, "currency"), _required(params, "prices")
+        try:
+            prices = json.loads(prices)
+        except ValueError:
+            raise bad_request("can't parse prices JSON object") from None
+        if not isinstance(prices, list):
+            raise bad_request("expected an Array of labeled prices")
+        for price in prices:  # Client::get_labeled_price_part
+            if not isinstance(price, dict):
+                raise bad_request("can't parse labeled price: LabeledPrice must be an Object")
+            if not str(price.get("label") or ""):
+                raise bad_request("can't parse labeled price: LabeledPrice label must be non-empty")
+        if not prices:
+            raise bad_request("there must be at least one price")
+        # Telegram's own checks from here
+        if len(title) > 32:
+            raise bad_request("TITLE_INVALID")  # name not in any source found
+        if len(description) > 255:
+            raise bad_request("DESCRIPTION_INVALID")  # name not in any source found
+        if len(payload.encode()) > 128:
             raise bad_request("INVOICE_PAYLOAD_INVALID")
-        currency = str(params.get("currency", ""))
         if currency != "XTR":
-            raise bad_request("CURRENCY_INVALID")  # this fake models Stars only
+            raise bad_request("CURRENCY_INVALID")  # this fake models Stars only; name not in any source found
         if params.get("provider_token"):
-            raise bad_request("PROVIDER_TOKEN_INVALID")  # Stars take an empty provider token
-        prices = _decode_json(params.get("prices", "[]"))
-        if not isinstance(prices, list) or len(prices) != 1:
+            raise bad_request("PROVIDER_TOKEN_INVALID")  # Stars take an empty provider token; name not in a source
+        if len(prices) != 1:
             raise bad_request("STARS_INVOICE_INVALID")  # exactly one price for XTR
-        amount = prices[0].get("amount") if isinstance(prices[0], dict) else None
+        amount = prices[0].get("amount")
         if not isinstance(amount, int) or not 1 <= amount <= MAX_STARS:
             raise bad_request("CURRENCY_TOTAL_AMOUNT_INVALID")
         return {"title": title, "description": description, "payload": payload, "currency": currency,
@@ -1083,7 +1131,7 @@ class FakeTelegram:
     def _send_invoice(self, params, files):
         chat = self._writable_chat(params)
         if "subscription_period" in params:
-            raise bad_request("SUBSCRIPTION_PERIOD_INVALID")  # subscriptions only through createInvoiceLink
+            raise bad_request("SUBSCRIPTION_PERIOD_INVALID")  # subscriptions only by createInvoiceLink (a guessed name)
         details = self._invoice_params(params)
         content = {"invoice": {"title": details["title"], "description": details["description"],
                                "start_parameter": "", "currency": "XTR",
@@ -1106,42 +1154,45 @@ class FakeTelegram:
         return link
 
     def _answer_pre_checkout_query(self, params, files):
+        ok = _flag(params, "ok")
+        error = None if ok else _required(params, "error_message")  # the Bot API checks this first
         query = self.pre_checkouts.get(str(params.get("pre_checkout_query_id", "")))
         if query is None or query["answer"] is not None:
-            raise bad_request("QUERY_ID_INVALID")
+            raise bad_request(QUERY_ID_INVALID)  # Telegram's QUERY_ID_INVALID, as the Bot API words it
         seconds = time.monotonic() - query["asked"]
         if seconds > PRE_CHECKOUT_TIMEOUT:
             query["answer"] = {"ok": False, "error_message": None, "seconds": seconds, "charge_id": None}
-            raise bad_request("QUERY_ID_INVALID")  # too late: the user saw the payment fail
-        ok = _flag(params, "ok")
-        error = params.get("error_message")
-        if not ok and not error:
-            raise bad_request("error_message must be non-empty")  # required when ok is False
+            raise bad_request(QUERY_ID_INVALID)  # too late: the user saw the payment fail
         charge_id = self._charge(query["user"], query["invoice"], query["drop"]) if ok else None
         query["answer"] = {"ok": ok, "error_message": error, "seconds": seconds, "charge_id": charge_id}
         return True
 
     def _get_star_transactions(self, params, files):
-        offset = int(params.get("offset") or 0)
-        limit = int(params.get("limit") or 100)
-        if offset < 0:
-            raise bad_request("offset must be non-negative")
-        if not 1 <= limit <= 100:
-            raise bad_request("limit must be between 1 and 100")
+        # Client::get_integer_arg clamps: never an error (offset from 0, limit 1-100, 100 when absent)
+        offset = max(_td_integer(params.get("offset")), 0)
+        limit = min(max(_td_integer(params.get("limit"), 100), 1), 100)
         return {"transactions": self.star_transactions[offset:offset + limit]}
 
-    def _charge_of(self, params):
+    def _charge_of(self, params, unknown):
+        user_id = _user_id(params)  # before Telegram is asked
         charge = self.charges.get(str(params.get("telegram_payment_charge_id", "")))
         if charge is None:
-            raise bad_request("CHARGE_NOT_FOUND")
-        if str(params.get("user_id", "")) != str(charge["user"]["id"]):
+            raise bad_request(unknown)
+        if user_id != charge["user"]["id"]:
+            # USER_ID_INVALID is what payments.refundStarsCharge and botCancelStarsSubscription list for a bad
+            # user; that Telegram answers it for a charge of another user is in no source found
             raise bad_request("USER_ID_INVALID")
         return charge
 
     def _refund_star_payment(self, params, files):
-        charge = self._charge_of(params)
+        _user_id(params)
+        _required(params, "telegram_payment_charge_id")  # the Bot API's own check
+        # An unknown charge: CHARGE_NOT_FOUND is not in payments.refundStarsCharge's documented errors
+        # (CHARGE_ALREADY_REFUNDED, CHARGE_ID_EMPTY, USER_BOT_REQUIRED, USER_ID_INVALID); it is what a library's
+        # tests against the live Bot API saw (another's saw CHARGE_ID_EMPTY for the id "test").
+        charge = self._charge_of(params, "CHARGE_NOT_FOUND")
         if charge["refunded"]:
-            raise bad_request("CHARGE_ALREADY_REFUNDED")
+            raise bad_request("CHARGE_ALREADY_REFUNDED")  # documented; seen live (tdlib/telegram-bot-api#690)
         charge["refunded"] = True
         charge_id = str(params["telegram_payment_charge_id"])
         self.star_transactions.append({"id": charge_id, "amount": charge["amount"], "date": self._now(),
@@ -1151,14 +1202,15 @@ class FakeTelegram:
         return True
 
     def _edit_user_star_subscription(self, params, files):
-        charge = self._charge_of(params)
+        # the Bot API checks only user_id; a missing charge id goes to Telegram empty, a missing is_canceled is false
+        # CHARGE_ID_INVALID: payments.botCancelStarsSubscription's documented error, also seen live for an unknown id
+        charge = self._charge_of(params, "CHARGE_ID_INVALID")
         if not charge["invoice"].get("subscription_period"):
-            raise bad_request("SUBSCRIPTION_NOT_FOUND")
+            raise bad_request("SUBSCRIPTION_NOT_FOUND")  # a one-off charge: this name is in no source found
         canceled = _flag(params, "is_canceled")
-        if "is_canceled" not in params:
-            raise bad_request("Parameter \"is_canceled\" is required")
         root = self.charges[charge["root"]]  # the state belongs to the subscription, whichever charge names it
         if root["canceled"] == canceled:
+            # not in the method's documented errors; the name bots in production test for
             raise bad_request("SUBSCRIPTION_NOT_MODIFIED")
         root["canceled"] = canceled
         return True

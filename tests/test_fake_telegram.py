@@ -393,3 +393,92 @@ def test_command_line_fake_serves_synthetic_batches():
     assert first[0]["message"]["text"] == "/start"
     summary = json.loads(out.strip().splitlines()[-1])
     assert (summary["synthetic_updates"], summary["confirmed_updates"], summary["calls"]["getUpdates"]) == (5, 5, 3)
+
+
+# Stars: the refusals of the Bot API server (github.com/tdlib/telegram-bot-api, telegram-bot-api/Client.cpp)
+
+
+def call(telegram, method, **params):
+    """POST one Bot API call with exactly these form fields; return (status, description or result)."""
+    reply = requests.post(f"{telegram.url}/bot{telegram.token}/{method}", data=params, timeout=10).json()
+    return reply.get("error_code", 200), reply.get("description", reply.get("result"))
+
+
+def paid_charge(bot, telegram, user=ALICE, link=False):
+    """Sell user a 1-Star invoice (a monthly subscription link with link=True); return the charge id."""
+    telegram.add_user(user)
+    prices = [types.LabeledPrice("Plan", 1)]
+    if link:
+        invoice = bot.create_invoice_link("Plan", "30 days", "stars:1", "", "XTR", prices,
+                                          subscription_period=2592000)
+    else:
+        message = bot.send_invoice(user["id"], "Plan", "30 days", "stars:1", "", "XTR", prices)
+        invoice = {"chat": {"id": user["id"]}, "message_id": message.message_id}
+    query = telegram.pay(user, invoice, drop=True)
+    bot.answer_pre_checkout_query(query, ok=True)
+    return telegram.pre_checkouts[query]["answer"]["charge_id"]
+
+
+def test_answer_pre_checkout_query_refuses_as_the_bot_api_does(bot, telegram):
+    telegram.add_user(ALICE)
+    message = bot.send_invoice(ALICE["id"], "Plan", "30 days", "stars:1", "", "XTR", [types.LabeledPrice("Plan", 1)])
+    query = telegram.pay(ALICE, {"chat": {"id": ALICE["id"]}, "message_id": message.message_id})
+    # get_required_string_arg, its first letter lowered by fail_query_with_error
+    assert call(telegram, "answerPreCheckoutQuery", pre_checkout_query_id=query, ok="false") == \
+        (400, 'Bad Request: parameter "error_message" is required')
+    assert call(telegram, "answerPreCheckoutQuery", pre_checkout_query_id=query, ok="yes") == (200, True)  # to_bool
+    gone = "Bad Request: query is too old and response timeout expired or query ID is invalid"  # QUERY_ID_INVALID
+    assert call(telegram, "answerPreCheckoutQuery", pre_checkout_query_id=query, ok="true") == (400, gone)
+    assert call(telegram, "answerPreCheckoutQuery", pre_checkout_query_id="777", ok="true") == (400, gone)
+
+
+def test_get_star_transactions_clamps_offset_and_limit_as_the_bot_api_does(bot, telegram):
+    charges = [paid_charge(bot, telegram, {"id": 1100 + n, "first_name": f"U{n}"}) for n in range(3)]
+    for offset, limit, want in (("-5", "2", charges[:2]), ("0", "0", charges[:1]), ("1", "500", charges[1:]),
+                                ("x", "", charges)):
+        status, result = call(telegram, "getStarTransactions", offset=offset, limit=limit)
+        assert status == 200 and [t["id"] for t in result["transactions"]] == want, (offset, limit, result)
+
+
+def test_refund_star_payment_refuses_as_the_bot_api_and_telegram_do(bot, telegram):
+    charge = paid_charge(bot, telegram)
+    assert call(telegram, "refundStarPayment", telegram_payment_charge_id=charge) == \
+        (400, "Bad Request: invalid user_id specified")
+    assert call(telegram, "refundStarPayment", user_id=ALICE["id"]) == \
+        (400, 'Bad Request: parameter "telegram_payment_charge_id" is required')
+    assert call(telegram, "refundStarPayment", user_id=ALICE["id"], telegram_payment_charge_id="nope") == \
+        (400, "Bad Request: CHARGE_NOT_FOUND")
+    assert call(telegram, "refundStarPayment", user_id=BOB["id"], telegram_payment_charge_id=charge) == \
+        (400, "Bad Request: USER_ID_INVALID")
+    assert call(telegram, "refundStarPayment", user_id=ALICE["id"], telegram_payment_charge_id=charge) == (200, True)
+    assert call(telegram, "refundStarPayment", user_id=ALICE["id"], telegram_payment_charge_id=charge) == \
+        (400, "Bad Request: CHARGE_ALREADY_REFUNDED")
+
+
+def test_edit_user_star_subscription_refuses_as_the_bot_api_and_telegram_do(bot, telegram):
+    charge = paid_charge(bot, telegram, link=True)
+    assert call(telegram, "editUserStarSubscription", telegram_payment_charge_id=charge, is_canceled="true") == \
+        (400, "Bad Request: invalid user_id specified")
+    assert call(telegram, "editUserStarSubscription", user_id=ALICE["id"], telegram_payment_charge_id="nope",
+                is_canceled="true") == (400, "Bad Request: CHARGE_ID_INVALID")
+    assert call(telegram, "editUserStarSubscription", user_id=ALICE["id"], telegram_payment_charge_id=charge,
+                is_canceled="true") == (200, True)
+    # no is_canceled is false (the Bot API's to_bool of an empty argument): the renewal is resumed
+    assert call(telegram, "editUserStarSubscription", user_id=ALICE["id"], telegram_payment_charge_id=charge) == \
+        (200, True)
+    assert call(telegram, "editUserStarSubscription", user_id=ALICE["id"], telegram_payment_charge_id=charge,
+                is_canceled="false") == (400, "Bad Request: SUBSCRIPTION_NOT_MODIFIED")
+
+
+def test_invoices_are_checked_as_the_bot_api_does_before_telegram_sees_them(bot, telegram):
+    telegram.add_user(ALICE)
+    good = {"chat_id": ALICE["id"], "title": "Plan", "description": "30 days", "payload": "stars:1",
+            "currency": "XTR", "prices": json.dumps([{"label": "Plan", "amount": 1}])}
+    for field in ("title", "description", "payload", "currency", "prices"):
+        assert call(telegram, "sendInvoice", **{**good, field: ""}) == \
+            (400, f'Bad Request: parameter "{field}" is required'), field
+    for prices, detail in (("[{", "can't parse prices JSON object"), ("{}", "expected an Array of labeled prices"),
+                           ("[]", "there must be at least one price"),
+                           ('[{"label": "", "amount": 1}]',
+                            "can't parse labeled price: LabeledPrice label must be non-empty")):
+        assert call(telegram, "createInvoiceLink", **{**good, "prices": prices}) == (400, "Bad Request: " + detail)

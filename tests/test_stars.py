@@ -12,6 +12,7 @@ from decimal import Decimal
 
 import pytest
 import telebot
+from peewee import fn
 from telebot import apihelper
 
 import config
@@ -511,3 +512,70 @@ def test_unpaid_stars_invoices_do_not_count_against_the_crypto_invoice_cap(teleg
         shop_stars.offer(user, days)
     made = [shop_stars.shop.create_invoice(user, days) for days in (30, 90, 180)]
     assert len({payment.invoice_id for payment in made}) == 3
+
+
+# Unpaid invoices expire (INVOICE_EXPIRES_SECONDS, as Crypto Pay invoices do); money taken still settles once
+
+
+def test_an_unpaid_stars_invoice_expires_and_its_pre_checkout_is_refused_with_a_reason(telegram, panel, cryptopay,
+                                                                                        database, tmp_path):
+    def fresh_id():
+        return Payment.select(fn.MAX(Payment.id)).where(Payment.provider == 'stars').scalar()
+
+    running = start_bot(telegram, panel, cryptopay, database, tmp_path, STARS_PLANS=STARS_PLANS,
+                        INVOICE_EXPIRES_SECONDS=2)
+    try:
+        alice = person(2080)
+        invoice = stars_invoice(telegram, alice)
+        time.sleep(2.5)  # the invoice message stays in the chat; its Pay button must no longer take money
+        answer = telegram.wait_for_pre_checkout(telegram.pay(alice, invoice))
+        assert not answer['ok'] and 'expired' in answer['error_message'], answer
+        assert not telegram.charges and Payment.get(Payment.provider == 'stars').status in (PENDING, EXPIRED)
+        assert eventually(lambda: Payment.get(Payment.provider == 'stars').status == EXPIRED)  # the job's round
+        menu = ask(telegram, alice, '/start', contains='SPN')  # choosing the plan again gives a new invoice
+        press(telegram, alice, menu, 'buy')
+        press(telegram, alice, current(telegram, menu), 'plan:30')
+        press(telegram, alice, current(telegram, menu), 'stars:30')
+        telegram.wait_for(lambda c: c.method == 'sendInvoice' and c.ok and c.params['chat_id'] == '2080'
+                          and f'stars:{fresh_id()}' in str(c.params.get('payload')))
+        fresh = Payment.select().where(Payment.provider == 'stars').order_by(Payment.id.desc()).first()
+        assert fresh.status == PENDING and Payment.select().where(Payment.provider == 'stars').count() == 2
+        ok = telegram.wait_for_pre_checkout(telegram.pay(alice, invoice_message(telegram, 2080)))
+        assert ok['ok'], ok
+        assert eventually(lambda: Payment.get_by_id(fresh.id).status == PAID)
+    finally:
+        running.stop()
+
+
+def test_the_job_expires_only_stars_invoices_past_their_lifetime(telegram, provider):
+    shop_stars, messenger = provider
+    lifetime = timedelta(seconds=shop_stars.settings.invoice_expires_seconds)
+    now = models.utcnow()
+    user, _ = shop_stars.shop.register(2081, None, 'Ex', 'en')
+    old = shop_stars.offer(user, 30, now=now - lifetime - timedelta(seconds=1))
+    assert shop_stars.pre_checkout(2081, 'XTR', 250, f'stars:{old.id}', now=now) == 'stars_refuse_expired'
+    young = shop_stars.offer(user, 7, now=now - lifetime + timedelta(minutes=5))
+    assert shop_stars.offer(user, 30, now=now).id != old.id  # an expired invoice is never offered again
+    assert shop_stars.expire_unpaid(now) == 1
+    assert Payment.get_by_id(old.id).status == EXPIRED and Payment.get_by_id(young.id).status == PENDING
+    assert shop_stars.pre_checkout(2081, 'XTR', 250, f'stars:{old.id}', now=now) == 'stars_refuse_expired'
+    assert shop_stars.pre_checkout(2081, 'XTR', 60, f'stars:{young.id}', now=now) is None
+    assert shop_stars.expire_unpaid(now) == 0
+    jobs.sync_stars(shop_stars.shop, messenger, now=now + lifetime)  # the job's round expires the rest
+    assert Payment.get_by_id(young.id).status == EXPIRED
+
+
+@pytest.mark.parametrize('delivery', ['successful_payment', 'getStarTransactions'])
+def test_a_charge_for_an_invoice_that_expired_meanwhile_still_settles_once(telegram, provider, panel, delivery):
+    shop_stars, messenger = provider
+    payment, charge_id = charge(telegram, provider, person(2082), drop=True)  # ok'd while it could be paid
+    later = models.utcnow() + timedelta(seconds=shop_stars.settings.invoice_expires_seconds + 1)
+    assert shop_stars.expire_unpaid(later) == 1  # the job ran before the charge was seen
+    assert Payment.get_by_id(payment.id).status == EXPIRED
+    if delivery == 'successful_payment':
+        assert shop_stars.settle(2082, f'stars:{payment.id}', charge_id, 'XTR', 250).outcome == 'settled'
+    assert jobs.sync_stars(shop_stars.shop, messenger, now=later) == (delivery == 'getStarTransactions')
+    assert shop_stars.settle(2082, f'stars:{payment.id}', charge_id, 'XTR', 250).outcome == 'duplicate'
+    stored = Payment.get_by_id(payment.id)
+    assert stored.status == PAID and stored.provider_id == charge_id
+    assert len(payment_grants()) == 1 and User.get(User.telegram_id == 2082).expires_at is not None

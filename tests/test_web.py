@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings as hypothesis_settings, stra
 import config
 import jobs
 import leases
+import metrics
 import models
 import web
 from conftest import BOT_TOKEN, CRYPTOPAY_TOKEN, PANEL_PASSWORD, ROOT, settings_env
@@ -127,6 +128,7 @@ def test_healthz_is_503_when_the_database_is_down(settings, shop, messenger, dat
         reply = requests.get(url + '/healthz', timeout=15)
         assert reply.status_code == 503
         assert reply.json()['problems'] == ['database unavailable']
+        metrics.forget()  # within CACHE_SECONDS of an earlier scrape (another test's) the ledger is remembered
         reply = requests.get(url + '/metrics', timeout=15)
         assert reply.status_code == 503 and 'Traceback' not in reply.text
     finally:
@@ -152,15 +154,44 @@ def test_metrics_expose_the_ledger_and_counters_move(http, shop, telegram, crypt
                  'spn_payments_settled_total', 'spn_panel_failures_total', 'spn_telegram_sends_failed_total'):
         assert f'# HELP {name.removesuffix("_total")}' in before.text or f'# HELP {name}' in before.text, name
     payment = pending_invoice(shop, telegram)
-    text = requests.get(http + '/metrics', timeout=5).text
-    assert metric(text, 'spn_pending_invoices') == 1
+
+    def scraped(name, **labels):
+        return metric(requests.get(http + '/metrics', timeout=5).text, name, **labels)
+    # the ledger is read at most once per CACHE_SECONDS: the new invoice shows within that
+    assert eventually(lambda: scraped('spn_pending_invoices') == 1, timeout=metrics.CACHE_SECONDS + 5)
+    time.sleep(1.1)
+    assert scraped('spn_oldest_pending_invoice_age_seconds') >= 1  # counted at each scrape, never cached
     cryptopay.pay(payment.invoice_id)
     assert cryptopay.post_webhook(http + '/cryptopay', payment.invoice_id) == 200
+    assert eventually(lambda: scraped('spn_pending_invoices') == 0, timeout=metrics.CACHE_SECONDS + 5)
     after = requests.get(http + '/metrics', timeout=5).text
-    assert metric(after, 'spn_pending_invoices') == 0
     assert metric(after, 'spn_payments_settled_total', path='webhook', provider='cryptopay') == \
         metric(before.text, 'spn_payments_settled_total', path='webhook', provider='cryptopay') + 1
     assert_no_secrets(after)
+    assert '_created' not in after  # OpenMetrics-only series, a third of the lines in this format
+
+
+def test_the_ledger_gauges_are_read_once_per_cache_period_and_a_failed_read_is_not_kept(database):
+    clock = [1000.0]
+    ledger = metrics.LedgerCollector(seconds=2, clock=lambda: clock[0])
+    reads = []
+    ledger.values.read = lambda: reads.append(1) or metrics.LedgerCollector.read()
+    values = {family.name: family.samples[0].value for family in ledger.collect()}
+    assert values == {'spn_pending_invoices': 0, 'spn_oldest_pending_invoice_age_seconds': 0,
+                      'spn_buyers_waiting_for_panel': 0}
+    ledger.collect()
+    clock[0] += 1.9
+    ledger.collect()
+    assert len(reads) == 1
+    clock[0] += 0.2
+    ledger.collect()
+    assert len(reads) == 2
+    clock[0] += 5
+    ledger.values.read = lambda: (_ for _ in ()).throw(models.OperationalError('down'))
+    with pytest.raises(models.OperationalError):
+        ledger.collect()
+    with pytest.raises(models.OperationalError):  # the failure was not remembered as a value
+        ledger.collect()
 
 
 # the Crypto Pay webhook
