@@ -35,13 +35,53 @@ BACK = types.InlineKeyboardMarkup()
 BACK.add(types.InlineKeyboardButton('⬅️ Menu', callback_data='menu'))
 
 
+def screens():
+    """Return {(lang, data): (text, markup)}: what bot.py shows for each press of the bench's mix, rendered once.
+
+    The same texts and keyboards as bot.py sends for a buyer's language (texts.t and keyboards from BENCH_ROOT,
+    with a typical buyer's values where bot.py fills in their own), so the ceiling sends the same bytes. A
+    checkout without those modules gets one English-and-Russian screen for every press, as before."""
+    try:
+        import config
+        import keyboards
+        import texts
+        from texts import t
+        settings = config.load()
+        texts.configure(settings.shop_name, settings.texts)
+    except Exception:  # noqa: BLE001 - an older checkout: the fixed screen
+        return {}
+    shown = {}
+    for lang in ('en', 'ru'):
+        menu = keyboards.main_menu(lang, gift_enabled=bool(settings.channel_id))
+        back = keyboards.back_to_menu(lang)
+        contact = settings.support_contact
+        support = t(lang, 'help_support', contact=contact) if contact else ''
+        shown[lang, 'menu'] = t(lang, 'menu'), menu
+        shown[lang, 'help'] = t(lang, 'help', support=support), back
+        shown[lang, 'buy'] = t(lang, 'choose_plan'), keyboards.plans(lang, settings.plans, settings.currency,
+                                                                    settings.stars_plans)
+        shown[lang, 'invite'] = t(lang, 'invite', bonus=settings.referral_bonus_days, joined=0, paid=0,
+                                  link='https://t.me/spn_bench_bot?start=AbCdEfGh23'), back
+        shown[lang, 'start'] = t(lang, 'welcome', name='User 1'), menu
+        link = 'https://vpn.example.test:2096/sub/sub0000000000001'
+        shown[lang, 'sub'] = '\n\n'.join([
+            t(lang, 'sub_active', expiry='31.12.2026', days=30), t(lang, 'sub_traffic', used='1.2 GB', limit=''),
+            t(lang, 'sub_link', link=link), t(lang, 'sub_howto')]), back
+    return shown
+
+
 def qr_bytes():
     """A QR PNG as bot.py sends it (its own renderer when importable, else any PNG of similar size)."""
     try:
-        from bot import qr_png
+        from qr import qr_png
         return qr_png('https://vpn.example.test:2096/sub/sub0000000000001')
     except Exception:  # noqa: BLE001 - a checkout without it still gets a PNG to upload
         return (Path(__file__).resolve().parent.parent / 'tests' / 'fake_telegram.py').read_bytes()[:600]
+
+
+def language(user):
+    """The buyer's language as shop.language_for picks it, for the bench's 'ru' and 'en' users."""
+    return 'ru' if (user.language_code or '').startswith('ru') else 'en'
 
 
 def main():
@@ -54,18 +94,21 @@ def main():
     except ImportError:
         pass
     png = qr_bytes()
+    shown = screens()
     file_ids = {}  # chat -> file_id of its QR photo
     bot = telebot.TeleBot(os.environ['BOT_TOKEN'], threaded=True, num_threads=int(os.environ.get('WORKER_THREADS', 16)),
                           skip_pending=False)
 
     @bot.message_handler(content_types=['text'])
     def on_text(message):
-        bot.send_message(message.chat.id, TEXT, parse_mode='HTML', reply_markup=MARKUP, disable_web_page_preview=True)
+        text, markup = shown.get((language(message.from_user), 'start'), (TEXT, MARKUP))
+        bot.send_message(message.chat.id, text, parse_mode='HTML', reply_markup=markup, disable_web_page_preview=True)
 
     @bot.callback_query_handler(func=lambda call: True)
     def on_button(call):
         chat_id = call.message.chat.id
-        bot.edit_message_text(TEXT, chat_id, call.message.message_id, parse_mode='HTML', reply_markup=BACK,
+        text, markup = shown.get((language(call.from_user), call.data), (TEXT, BACK))
+        bot.edit_message_text(text, chat_id, call.message.message_id, parse_mode='HTML', reply_markup=markup,
                               disable_web_page_preview=True)
         if call.data == 'sub':
             known = file_ids.get(chat_id)
