@@ -375,6 +375,20 @@ def test_settling_a_paid_invoice_says_true_once_whoever_comes_second(shop, crypt
     assert Payment.get_by_id(payment.id).notified_at == NOW  # told at the caller's clock
 
 
+def test_the_pollers_counts_add_up_over_several_invoices(shop, cryptopay, telegram, messenger):
+    """Two paid and two expired in one round are counted as two and two (the counts feed the metrics and log)."""
+    buyers = [customer(shop, telegram, 1001 + i) for i in range(4)]
+    payments = [shop.create_invoice(user, 30) for user in buyers]
+    for payment in payments[:2]:
+        cryptopay.pay(payment.invoice_id)
+    for payment in payments[2:]:
+        cryptopay.expire(payment.invoice_id)
+    counts = {}
+    assert jobs.poll_payments(shop, messenger, now=NOW, counts=counts) == 2
+    assert counts == {'settled': 2, 'expired': 2}
+    assert [Payment.get_by_id(p.id).status for p in payments] == [PAID, PAID, EXPIRED, EXPIRED]
+
+
 def test_the_poller_judges_each_buyers_invoice_as_theirs_and_stamps_a_mismatch_at_its_clock(shop, cryptopay,
                                                                                              telegram, messenger):
     from models import InvoiceMismatch
