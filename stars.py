@@ -236,11 +236,16 @@ class Stars:
         return Settlement('settled', Payment.get_by_id(payment.id))
 
     def deliver(self, payment, messenger, now=None):
-        """Push a settled payment's days to the panel and send the buyer the link (once; the jobs retry)."""
+        """Push a settled payment's days to the panel and send the buyer the link (once; the jobs retry).
+
+        :return: True when a panel has the days (the link was sent now, or its send failed and the jobs send
+            it); False when no panel took them yet: the buyer is told to wait, retry_provisioning goes on.
+        """
         import jobs  # jobs imports this module for its recovery job
-        if self.shop.provision(payment.user_id, now=now):
-            return jobs.deliver_link(self.shop, messenger, Payment.get_by_id(payment.id), now)
-        return False
+        if not self.shop.provision(payment.user_id, now=now):
+            return False
+        jobs.deliver_link(self.shop, messenger, Payment.get_by_id(payment.id), now)
+        return True
 
     # The safety net
 

@@ -579,3 +579,24 @@ def test_a_charge_for_an_invoice_that_expired_meanwhile_still_settles_once(teleg
     stored = Payment.get_by_id(payment.id)
     assert stored.status == PAID and stored.provider_id == charge_id
     assert len(payment_grants()) == 1 and User.get(User.telegram_id == 2082).expires_at is not None
+
+
+def test_the_job_stamps_the_panel_push_and_the_link_at_its_own_clock(telegram, provider, panel):
+    shop_stars, messenger = provider
+    payment, _ = charge(telegram, provider, person(2083), drop=True)
+    at = models.utcnow() + timedelta(minutes=7)
+    assert shop_stars.sync_transactions(messenger, now=at) == 1
+    stored = Payment.get_by_id(payment.id)
+    assert (stored.provisioned_at, stored.notified_at) == (at, at)
+
+
+def test_deliver_says_whether_a_panel_has_the_days_not_whether_the_link_went_out(telegram, provider, panel):
+    """The bot tells a buyer to wait for the panel when deliver() is False: not when the panel has the days and
+    only the link's message failed (the jobs send it)."""
+    shop_stars, messenger = provider
+    payment, charge_id = charge(telegram, provider, person(2084), drop=True)
+    result = shop_stars.settle(2084, f'stars:{payment.id}', charge_id, 'XTR', 250)
+    telegram.break_next(20, 'bad_gateway', method='sendMessage')
+    assert shop_stars.deliver(result.payment, messenger) is True
+    stored = Payment.get_by_id(payment.id)
+    assert stored.provisioned_at is not None and stored.notified_at is None  # the link waits for the job
