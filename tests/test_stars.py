@@ -7,7 +7,7 @@ import os
 import signal
 import threading
 import time
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
@@ -600,3 +600,67 @@ def test_deliver_says_whether_a_panel_has_the_days_not_whether_the_link_went_out
     assert shop_stars.deliver(result.payment, messenger) is True
     stored = Payment.get_by_id(payment.id)
     assert stored.provisioned_at is not None and stored.notified_at is None  # the link waits for the job
+
+
+# The recovery job reads each transaction as Telegram lists it (getStarTransactions)
+
+@pytest.fixture
+def far_east_clock():
+    """Run the test with the process's local time zone at UTC+5: stored times must stay UTC all the same."""
+    before = os.environ.get('TZ')
+    os.environ['TZ'] = 'Asia/Yekaterinburg'
+    time.tzset()
+    yield
+    if before is None:
+        del os.environ['TZ']
+    else:
+        os.environ['TZ'] = before
+    time.tzset()
+
+
+def test_the_job_credits_at_the_charges_date_and_counts_days_from_its_own_clock(telegram, provider, panel,
+                                                                                far_east_clock):
+    shop_stars, messenger = provider
+    payment, charge_id = charge(telegram, provider, person(2085), drop=True)
+    charged = datetime.fromtimestamp(telegram.star_transactions[-1]['date'], timezone.utc).replace(tzinfo=None)
+    at = models.utcnow().replace(microsecond=0) + timedelta(minutes=7)
+    assert shop_stars.sync_transactions(messenger, now=at) == 1
+    assert Payment.get_by_id(payment.id).paid_at == charged
+    assert User.get(User.telegram_id == 2085).expires_at == at + timedelta(days=30)
+
+
+def test_a_subscription_charge_found_by_the_job_runs_until_its_period_ends(telegram, stars_env, panel):
+    settings = config.load({**stars_env, 'STARS_RECURRING': '1'})
+    apihelper.API_URL = telegram.url + '/bot{0}/{1}'
+    shop_stars = stars.Stars(make_shop(settings), telebot.TeleBot(BOT_TOKEN, threaded=False))
+    messenger = Messenger(shop_stars.bot)
+    user = person(2086)
+    telegram.add_user(user)
+    customer, _ = shop_stars.shop.register(user['id'], None, user['first_name'], 'en')
+    payment = shop_stars.offer(customer, 30)
+    query = telegram.pay(user, shop_stars.subscription_link(customer, payment), drop=True)
+    shop_stars.bot.answer_pre_checkout_query(query, ok=True)
+    charged = datetime.fromtimestamp(telegram.star_transactions[-1]['date'], timezone.utc).replace(tzinfo=None)
+    assert shop_stars.sync_transactions(messenger) == 1
+    assert Payment.get_by_id(payment.id).subscription_until == charged + timedelta(days=30)
+
+
+def test_the_job_credits_only_a_users_invoice_payments(telegram, provider, panel):
+    """Stars that reach the bot another way (a gift bought, paid media, Fragment) are not a plan paid for, even
+    with one of our payloads; an invoice payment listed without transaction_type (older Bot API) is."""
+    shop_stars, messenger = provider
+    payment, charge_id = charge(telegram, provider, person(2087), drop=True)
+    paid = telegram.star_transactions.pop()
+    buyer, date = paid['source']['user'], paid['date']
+    for number, source in enumerate([
+            {'type': 'fragment'},
+            {'type': 'user', 'transaction_type': 'gift_purchase', 'user': buyer, 'invoice_payload': f'stars:{payment.id}'},
+            {'type': 'user', 'transaction_type': 'paid_media_payment', 'user': buyer,
+             'invoice_payload': f'stars:{payment.id}'}]):
+        telegram.star_transactions.append({'id': f'other{number}', 'amount': 250, 'date': date, 'source': source})
+    assert shop_stars.sync_transactions(messenger) == 0
+    assert Payment.get_by_id(payment.id).status == PENDING and payment_grants() == []
+    del paid['source']['transaction_type']
+    telegram.star_transactions.append(paid)
+    assert shop_stars.sync_transactions(messenger) == 1
+    assert (Payment.get_by_id(payment.id).status, len(payment_grants())) == (PAID, 1)
