@@ -664,3 +664,17 @@ def test_the_job_credits_only_a_users_invoice_payments(telegram, provider, panel
     telegram.star_transactions.append(paid)
     assert shop_stars.sync_transactions(messenger) == 1
     assert (Payment.get_by_id(payment.id).status, len(payment_grants())) == (PAID, 1)
+
+
+def test_the_job_reports_only_the_foreign_charges_and_moves_only_its_own_cursor(telegram, provider, panel):
+    shop_stars, messenger = provider
+    telegram.add_user(ADMIN)
+    models.Cursor.create(name='backfill:main', position=7)  # another job's place in its own list
+    payment, charge_id = charge(telegram, provider, person(2088), drop=True)
+    telegram.star_transactions.append({'id': 'stx-foreign-1', 'amount': 999, 'date': 1, 'source': {
+        'type': 'user', 'transaction_type': 'invoice_payment', 'user': {'id': 2089, 'is_bot': False, 'first_name': 'Eve'}, 'invoice_payload': 'donation'}})
+    assert shop_stars.sync_transactions(messenger) == 1
+    alerts = [text_of(m) for m in telegram.messages_to(900)]
+    assert len(alerts) == 1 and 'stx-foreign-1' in alerts[0] and charge_id not in alerts[0]
+    assert [(c.name, c.position) for c in models.Cursor.select().order_by(models.Cursor.name)] == \
+        [('backfill:main', 7), ('stars', 2)]
