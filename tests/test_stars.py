@@ -678,3 +678,51 @@ def test_the_job_reports_only_the_foreign_charges_and_moves_only_its_own_cursor(
     assert len(alerts) == 1 and 'stx-foreign-1' in alerts[0] and charge_id not in alerts[0]
     assert [(c.name, c.position) for c in models.Cursor.select().order_by(models.Cursor.name)] == \
         [('backfill:main', 7), ('stars', 2)]
+
+
+# Stars.settle called directly: what each caller (the update, the job) relies on
+
+def offered(provider, telegram_id):
+    shop_stars, _ = provider
+    customer, _ = shop_stars.shop.register(telegram_id, None, 'Anna', 'en')
+    return shop_stars.offer(customer, 30)
+
+
+@pytest.mark.parametrize('who, currency, amount, wrong', [
+    (2090, 'XTR', 249, 'amount'), (2090, 'USD', 250, 'currency'), (2091, 'XTR', 250, 'payer')])
+def test_a_charge_that_does_not_match_its_invoice_is_foreign_and_says_why(telegram, provider, who, currency,
+                                                                          amount, wrong):
+    shop_stars, _ = provider
+    payment = offered(provider, 2090)
+    result = shop_stars.settle(who, f'stars:{payment.id}', 'stx-mismatch', currency, amount)
+    assert (result.outcome, result.payment.id) == ('foreign', payment.id)
+    assert result.detail == f'paid by {who} {amount} {currency}, issued to 2090 for 250 XTR'
+    assert Payment.get_by_id(payment.id).status == PENDING and payment_grants() == []
+
+
+def test_a_payload_never_issued_is_foreign_with_the_payload_named(telegram, provider):
+    shop_stars, _ = provider
+    result = shop_stars.settle(2090, 'stars:999999', 'stx-unknown', 'XTR', 250)
+    assert (result.outcome, result.payment, result.detail) == ('foreign', None, "payload 'stars:999999' was never issued")
+
+
+def test_settle_stamps_the_charge_time_and_a_duplicate_names_the_payment_it_paid(telegram, provider):
+    shop_stars, _ = provider
+    first, second, third = (offered(provider, 2092 + i) for i in range(3))
+    charged, clock = datetime(2026, 11, 1, 9, 30), datetime(2026, 11, 1, 9, 45)
+    assert shop_stars.settle(2092, f'stars:{first.id}', 'stx-a', 'XTR', 250, paid_at=charged).outcome == 'settled'
+    assert shop_stars.settle(2093, f'stars:{second.id}', 'stx-b', 'XTR', 250, now=clock).outcome == 'settled'
+    assert [Payment.get_by_id(p.id).paid_at for p in (first, second)] == [charged, clock]
+    assert Payment.get_by_id(third.id).status == PENDING  # only the charged row changed
+    again = shop_stars.settle(2092, f'stars:{first.id}', 'stx-a', 'XTR', 250)
+    assert (again.outcome, again.payment.id) == ('duplicate', first.id)
+
+
+def test_a_charge_id_is_unique_per_provider_not_across_providers(telegram, provider, cryptopay):
+    """Crypto Pay's invoice ids are stored as provider_id too: a Telegram charge id with the same text is not it."""
+    shop_stars, _ = provider
+    crypto = shop_stars.shop.create_invoice(shop_stars.shop.get_user(2094) or
+                                            shop_stars.shop.register(2094, None, 'Anna', 'en')[0], 30)
+    payment = offered(provider, 2095)
+    result = shop_stars.settle(2095, f'stars:{payment.id}', crypto.provider_id, 'XTR', 250)
+    assert (result.outcome, Payment.get_by_id(payment.id).status) == ('settled', PAID)
