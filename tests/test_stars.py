@@ -726,3 +726,32 @@ def test_a_charge_id_is_unique_per_provider_not_across_providers(telegram, provi
     payment = offered(provider, 2095)
     result = shop_stars.settle(2095, f'stars:{payment.id}', crypto.provider_id, 'XTR', 250)
     assert (result.outcome, Payment.get_by_id(payment.id).status) == ('settled', PAID)
+
+
+def test_a_renewal_charge_gets_a_row_of_its_own_and_the_subscription_only_runs_on(telegram, provider):
+    """A monthly subscription charges the paid invoice again: each charge is a row and a grant of its own, the first
+    row keeps the latest end, and a charge listed late (the job) never shortens it. The inviter's bonus comes once,
+    at the first payment's clock."""
+    shop_stars, _ = provider
+    inviter, _ = shop_stars.shop.register(2096, None, 'Ivan', 'en')
+    buyer, _ = shop_stars.shop.register(2097, None, 'Anna', 'en', invite_code=inviter.invite_code)
+    payment = shop_stars.offer(buyer, 30)
+    payload, month = f'stars:{payment.id}', timedelta(days=30)
+    first, second = datetime(2026, 11, 1, 9, 0), datetime(2026, 12, 1, 9, 0)
+
+    def charged(charge_id, at):
+        return shop_stars.settle(2097, payload, charge_id, 'XTR', 250, paid_at=at, now=at, subscription_until=at + month)
+    assert charged('stx-first', first).payment.id == payment.id
+    assert Payment.get_by_id(payment.id).subscription_until == first + month
+    renewal = charged('stx-second', second)
+    row = Payment.get_by_id(renewal.payment.id)
+    assert renewal.outcome == 'settled' and row.id != payment.id
+    assert (row.user_id, row.plan_days, row.amount, row.currency, row.provider, row.provider_id, row.pay_url,
+            row.status, row.paid_at, row.created_at, row.subscription_until) == \
+        (buyer.id, 30, payment.amount, 'XTR', stars.STARS, 'stx-second', '', PAID, second, second, None)
+    assert Payment.get_by_id(payment.id).subscription_until == second + month
+    assert charged('stx-listed-late', first).outcome == 'settled'
+    assert Payment.get_by_id(payment.id).subscription_until == second + month  # not shortened
+    assert [(g.days, g.created_at) for g in payment_grants()] == [(30, first), (30, second), (30, first)]
+    bonus = Grant.get(Grant.reason == 'referral')
+    assert (bonus.user_id, bonus.created_at) == (inviter.id, first)
