@@ -45,6 +45,7 @@ def screens():
         import config
         import keyboards
         import texts
+        from markup import html
         from texts import t
         settings = config.load()
         texts.configure(settings.shop_name, settings.texts)
@@ -55,7 +56,7 @@ def screens():
         menu = keyboards.main_menu(lang, gift_enabled=bool(settings.channel_id))
         back = keyboards.back_to_menu(lang)
         contact = settings.support_contact
-        support = t(lang, 'help_support', contact=contact) if contact else ''
+        support = t(lang, 'help_support', contact=html(contact)) if contact else ''
         shown[lang, 'menu'] = t(lang, 'menu'), menu
         shown[lang, 'help'] = t(lang, 'help', support=support), back
         shown[lang, 'buy'] = t(lang, 'choose_plan'), keyboards.plans(lang, settings.plans, settings.currency,
@@ -79,9 +80,13 @@ def qr_bytes():
         return (Path(__file__).resolve().parent.parent / 'tests' / 'fake_telegram.py').read_bytes()[:600]
 
 
-def language(user):
-    """The buyer's language as shop.language_for picks it, for the bench's 'ru' and 'en' users."""
-    return 'ru' if (user.language_code or '').startswith('ru') else 'en'
+def language_of():
+    """Return user -> the buyer's language, as shop.language_for picks it (an older checkout: 'ru' or 'en')."""
+    try:
+        from shop import language_for
+    except ImportError:
+        return lambda user: 'ru' if (user.language_code or '').startswith('ru') else 'en'
+    return lambda user: language_for(user.language_code)
 
 
 def main():
@@ -94,7 +99,7 @@ def main():
     except ImportError:
         pass
     png = qr_bytes()
-    shown = screens()
+    shown, language = screens(), language_of()
     file_ids = {}  # chat -> file_id of its QR photo
     bot = telebot.TeleBot(os.environ['BOT_TOKEN'], threaded=True, num_threads=int(os.environ.get('WORKER_THREADS', 16)),
                           skip_pending=False)
