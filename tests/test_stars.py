@@ -43,13 +43,16 @@ def stars_bot(telegram, panel, cryptopay, database, tmp_path, request):
     assert BOT_TOKEN not in output and 'Traceback' not in output, output
 
 
-@pytest.fixture
-def provider(telegram, stars_env):
-    """A Stars provider and a Messenger in this process, talking to the fake Bot API."""
-    settings = config.load(stars_env)
+def in_process(telegram, env):
+    """Return a Stars provider and a Messenger in this process, talking to the fake Bot API."""
     apihelper.API_URL = telegram.url + '/bot{0}/{1}'
     bot = telebot.TeleBot(BOT_TOKEN, threaded=False)
-    return stars.Stars(make_shop(settings), bot), Messenger(bot)
+    return stars.Stars(make_shop(config.load(env)), bot), Messenger(bot)
+
+
+@pytest.fixture
+def provider(telegram, stars_env):
+    return in_process(telegram, stars_env)
 
 
 def stars_invoice(telegram, user, days=30):
@@ -630,10 +633,7 @@ def test_the_job_credits_at_the_charges_date_and_counts_days_from_its_own_clock(
 
 
 def test_a_subscription_charge_found_by_the_job_runs_until_its_period_ends(telegram, stars_env, panel):
-    settings = config.load({**stars_env, 'STARS_RECURRING': '1'})
-    apihelper.API_URL = telegram.url + '/bot{0}/{1}'
-    shop_stars = stars.Stars(make_shop(settings), telebot.TeleBot(BOT_TOKEN, threaded=False))
-    messenger = Messenger(shop_stars.bot)
+    shop_stars, messenger = in_process(telegram, {**stars_env, 'STARS_RECURRING': '1'})
     user = person(2086)
     telegram.add_user(user)
     customer, _ = shop_stars.shop.register(user['id'], None, user['first_name'], 'en')
