@@ -18,7 +18,7 @@ Flavours:
   own words, and POST getTwoFactorEnable (public; CSRF on v3.0+) says so.
 
 Knobs for tests (each applies to API calls only; most take a `route` prefix such as
-'POST panel/api/clients/add'): fail_next, hang_next, drop_next, garbage_next, success_false_next,
+'POST panel/api/clients/add'): fail_next, hang_next, hold_next, drop_next, garbage_next, success_false_next,
 redirect_next; also expire_sessions, cookie_max_age (the session cookie's Max-Age: a client's cookie jar
 drops it after that), refuse/accept, disable, set_generation. State: clients (our inbound's entries by
 email, as stored), traffic (rows by email), records (v3, as stored: allowedIPs a comma-separated string,
@@ -84,6 +84,18 @@ def mint_key(protocol, settings):
     return {'auth' if protocol.startswith('hysteria') else 'password': secrets.token_hex(16)}
 
 
+class Hold:
+    """One API call held back by FakePanel.hold_next."""
+
+    def __init__(self, route):
+        self.route = route
+        self.arrived = threading.Event()
+        self.released = threading.Event()
+
+    def release(self):
+        self.released.set()
+
+
 @dataclass
 class Reply:
     status: int
@@ -142,6 +154,7 @@ class FakePanel:
         self._failures = {}
         self._blocked_until = {}
         self._knobs = []
+        self._holds = []
         self._lock = threading.RLock()
         self._stopping = threading.Event()
         self._server = self._thread = None
@@ -212,6 +225,16 @@ class FakePanel:
     def hang_next(self, n=1, seconds=1.0, route=None):
         """Apply the next n API calls but answer them only after `seconds`."""
         self._knobs.append({'kind': 'hang', 'n': n, 'seconds': seconds, 'route': route})
+
+    def hold_next(self, route=None):
+        """Hold the next API call before the panel reads it, until the test releases it: a request that
+        arrives late (a slow network), so a later request can be applied first. Several holds take the calls in
+        turn. :return: a Hold; `hold.arrived` is set when the call reached the panel, `hold.release()` lets it in.
+        """
+        hold = Hold(route)
+        with self._lock:
+            self._holds.append(hold)
+        return hold
 
     def garbage_next(self, n=1, route=None):
         """Answer the next n API calls with 200 and an HTML page."""
@@ -413,6 +436,10 @@ class FakePanel:
     def _serve(self, handler):
         length = int(handler.headers.get('Content-Length') or 0)
         body = handler.rfile.read(length) if length else b''
+        hold = self._hold_for(handler.command, handler.path)
+        if hold is not None:
+            hold.arrived.set()
+            hold.released.wait(30)
         with self._lock:
             reply = self._answer(handler.command, handler.path, handler.headers, body)
         if reply.delay:
@@ -438,6 +465,15 @@ class FakePanel:
             handler.wfile.write(data)
         except OSError:
             pass  # the client gave up waiting
+
+    def _hold_for(self, method, raw_path):
+        rel = urlsplit(raw_path).path[len(self.base_path):]
+        with self._lock:
+            for hold in self._holds:
+                if rel.startswith('panel/api/') and (hold.route is None or f'{method} {rel}'.startswith(hold.route)):
+                    self._holds.remove(hold)
+                    return hold
+        return None
 
     def _answer(self, method, raw_path, headers, body):
         path = urlsplit(raw_path).path

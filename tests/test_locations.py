@@ -174,6 +174,31 @@ def test_a_panel_that_is_down_delays_only_its_own_copy(multi, cryptopay, telegra
     assert expiry_on(fakes['Finland'], user) == user.expires_at and not state(user, 'Finland').dirty
 
 
+def test_when_every_panel_is_down_the_link_is_not_said_to_work(multi, cryptopay):
+    shop, fakes = multi
+    for fake in fakes.values():
+        fake.refuse()
+    user, payment = paid_buyer(shop, cryptopay)
+    result = shop.check_payment(user.telegram_id, payment.invoice_id)
+    assert result.status == PAID and not result.provisioned
+    assert Payment.get_by_id(payment.id).provisioned_at is None
+    assert all(state(user, name).dirty and state(user, name).failures == 1 for name in fakes)
+
+
+def test_a_buyer_from_before_a_panel_was_added_is_not_on_it_until_the_backfill(tmp_path, panel, cryptopay, database,
+                                                                            fakes):
+    germany_only = make_shop(make_settings(tmp_path, panel, cryptopay, database, fakes[:1]))
+    user, _ = germany_only.register(1, None, 'A', 'ru')
+    models.grant_days(user.id, 30, 'admin', 'a')
+    assert germany_only.provision(user.id)
+    # the operator moves the shop to Finland alone: the buyer has days but no client there yet
+    finland_only = make_shop(make_settings(tmp_path, panel, cryptopay, database, fakes[1:2]))
+    assert finland_only.provision(user.id) is False
+    assert user.panel_email not in fakes[1][1].clients
+    assert jobs.backfill_panels(finland_only, now=datetime.utcnow()) == {'Finland': 1}
+    assert finland_only.provision(user.id)
+    assert expiry_on(fakes[1][1], user) == User.get_by_id(user.id).expires_at
+
 def test_a_hanging_panel_does_not_hold_up_the_others_in_the_job(multi, cryptopay, messenger):
     shop, fakes = multi
     users = [paid_buyer(shop, cryptopay, 600 + n)[0] for n in range(3)]

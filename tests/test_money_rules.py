@@ -126,6 +126,20 @@ def test_a_panel_refusal_is_kept_in_its_own_words_up_to_500_characters_and_count
     assert REGISTRY.get_sample_value('spn_panel_failures_total', {'panel': 'main'}) == before + 1
 
 
+def test_a_push_that_succeeds_clears_the_reason_of_the_last_failure(shop, panel):
+    """/panels shows the last push error of a panel's pending clients: a new grant after a success is pending
+    with no error of its own, so it must not show the old one."""
+    user = customer(shop)
+    models.grant_days(user.id, 30, 'admin', 'a1', now=NOW)
+    panel.refuse()
+    assert shop.provision(user.id, now=NOW) is False
+    assert 'cannot connect' in shop.panel_report()[0]['last_error']
+    panel.accept()
+    assert shop.provision(user.id, now=NOW)
+    models.grant_days(user.id, 7, 'admin', 'a2', now=NOW)
+    report = shop.panel_report()[0]
+    assert (report['pending'], report['last_error']) == (1, None)
+
 def test_retry_pushes_every_due_user_in_one_run_and_waits_for_the_due_time(shop, panel, telegram, messenger):
     users = [customer(shop, telegram, telegram_id) for telegram_id in (1001, 1002, 1003)]
     for user in users:
@@ -189,6 +203,25 @@ def test_admins_are_alerted_at_the_fifth_failure_with_the_stuck_ids_once_each(sh
     jobs.retry_provisioning(shop, messenger, now=NOW + 30 * DAY)
     assert (state(first).dirty, state(first).alerted) == (False, False)  # re-armed for next time
 
+
+def test_a_stuck_buyer_who_gets_new_days_is_reported_again_after_five_more_failures(shop, panel, telegram, messenger):
+    """The alert is once per stuck delivery: new days are a new delivery, so the admins hear of it again."""
+    telegram.add_user({'id': 900, 'first_name': 'Boss'})
+    buyer = customer(shop, telegram, 1001)
+    models.grant_days(buyer.id, 30, 'admin', 'first', now=NOW)
+    panel.refuse()
+
+    def alerts():
+        return [call.params['text'] for call in telegram.sent if str(call.params.get('chat_id')) == '900']
+
+    for failure in range(1, 10):
+        jobs.retry_provisioning(shop, messenger, now=NOW + failure * DAY)
+    assert len(alerts()) == 1 and '• 1001:' in alerts()[0]
+    models.grant_days(buyer.id, 30, 'admin', 'second', now=NOW + 10 * DAY)  # the buyer pays again
+    for failure in range(11, 11 + jobs.ALERT_AFTER_FAILURES):
+        assert len(alerts()) == 1
+        jobs.retry_provisioning(shop, messenger, now=NOW + failure * DAY)
+    assert len(alerts()) == 2 and '• 1001:' in alerts()[1]
 
 def test_releasing_a_notification_touches_only_that_unsent_payment(shop, cryptopay, telegram):
     user = customer(shop, telegram)

@@ -290,6 +290,126 @@ def test_provision_repushes_when_a_grant_lands_meanwhile(shop, panel, settings):
     assert panel_expiry(panel, user) == user.expires_at == models.derive_expiry(user.id)
 
 
+
+PUSH_IN_ANOTHER_PROCESS = """
+import sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tests']
+import config, models
+from conftest import make_shop
+settings = config.load()
+models.connect_database(settings.database_url)
+with models.connection():
+    print(make_shop(settings).provision(int(sys.argv[2])))
+"""
+
+
+def test_a_push_that_reaches_the_panel_after_a_newer_one_from_another_process_is_pushed_again(
+        shop, panel, cryptopay, database):
+    """Two bot processes push one buyer: ours is slow on the way and lands on the panel after the other's newer
+    expiry. The other process has marked the client level, so only our own check that the ledger moved on
+    while we pushed can put the newest expiry back."""
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT, make_shop, settings_env
+    user = register(shop)
+    models.grant_days(user.id, 30, 'admin', 'a1')
+    assert shop.provision(user.id)
+    models.grant_days(user.id, 30, 'admin', 'a2')
+    late = panel.hold_next(route='POST panel/api/clients/update')
+    outcome = []
+
+    def push():
+        with models.connection():
+            outcome.append(make_shop(shop.settings).provision(user.id))
+
+    pusher = threading.Thread(target=push)
+    pusher.start()
+    assert late.arrived.wait(30)  # our push of a1 + a2 is on its way
+    models.grant_days(user.id, 7, 'admin', 'a3')
+    env = {**os.environ, **settings_env(panel, cryptopay, database)}
+    other = subprocess.run([sys.executable, '-c', PUSH_IN_ANOTHER_PROCESS, str(ROOT), str(user.id)], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert other.stdout.strip() == 'True', other.stderr[-2000:]
+    newest = User.get_by_id(user.id).expires_at
+    assert panel_expiry(panel, user) == newest  # the other process pushed a1 + a2 + a3
+    late.release()  # now our older value lands on top of it
+    pusher.join(30)
+    assert outcome == [True]
+    assert panel_expiry(panel, user) == newest == models.derive_expiry(user.id)
+    assert not models.PanelClient.get(models.PanelClient.user == user.id).dirty
+
+
+def test_a_push_gives_up_after_five_tries_while_grants_keep_landing_and_the_retry_finishes_it(shop, panel):
+    """Each push is overtaken by a new grant: the call stops after five pushes (the link is not yet level) and
+    leaves the client due, so the retry job pushes the newest expiry."""
+    user = register(shop)
+    models.grant_days(user.id, 30, 'admin', 'a0')
+    assert shop.provision(user.id)
+    models.grant_days(user.id, 1, 'admin', 'b0')
+    updates = panel.count('POST panel/api/clients/update')
+    holds = [panel.hold_next(route='POST panel/api/clients/update') for _ in range(6)]
+    outcome = []
+
+    def push():
+        with models.connection():
+            outcome.append(shop.provision(user.id))
+
+    pusher = threading.Thread(target=push)
+    pusher.start()
+    for n, hold in enumerate(holds[:5], 1):
+        assert hold.arrived.wait(30)
+        models.grant_days(user.id, 1, 'admin', f'b{n}')  # lands while push n is on its way
+        hold.release()
+    holds[5].release()  # a sixth push, if one were made, would find the ledger still
+    pusher.join(30)
+    assert outcome == [False]
+    assert panel.count('POST panel/api/clients/update') - updates == 5
+    assert models.PanelClient.get(models.PanelClient.user == user.id).dirty
+    assert shop.provision(user.id)
+    assert panel_expiry(panel, user) == User.get_by_id(user.id).expires_at == models.derive_expiry(user.id)
+
+
+def test_a_new_buyer_is_stored_with_the_link_base_they_are_given_and_an_empty_name_when_telegram_has_none(shop):
+    user, created = shop.register(7, None, None, 'en')
+    assert created
+    stored = User.get_by_id(user.id)
+    assert stored.first_name == '' and stored.link_base == shop.link_base
+
+
+def test_a_new_buyer_whose_start_races_another_one_is_found_not_created_twice(shop):
+    """Another thread inserts the same buyer and commits only once our insert waits on it. PostgreSQL shows the
+    wait in pg_locks; SQLite shows no waiting writer, so there the race cannot be held at the insert."""
+    if models.is_sqlite():
+        pytest.skip('SQLite shows no waiting writer: the race cannot be held at the insert')
+    register(shop, 1)  # someone else is a buyer already
+    inserted, commit, outcome = threading.Event(), threading.Event(), []
+
+    def racer():
+        with models.connection(), models.transaction():
+            User.create(telegram_id=4242, username='first', first_name='First', panel_email='spn-4242')
+            inserted.set()
+            commit.wait(30)
+
+    def start():
+        with models.connection():
+            outcome.append(shop.register(4242, 'second', 'Second', 'en'))
+
+    threads = [threading.Thread(target=racer), threading.Thread(target=start)]
+    threads[0].start()
+    assert inserted.wait(30)
+    threads[1].start()
+    deadline = time.monotonic() + 30
+    while not models.db.execute_sql('SELECT count(*) FROM pg_locks WHERE NOT granted').fetchone()[0]:
+        assert time.monotonic() < deadline, 'our insert never waited on the racing one'
+        time.sleep(0.01)
+    commit.set()
+    for thread in threads:
+        thread.join(30)
+    ((user, created),) = outcome
+    assert not created and user.telegram_id == 4242 and user.username == 'first'
+    assert User.select().where(User.telegram_id == 4242).count() == 1
+
 # Per-buyer limits (issue 9 item 6)
 
 def test_same_plan_reuses_the_pending_invoice(shop, cryptopay):
