@@ -358,6 +358,47 @@ def test_a_refund_made_but_not_recorded_is_recorded_by_the_job(telegram, provide
     assert Grant.get(Grant.reason == 'refund').days == -30
 
 
+
+def test_the_job_records_a_refund_on_the_charge_it_names_only_and_at_its_own_clock(telegram, provider):
+    shop_stars, messenger = provider
+    now = datetime(2026, 11, 26, 12, 0, 0)
+    charges = [charge(telegram, provider, person(telegram_id)) for telegram_id in (2024, 2025, 2026)]
+    shop_stars.sync_transactions(messenger)
+    # not the first one made, nor the one first by charge id: a lookup that ignored the id would find another
+    lowest = min(charge_id for _, charge_id in charges)
+    refunded, charge_id = next((payment, charge_id) for payment, charge_id in charges[1:] if charge_id != lowest)
+    shop_stars.bot.refund_star_payment(User.get_by_id(refunded.user_id).telegram_id, charge_id)  # then we crashed
+    shop_stars.sync_transactions(messenger, now=now)
+    assert [Payment.get_by_id(payment.id).status for payment, _ in charges] == \
+        [REFUNDED if payment.id == refunded.id else PAID for payment, _ in charges]
+    assert [(g.user_id, g.created_at) for g in Grant.select().where(Grant.reason == 'refund')] == \
+        [(refunded.user_id, now)]
+
+
+def test_the_job_never_takes_a_refund_for_a_crypto_payment_with_the_same_id(telegram, provider, cryptopay):
+    """A Telegram transaction id with the same text as a Crypto Pay invoice id is not that invoice."""
+    shop_stars, messenger = provider
+    user, _ = shop_stars.shop.register(2028, None, 'Cy', 'en')
+    crypto = shop_stars.shop.create_invoice(user, 30)
+    cryptopay.pay(crypto.invoice_id)
+    shop_stars.shop.settle(crypto.invoice_id)
+    telegram.star_transactions.append({'id': crypto.provider_id, 'amount': 250, 'date': int(time.time()),
+                                       'receiver': {'type': 'user', 'transaction_type': 'invoice_payment',
+                                                    'user': {'id': 2028, 'is_bot': False, 'first_name': 'Cy'},
+                                                    'invoice_payload': 'x'}})
+    shop_stars.sync_transactions(messenger)
+    assert Payment.get_by_id(crypto.id).status == PAID and not Grant.select().where(Grant.reason == 'refund').exists()
+
+
+def test_deliver_is_false_while_no_panel_has_the_days_and_sends_no_link(telegram, provider, panel):
+    shop_stars, messenger = provider
+    payment, charge_id = charge(telegram, provider, person(2027), drop=True)
+    result = shop_stars.settle(2027, f'stars:{payment.id}', charge_id, 'XTR', 250)
+    panel.refuse()
+    sent = len(telegram.messages_to(2027))
+    assert shop_stars.deliver(result.payment, messenger) is False
+    assert Payment.get_by_id(payment.id).provisioned_at is None and len(telegram.messages_to(2027)) == sent
+
 # Figures
 
 
