@@ -10,7 +10,8 @@ from peewee import IntegrityError
 import models
 from cryptobot import CryptoPayError
 from models import EXPIRED, PAID, PENDING, Grant, Payment, PromoCode, Referral, User
-from shop import language_for
+from shop import Shop, language_for
+from xui import XuiClient
 
 NOW = datetime(2026, 11, 26, 12, 0, 0)
 
@@ -311,7 +312,7 @@ def test_a_push_that_reaches_the_panel_after_a_newer_one_from_another_process_is
     import os
     import subprocess
     import sys
-    from conftest import ROOT, make_shop, settings_env
+    from conftest import ROOT, settings_env
     user = register(shop)
     models.grant_days(user.id, 30, 'admin', 'a1')
     assert shop.provision(user.id)
@@ -319,22 +320,26 @@ def test_a_push_that_reaches_the_panel_after_a_newer_one_from_another_process_is
     late = panel.hold_next(route='POST panel/api/clients/update')
     outcome = []
 
-    def push():
+    def push():  # a read timeout that outlasts the other process's start on a loaded machine
+        settings = shop.settings
+        patient = XuiClient(settings.xui_url, settings.xui_inbound_id, settings.xui_sub_url,
+                            username=settings.xui_username, password=settings.xui_password, timeout=(5, 300),
+                            retries=0)
         with models.connection():
-            outcome.append(make_shop(shop.settings).provision(user.id))
+            outcome.append(Shop(settings, patient, shop.cryptopay).provision(user.id))
 
     pusher = threading.Thread(target=push)
     pusher.start()
-    assert late.arrived.wait(30)  # our push of a1 + a2 is on its way
+    assert late.arrived.wait(60)  # our push of a1 + a2 is on its way
     models.grant_days(user.id, 7, 'admin', 'a3')
     env = {**os.environ, **settings_env(panel, cryptopay, database)}
     other = subprocess.run([sys.executable, '-c', PUSH_IN_ANOTHER_PROCESS, str(ROOT), str(user.id)], env=env,
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=240)
     assert other.stdout.strip() == 'True', other.stderr[-2000:]
     newest = User.get_by_id(user.id).expires_at
     assert panel_expiry(panel, user) == newest  # the other process pushed a1 + a2 + a3
     late.release()  # now our older value lands on top of it
-    pusher.join(30)
+    pusher.join(60)
     assert outcome == [True]
     assert panel_expiry(panel, user) == newest == models.derive_expiry(user.id)
     assert not models.PanelClient.get(models.PanelClient.user == user.id).dirty
