@@ -6,19 +6,19 @@ who credits it; days only move through models.grant_days; the panel is derived f
 import logging
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass
-from datetime import timedelta, timezone
+from datetime import timedelta
 from decimal import Decimal
 
-from peewee import Case, IntegrityError, fn
+from peewee import IntegrityError, fn
 
 import metrics
 import models
 from cryptobot import parse_amount, parse_time
 from models import (EXPIRED, PAID, PENDING, Gift, Grant, InvoiceMismatch, PanelClient, Payment, PromoAttempt,
-                    PromoCode, Redemption, Referral, User, grant_days, locked, transaction, utcnow)
+                    PromoCode, Redemption, Referral, User, grant_days, transaction, utcnow)
 from panels import single as single_panel
+from provisioning import Provisioning
 from xui import XuiError
 
 log = logging.getLogger('shop')
@@ -32,14 +32,7 @@ MAX_PENDING_INVOICES = 3  # unpaid, unexpired invoices per buyer
 FRESH_MARGIN = timedelta(minutes=2)  # an invoice this close to its expiry is not offered again
 TELEGRAM_ID_PATTERN = re.compile(r'^-?[0-9]{1,18}$')  # fits a 64-bit column; '²'.isdigit() is True, this is not
 NOTIFY_LEASE = timedelta(minutes=2)  # a sender that crashed mid-send is replaced after this
-PANEL_BACKOFF_CAP = timedelta(minutes=1)  # the link must follow within about a minute of the panel's return
-PUSH_GRACE = 1.0  # seconds the other panels' pushes get once one panel has the days (the link is given then)
 
-
-# One push per user at a time in this process, across the Shop instances of the handlers and of the jobs;
-# pushes from other processes are made safe by the expiry guard in _push_to_panel.
-_PROVISION_LOCKS = [threading.Lock() for _ in range(64)]
-# The last failed panel push per user id (the panel's own reason), for the admins' stuck-panel alert.
 # The users whose invoice is being created in this process right now (one creation per buyer at a time).
 _CREATING = set()
 _CREATING_LOCK = threading.Lock()
@@ -93,26 +86,12 @@ def without_nul(text):
     return text.replace('\x00', '') if text else text
 
 
-def as_aware(moment):
-    """Turn a stored naive UTC datetime into an aware one (None stays None)."""
-    return moment.replace(tzinfo=timezone.utc) if moment else None
-
-
 @dataclass
 class CheckResult:
     """What a Check press (or the poller) found: status is paid, pending, expired or not_found."""
     status: str  # also 'mismatch': Crypto Pay says paid, but not about the invoice we created
     payment: Payment = None
     provisioned: bool = False
-
-
-def probe_panel(panel):
-    """Ask a panel whether it answers: {'reachable', 'generation', 'error'}."""
-    try:
-        found = panel.client.check()
-    except XuiError as exc:
-        return {'reachable': False, 'generation': None, 'error': str(exc)}
-    return {'reachable': True, 'generation': found['generation'], 'error': None}
 
 
 class Shop:
@@ -128,12 +107,7 @@ class Shop:
         self.enabled_panels = tuple(panel for panel in self.panels if panel.enabled)
         models.use_panels(panel.name for panel in self.enabled_panels)
         self.cryptopay = cryptopay
-        # One push per client (user, panel) at a time in this process, whichever Shop pushes it (two would
-        # race to create it); pushes from other processes are made safe by the expiry guard in _push.
-        self._provision_locks = _PROVISION_LOCKS
-        # panels are pushed side by side, so one that hangs delays only its own copy
-        self._pushers = ThreadPoolExecutor(max_workers=4 * max(1, len(self.enabled_panels)),
-                                           thread_name_prefix='panel-push')
+        self.provisioning = Provisioning(self.panels)
 
     @property
     def panel(self):
@@ -339,109 +313,16 @@ class Shop:
     # The panels
 
     def provision(self, user_id, now=None):
-        """Push the user's ledger expiry to every enabled panel where it is due, side by side.
-
-        :return: True when at least one panel has the buyer's current days (the link works).
-        """
-        if len(self.enabled_panels) == 1:  # the common shop: no hand-over to another thread
-            return self.provision_on(self.enabled_panels[0], user_id, now)
-        futures = [self._pushers.submit(self._push_in_own_connection, panel, user_id, now)
-                   for panel in self.enabled_panels]
-        for future in as_completed(futures):
-            if future.result():
-                # the link works now; a panel still pushing (down, hanging) finishes in the background and the
-                # retry job catches it up. The others get a moment, so a healthy shop is level when we answer.
-                wait(futures, timeout=PUSH_GRACE)
-                return True
-        return False
+        """Push the buyer's days to every enabled panel (Provisioning.provision); True when the link works."""
+        return self.provisioning.provision(user_id, now)
 
     def provision_on(self, panel, user_id, now=None):
-        """Push the user's ledger expiry to one panel; return True once that panel matches the ledger."""
-        lock = self._provision_locks[hash((user_id, panel.name)) % len(self._provision_locks)]
-        with lock:
-            return self._push(panel, user_id, now)
-
-    def _push_in_own_connection(self, panel, user_id, now):
-        with models.connection():
-            return self.provision_on(panel, user_id, now)
-
-    def _push(self, panel, user_id, now):
-        """Push once, guarded by the expiry sent: if a grant landed meanwhile, push again, because
-        our older value may have reached the panel after the newer one."""
-        stale = False
-        for _ in range(5):
-            user = User.get_by_id(user_id)
-            row = PanelClient.get_or_none(PanelClient.user == user_id, PanelClient.panel == panel.name)
-            if user.expires_at is None:
-                return True  # no days, nothing to push: the panel matches the ledger
-            if row is None:
-                return False  # days but no row yet: the backfill of a newly added panel makes it
-            if not row.dirty and not stale:
-                return row.pushed_expiry == user.expires_at
-            try:
-                client = panel.client.ensure_client(
-                    email=user.panel_email, expiry=as_aware(user.expires_at), sub_id=user.panel_sub_id,
-                    tg_id=user.telegram_id)
-            except XuiError as exc:
-                self.record_panel_failure(row, user, panel, exc, now or utcnow())
-                return False
-            with transaction():
-                # grant_days locks the user row too: the expiry compared here is the one committed
-                current = locked(User.select(User.expires_at).where(User.id == user_id)).get()
-                done = current.expires_at == user.expires_at
-                if done:
-                    (PanelClient.update(dirty=False, pushed_expiry=user.expires_at, uuid=client.get('uuid'),
-                                        failures=0, retry_at=None, last_error=None, alerted=False)
-                     .where(PanelClient.id == row.id).execute())
-                    (Payment.update(provisioned_at=now or utcnow())
-                     .where(Payment.user == user_id, Payment.status == PAID, Payment.provisioned_at.is_null())
-                     .execute())
-            if done:
-                log.info('panel updated user=%s panel=%s expiry=%s', user.telegram_id, panel.name,
-                         user.expires_at.isoformat())
-                return True
-            stale = True
-        return False
-
-    def record_panel_failure(self, row, user, panel, error, now):
-        """Count a failed push to one panel, keep its reason, schedule the next try (30 s, then every minute).
-
-        A refusal by the panel itself ("Duplicate email") is kept as the panel's own words and marked, as it
-        will not pass by itself; anything else (a timeout, a refused connection) is kept as our description.
-        """
-        delay = min(timedelta(seconds=30 * 2 ** min(row.failures, 10)), PANEL_BACKOFF_CAP)
-        panel_msg = getattr(error, 'panel_msg', None)
-        (PanelClient.update(failures=PanelClient.failures + 1, retry_at=now + delay, refused=panel_msg is not None,
-                            last_error=(panel_msg if panel_msg is not None else str(error))[:500])
-         .where(PanelClient.id == row.id).execute())
-        metrics.panel_failed(panel)
-        log.warning('panel update failed user=%s panel=%s failures=%s: %s', user.telegram_id, panel.name,
-                    row.failures + 1, error)
+        """Push the buyer's days to one panel (Provisioning.provision_on); True once it matches the ledger."""
+        return self.provisioning.provision_on(panel, user_id, now)
 
     def panel_report(self, probe=False):
-        """Describe every configured panel for /panels.
-
-        :param probe: also ask each enabled panel (side by side) whether it answers and which API it has
-        :return: [{'name','enabled','clients','pending','last_error'} (+ 'reachable','generation','error')]
-        """
-        probes = {panel.name: self._pushers.submit(probe_panel, panel) for panel in self.enabled_panels} if probe \
-            else {}
-        counts = {name: (total, pending) for name, total, pending in
-                  PanelClient.select(PanelClient.panel, fn.COUNT(PanelClient.id),
-                                     fn.SUM(Case(None, [(PanelClient.dirty == True, 1)], 0)))  # noqa: E712
-                  .group_by(PanelClient.panel).tuples()}
-        report = []
-        for panel in self.panels:
-            total, pending = counts.get(panel.name, (0, 0))
-            last = (PanelClient.select(PanelClient.last_error)
-                    .where(PanelClient.panel == panel.name, PanelClient.dirty == True,  # noqa: E712
-                           PanelClient.last_error.is_null(False))
-                    .order_by(PanelClient.retry_at.desc()).first())
-            report.append({'name': panel.name, 'enabled': panel.enabled, 'clients': total,
-                           'pending': int(pending or 0), 'last_error': last.last_error if last else None})
-            if panel.name in probes:
-                report[-1].update(probes[panel.name].result())
-        return report
+        """Describe every configured panel for /panels (Provisioning.report)."""
+        return self.provisioning.report(probe)
 
     def claim_notification(self, payment, now=None):
         """Take the right to tell the buyer about a payment; expires after NOTIFY_LEASE if unconfirmed."""

@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:
 import jobs  # noqa: E402
 import models  # noqa: E402
 import passes  # noqa: E402
-import shop as shop_module  # noqa: E402
+import provisioning  # noqa: E402
 import web  # noqa: E402
 from models import PAID, PENDING, Cursor, PanelClient, Payment, Reminder, User  # noqa: E402
 from peewee import fn  # noqa: E402
@@ -71,7 +71,7 @@ def recording(match):
 def capture(call, match):
     """Run call() until it issues a statement matching `match`; return that statement as (sql, params)."""
     with models.connection(), recording(match):
-        try:  # (a write before the statement, as in Shop._push, is in the code's own transaction: rolled back)
+        try:  # (a write before the statement, as in Provisioning._push, is in the code's own transaction: rolled back)
             call()
         except Captured as captured:
             return captured.sql, captured.params
@@ -116,10 +116,10 @@ def key_queries(now, panels=PANEL_NAMES[:3], pushed_user_id=1):
          lambda: jobs.send_reminders(shop, None, now=now), r'FROM "users"'),
         ('announce_new_link: buyers with an old link',
          lambda: jobs.announce_new_link(shop, None, now=now), r'^SELECT .*"link_base"'),
-        ('push: the buyer\'s row of a panel (Shop._push)',
-         lambda: shop_module.Shop._push(shop, panel, pushed_user_id, now), r'FROM "panel_clients"'),
+        ('push: the buyer\'s row of a panel (Provisioning._push)',
+         lambda: provisioning.Provisioning._push(shop, panel, pushed_user_id, now), r'FROM "panel_clients"'),
         ('push: mark the paid payments provisioned',
-         lambda: shop_module.Shop._push(shop, panel, pushed_user_id, now), r'^UPDATE "payments"'),
+         lambda: provisioning.Provisioning._push(shop, panel, pushed_user_id, now), r'^UPDATE "payments"'),
         ('GET /sub: the subId lookup',
          lambda: web.App.subscription(app, environ), r'FROM "users"'),
     ]

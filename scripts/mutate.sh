@@ -7,11 +7,11 @@
 #   scripts/mutation_report.py         the totals and survivors of everything run so far, again
 #   MUTATE_JOBS=1 scripts/mutate.sh    fewer worker processes (default 2: the machine is shared)
 #
-# Mutates shop.py, models.py, jobs.py and stars.py in a copy (mutants/, thrown away at each full run; mutmut
-# re-makes a changed function's mutants) and runs, per mutant, only the tests of setup.cfg [mutmut] that
-# reach its function, on SQLite. A survivor is a change to a money rule that no test notices: add a test that
-# kills it, or, if it cannot change behaviour, list it with the reason in scripts/mutants-equivalent.txt. Exits
-# non-zero when a survivor is not listed there.
+# Mutates shop.py, provisioning.py, models.py, jobs.py and stars.py in a copy (mutants/, thrown away at each
+# full run; mutmut re-makes a changed function's mutants) and runs, per mutant, only the tests of setup.cfg
+# [mutmut] that reach its function, on SQLite. A survivor is a change to a money rule that no test notices:
+# add a test that kills it, or, if it cannot change behaviour, list it with the reason in
+# scripts/mutants-equivalent.txt. Exits non-zero when a survivor is not listed there.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -26,10 +26,10 @@ MONEY=(
     'shop.xǁShopǁsettle__mutmut_*'
     'shop.xǁShopǁreward_referral__mutmut_*'
     'shop.xǁShopǁexpire_payment__mutmut_*'
-    'shop.xǁShopǁprovision__mutmut_*'
-    'shop.xǁShopǁprovision_on__mutmut_*'
-    'shop.xǁShopǁ_push__mutmut_*'
-    'shop.xǁShopǁrecord_panel_failure__mutmut_*'
+    'provisioning.xǁProvisioningǁprovision__mutmut_*'
+    'provisioning.xǁProvisioningǁprovision_on__mutmut_*'
+    'provisioning.xǁProvisioningǁ_push__mutmut_*'
+    'provisioning.xǁProvisioningǁrecord_failure__mutmut_*'
     'shop.xǁShopǁclaim_notification__mutmut_*'
     'shop.xǁShopǁmark_notified__mutmut_*'
     'shop.xǁShopǁrelease_notification__mutmut_*'
@@ -65,7 +65,7 @@ if [[ $# -eq 0 ]]; then rm -rf mutants; fi
 mkdir -p mutants
 # every other module the tests import, also ones added after setup.cfg's also_copy was written
 for module in *.py; do
-    case $module in shop.py | models.py | jobs.py | stars.py) ;; *) cp -p "$module" mutants/ ;; esac
+    case $module in shop.py | provisioning.py | models.py | jobs.py | stars.py) ;; *) cp -p "$module" mutants/ ;; esac
 done
 
 if [[ $# -gt 0 ]]; then selected=("$@"); else selected=("${MONEY[@]}"); fi

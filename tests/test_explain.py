@@ -35,7 +35,7 @@ NAMES = ['poller: pending invoices (poll_payments)', 'retry_panel: due pushes of
          'retry_provisioning: paid, not yet told', 'alert_stuck: stuck pushes',
          'backfill_panels: buyers missing on a panel', 'passes: the newest buyer id (an idle round)',
          'send_reminders: due reminders',
-         'announce_new_link: buyers with an old link', "push: the buyer's row of a panel (Shop._push)",
+         'announce_new_link: buyers with an old link', "push: the buyer's row of a panel (Provisioning._push)",
          'push: mark the paid payments provisioned', 'GET /sub: the subId lookup']
 
 
@@ -51,7 +51,7 @@ SQLITE_INDEX = {
     'passes: the newest buyer id (an idle round)': r'^SEARCH t1$',
     'announce_new_link: buyers with an old link': r'SEARCH t1 USING INTEGER PRIMARY KEY \(rowid>\? AND rowid<\?\)',
     'send_reminders: due reminders': r'SEARCH t1 USING INDEX user_expires_at \(expires_at>\? AND expires_at<\?\)',
-    "push: the buyer's row of a panel (Shop._push)":
+    "push: the buyer's row of a panel (Provisioning._push)":
         r'SEARCH t1 USING INDEX panelclient_user_id_panel \(user_id=\? AND panel=\?\)',
     'push: mark the paid payments provisioned': r'SEARCH payments USING INDEX payment_user_id \(user_id=\?\)',
     'GET /sub: the subId lookup': r'SEARCH t1 USING INDEX user_panel_sub_id \(panel_sub_id=\?\)',
