@@ -2,8 +2,9 @@
 # Mutation testing of the money paths with mutmut (issue 15.4). Not part of scripts/test.sh or CI.
 #
 #   scripts/mutate.sh                  every mutant of the money functions below, then the totals
-#   scripts/mutate.sh 'shop.xǁShopǁsettle__mutmut_*'    re-run only these mutants (mutmut's names, globs
-#                                      allowed), keeping the last run's other verdicts
+#   scripts/mutate.sh 'shop.xǁShopǁsettle__mutmut_*'    run only these mutants (mutmut's names, globs
+#                                      allowed): to check new tests. mutmut 3.8.1 then forgets the other
+#                                      verdicts (seen 2026-12-01), so the totals come from a full run
 #   scripts/mutation_report.py         the totals and survivors of everything run so far, again
 #   MUTATE_JOBS=1 scripts/mutate.sh    fewer worker processes (default 2: the machine is shared)
 #
@@ -59,8 +60,8 @@ fi
 # mutmut (pinned) and what it pulls in; kept out of the hash-locked files: it never runs in the service or CI
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-mutation.txt
 
-# A full run starts from nothing; a run of named mutants (survivors, after new tests) keeps the last run's
-# verdicts, and mutmut itself re-makes the mutants of any function whose code changed since.
+# A full run starts from nothing; a run of named mutants (survivors, after new tests) re-uses mutants/, and
+# mutmut itself re-makes the mutants of any function whose code changed since.
 if [[ $# -eq 0 ]]; then rm -rf mutants; fi
 mkdir -p mutants
 # every other module the tests import, also ones added after setup.cfg's also_copy was written
