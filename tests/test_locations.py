@@ -199,6 +199,8 @@ def test_a_buyer_from_before_a_panel_was_added_is_not_on_it_until_the_backfill(t
     assert finland_only.provision(user.id)
     assert expiry_on(fakes[1][1], user) == User.get_by_id(user.id).expires_at
 
+
+
 def test_a_hanging_panel_does_not_hold_up_the_others_in_the_job(multi, cryptopay, messenger):
     shop, fakes = multi
     users = [paid_buyer(shop, cryptopay, 600 + n)[0] for n in range(3)]

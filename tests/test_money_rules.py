@@ -140,6 +140,8 @@ def test_a_push_that_succeeds_clears_the_reason_of_the_last_failure(shop, panel)
     report = shop.panel_report()[0]
     assert (report['pending'], report['last_error']) == (1, None)
 
+
+
 def test_retry_pushes_every_due_user_in_one_run_and_waits_for_the_due_time(shop, panel, telegram, messenger):
     users = [customer(shop, telegram, telegram_id) for telegram_id in (1001, 1002, 1003)]
     for user in users:
@@ -222,6 +224,8 @@ def test_a_stuck_buyer_who_gets_new_days_is_reported_again_after_five_more_failu
         assert len(alerts()) == 1
         jobs.retry_provisioning(shop, messenger, now=NOW + failure * DAY)
     assert len(alerts()) == 2 and '• 1001:' in alerts()[1]
+
+
 
 def test_releasing_a_notification_touches_only_that_unsent_payment(shop, cryptopay, telegram):
     user = customer(shop, telegram)
