@@ -531,7 +531,7 @@ def test_each_code_once_per_user_and_a_racing_second_try_is_already(shop, settin
 
     def redeem():
         with models.db.connection_context():
-            barrier.wait()  # all past the "already?" look-up together: the unique index decides
+            barrier.wait()  # started together: the look-up or, for a thread past it, the unique index decides
             outcomes.append(make_shop(settings).redeem_promo(user, 'RACE1234', now=NOW)[0])
 
     threads = [threading.Thread(target=redeem) for _ in range(8)]
@@ -542,6 +542,46 @@ def test_each_code_once_per_user_and_a_racing_second_try_is_already(shop, settin
     assert outcomes.count('ok') == 1 and set(outcomes) - {'ok'} <= {'already', 'locked'}, outcomes
     assert PromoCode.get(PromoCode.code == 'RACE1234').used == 1
     assert [g.days for g in grants('promo')] == [3, 4, 5]
+
+
+def test_a_redemption_that_loses_the_race_at_the_insert_is_already_and_takes_no_use(shop):
+    """Another thread redeems the same code for the same buyer and commits only once ours, past its "already?"
+    look-up, waits on it to take a use. PostgreSQL shows the wait in pg_locks; SQLite shows no waiting writer, so there the race
+    cannot be held at that point (test_each_code_once_per_user_and_a_racing_second_try_is_already races freely)."""
+    import threading
+    import time
+    if models.is_sqlite():
+        pytest.skip('SQLite shows no waiting writer: the race cannot be held past the look-up')
+    user = customer(shop)
+    shop.create_promo(900, days=5, uses=100, code='RACE5678')
+    promo = PromoCode.get(PromoCode.code == 'RACE5678')
+    inserted, commit, outcome = threading.Event(), threading.Event(), []
+
+    def racer():  # the other thread's redemption (Shop._redeem's steps), held once it has taken a use
+        with models.connection(), models.transaction():
+            PromoCode.update(used=PromoCode.used + 1).where(PromoCode.id == promo.id).execute()
+            inserted.set()
+            commit.wait(30)
+            redemption = Redemption.create(promo=promo, user=user, created_at=NOW)
+            models.grant_days(user.id, promo.days, 'promo', redemption.id, now=NOW)
+
+    def redeem():
+        with models.connection():
+            outcome.append(shop.redeem_promo(user, 'RACE5678', now=NOW)[0])
+
+    threads = [threading.Thread(target=racer), threading.Thread(target=redeem)]
+    threads[0].start()
+    assert inserted.wait(30)
+    threads[1].start()
+    deadline = time.monotonic() + 30
+    while not models.db.execute_sql('SELECT count(*) FROM pg_locks WHERE NOT granted').fetchone()[0]:
+        assert time.monotonic() < deadline, 'our redemption never waited on the racing one'
+        time.sleep(0.01)
+    commit.set()
+    for thread in threads:
+        thread.join(30)
+    assert outcome == ['already']
+    assert PromoCode.get_by_id(promo.id).used == 1 and [g.days for g in grants('promo')] == [5]
 
 
 def test_clean_users_never_crowd_a_due_push_out_of_the_retry_batch(shop, panel, telegram, messenger):
