@@ -10,6 +10,7 @@ single updates at a low rate, so own time (receipt -> last API call, minus the A
 latency) is the bot's service time without queueing. CPU seconds per process tell what binds.
 """
 import argparse
+import bisect
 import collections
 import os
 import statistics
@@ -28,8 +29,42 @@ MIX = 'start:25,menu:40,sub:15,promo:20'
 KINDS = ('start', 'menu', 'sub', 'promo')
 
 
-def summarize(results, warmup):
-    """Return throughput and own-time figures from the fake's per-update records."""
+def time_panel(panel):
+    """Record when the fake panel (in this process) serves each request; return the list of (start, end).
+
+    Monotonic seconds, the clock of tgserver.py's records too (one clock per machine), from the parsed request to
+    the written answer: the panel's time, which a real panel spends on its own machine.
+    """
+    served = []
+    serve = panel._serve
+
+    def timed(handler):
+        start = time.monotonic()
+        try:
+            serve(handler)
+        finally:
+            served.append((start, time.monotonic()))
+
+    panel._serve = timed
+    return served
+
+
+def panel_seconds(intervals, starts, update):
+    """Return the seconds the panel served requests while the update was being handled (paced: one at a time).
+
+    intervals: the panel's (start, end) sorted by start; starts: their starts. A request is taken to last < 10 s.
+    """
+    begin, end = update['delivered'], update['done']
+    window = intervals[bisect.bisect_left(starts, begin - 10):bisect.bisect_left(starts, end)]
+    return sum(max(0.0, min(stop, end) - max(start, begin)) for start, stop in window)
+
+
+def summarize(results, warmup, served=None):
+    """Return throughput and own-time figures from the fake's per-update records.
+
+    served: the panel's (start, end) times (time_panel), for a paced run: own time is then also given without
+    the panel's time (own_nopanel_<kind>).
+    """
     latency = results['latency']
     done = [u for u in results['updates'] if u['done'] is not None and u['delivered'] is not None]
     if not done:
@@ -40,11 +75,16 @@ def summarize(results, warmup):
     rate = (len(counted) - 1) / (counted[-1] - counted[0]) if len(counted) > 1 and counted[-1] > counted[0] else 0
     own = collections.defaultdict(list)
     e2e = []
+    nopanel = collections.defaultdict(list)
+    intervals = sorted(served or ())
+    starts = [start for start, _ in intervals]
     for u in done:
         ms = (u['done'] - u['delivered'] - u['api']) * 1000
         own[u['kind']].append(ms)
         own['all'].append(ms)
         e2e.append((u['done'] - u['made']) * 1000)
+        if served is not None:
+            nopanel[u['kind']].append(ms - panel_seconds(intervals, starts, u) * 1000)
     figures = {'done': len(done), 'made': len(results['updates']), 'rate': rate,
                'errors': sum(u['errors'] for u in results['updates']),
                'calls_per_update': {k: round(sum(u['calls'] + 1 for u in done if u['kind'] == k) /
@@ -52,6 +92,8 @@ def summarize(results, warmup):
                'e2e_p50': percentile(e2e, 50), 'e2e_p99': percentile(e2e, 99)}
     for kind, values in own.items():
         figures[f'own_{kind}'] = (percentile(values, 50), percentile(values, 99), len(values))
+    for kind, values in nopanel.items():
+        figures[f'own_nopanel_{kind}'] = (percentile(values, 50), percentile(values, 99), len(values))
     return figures
 
 
@@ -110,7 +152,7 @@ def in_checkout(root, url, users=0, code='BENCHSEED'):
 
 
 def run_point(kind, url, pg, panel, cryptopay, tmp, args, threads, latency, run, paced=None,
-              variant=('ours', common.ROOT, 'bot.py'), tls=False):
+              variant=('ours', common.ROOT, 'bot.py'), tls=False, served=None):
     """Run one bot process (variant: name, checkout, script) for args.seconds; return its figures.
 
     url is the variant's own database: ours for ours and the ceiling bot, a copy seeded by its own code for
@@ -170,7 +212,7 @@ def run_point(kind, url, pg, panel, cryptopay, tmp, args, threads, latency, run,
     finally:
         output = bot.stop() if bot else ''
         tg.stop()
-    figures = summarize(results, args.warmup)
+    figures = summarize(results, args.warmup, served if paced else None)
     figures.update(threads=threads, latency=latency, wall=wall, rss=rss, variant=name, tls=tls,
                    load=common.load_average(),
                    cpu={name: round(value / wall * 100) for name, value in cpu.items()},
@@ -195,6 +237,10 @@ def show(kind, f):
           f'latency={f["latency"] * 1000:3.0f}ms  load {f["load"]:.1f}  {f["rate"]:6.1f} updates/s  done {f["done"]}  errors {f["errors"]}  e2e p50/p99 '
           f'{f["e2e_p50"]:.0f}/{f["e2e_p99"]:.0f} ms  RSS {f["rss"]:.0f} MB')
     print(f'             own ms p50/p99: {own}')
+    if any(f'own_nopanel_{k}' in f for k in KINDS):
+        print('             own ms p50/p99 without the panel\'s time: ' + '  '.join(
+            f'{k} {f[f"own_nopanel_{k}"][0]:.1f}/{f[f"own_nopanel_{k}"][1]:.1f} (n={f[f"own_nopanel_{k}"][2]})'
+            for k in KINDS if f'own_nopanel_{k}' in f))
     print(f'             CPU (% of one core): {cpu}  | CPU ms/update: '
           + ' '.join(f'{n} {v}' for n, v in f['cpu_ms_per_update'].items())
           + (f'  | SQL statements/update {f["statements_per_update"]}' if f.get('statements_per_update') else ''))
@@ -230,6 +276,9 @@ def compare(results, paced):
         if paced:
             line += '  own p99 ms ' + ' '.join(
                 f'{k} {spread([f[f"own_{k}"][1] for f in figures if f"own_{k}" in f])}' for k in KINDS)
+            line += '  without the panel ' + ' '.join(
+                f'{k} {spread([f[f"own_nopanel_{k}"][1] for f in figures if f"own_nopanel_{k}" in f])}'
+                for k in KINDS)
         print(line)
     for name in ('baseline', 'ceiling'):
         if name in results and ours and not paced:  # repeat i of ours against repeat i of the other
@@ -282,10 +331,12 @@ def main():
     print(f'# mix {args.mix}; {args.users} users seeded; batches of {args.batch}, window {args.window}; '
           f'{args.seconds:.0f} s per point, first {args.warmup:.0f} s not counted')
     print('# own ms = receipt of the getUpdates reply -> arrival of the last API call, minus the time the fake Bot API '
-          'took to answer the calls before it (its added latency included); panel calls count as ours')
+          'took to answer the calls before it (its added latency included); panel calls count as ours (paced runs also '
+          'give it without the time the fake panel, in this driver process, spent serving requests meanwhile)')
     with tempfile.TemporaryDirectory(prefix='spn-bench-') as tmp, common.databases(args.db, tmp) as dbs:
         panel, cryptopay = common.start_fakes()
         common.fill_panel(panel, common.active_indexes(args.users))
+        served = time_panel(panel)
         run = 0
         for kind, make_url, pg in dbs:
             url = make_url('bench_throughput')
@@ -319,7 +370,7 @@ def main():
                             continue
                         run += 1
                         figures = run_point(kind, urls[variant[0]], pg, panel, cryptopay, tmp, args, threads, latency, run,
-                                            paced=paced, variant=variant, tls=tls)
+                                            paced=paced, variant=variant, tls=tls, served=served)
                         show(kind, figures)
                         results[variant[0]].append(figures)
                 compare(results, paced)
