@@ -142,3 +142,37 @@ def wait_threads_back(before, timeout=10):
     while (left := our_threads() - before) and time.monotonic() < deadline:
         time.sleep(0.05)
     return left
+
+
+def race_held_at_a_lock(before, after, ours):
+    """Hold a race at a row lock (PostgreSQL only): another thread runs before() in a transaction it keeps
+    open; ours() then runs on a thread of its own until it waits on a lock of that transaction (pg_locks shows
+    a lock not granted); then the other thread runs after() and commits. Return what ours() returned."""
+    import threading
+    import time
+    started, commit, outcome = threading.Event(), threading.Event(), []
+
+    def other():
+        with models.connection(), models.transaction():
+            before()
+            started.set()
+            commit.wait(30)
+            after()
+
+    def mine():
+        with models.connection():
+            outcome.append(ours())
+
+    threads = [threading.Thread(target=other), threading.Thread(target=mine)]
+    threads[0].start()
+    assert started.wait(30)
+    threads[1].start()
+    deadline = time.monotonic() + 30
+    while not models.db.execute_sql('SELECT count(*) FROM pg_locks WHERE NOT granted').fetchone()[0]:
+        assert time.monotonic() < deadline, 'ours never waited on the other transaction'
+        time.sleep(0.01)
+    commit.set()
+    for thread in threads:
+        thread.join(30)
+    (result,) = outcome
+    return result

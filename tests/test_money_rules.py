@@ -11,6 +11,7 @@ from peewee import IntegrityError
 
 import jobs
 import models
+from conftest import race_held_at_a_lock
 from models import EXPIRED, PAID, PENDING, Gift, Grant, PanelClient, Payment, PromoCode, Redemption, Referral, User
 
 NOW = datetime(2026, 11, 26, 12, 0, 0)
@@ -546,41 +547,24 @@ def test_each_code_once_per_user_and_a_racing_second_try_is_already(shop, settin
 
 def test_a_redemption_that_loses_the_race_at_the_insert_is_already_and_takes_no_use(shop):
     """Another thread redeems the same code for the same buyer and commits only once ours, past its "already?"
-    look-up, waits on it to take a use. PostgreSQL shows the wait in pg_locks; SQLite shows no waiting writer, so there the race
-    cannot be held at that point (test_each_code_once_per_user_and_a_racing_second_try_is_already races freely)."""
-    import threading
-    import time
+    look-up, waits on it to take a use. PostgreSQL shows the wait in pg_locks; SQLite shows no waiting writer, so
+    there the race cannot be held at that point (test_each_code_once_per_user_and_a_racing_second_try_is_already
+    races freely)."""
     if models.is_sqlite():
         pytest.skip('SQLite shows no waiting writer: the race cannot be held past the look-up')
     user = customer(shop)
     shop.create_promo(900, days=5, uses=100, code='RACE5678')
     promo = PromoCode.get(PromoCode.code == 'RACE5678')
-    inserted, commit, outcome = threading.Event(), threading.Event(), []
 
-    def racer():  # the other thread's redemption (Shop._redeem's steps), held once it has taken a use
-        with models.connection(), models.transaction():
-            PromoCode.update(used=PromoCode.used + 1).where(PromoCode.id == promo.id).execute()
-            inserted.set()
-            commit.wait(30)
-            redemption = Redemption.create(promo=promo, user=user, created_at=NOW)
-            models.grant_days(user.id, promo.days, 'promo', redemption.id, now=NOW)
+    def take_a_use():  # the other thread's redemption (Shop._redeem's steps), held once it has taken a use
+        PromoCode.update(used=PromoCode.used + 1).where(PromoCode.id == promo.id).execute()
 
-    def redeem():
-        with models.connection():
-            outcome.append(shop.redeem_promo(user, 'RACE5678', now=NOW)[0])
+    def credit():
+        redemption = Redemption.create(promo=promo, user=user, created_at=NOW)
+        models.grant_days(user.id, promo.days, 'promo', redemption.id, now=NOW)
 
-    threads = [threading.Thread(target=racer), threading.Thread(target=redeem)]
-    threads[0].start()
-    assert inserted.wait(30)
-    threads[1].start()
-    deadline = time.monotonic() + 30
-    while not models.db.execute_sql('SELECT count(*) FROM pg_locks WHERE NOT granted').fetchone()[0]:
-        assert time.monotonic() < deadline, 'our redemption never waited on the racing one'
-        time.sleep(0.01)
-    commit.set()
-    for thread in threads:
-        thread.join(30)
-    assert outcome == ['already']
+    outcome = race_held_at_a_lock(take_a_use, credit, lambda: shop.redeem_promo(user, 'RACE5678', now=NOW)[0])
+    assert outcome == 'already'
     assert PromoCode.get_by_id(promo.id).used == 1 and [g.days for g in grants('promo')] == [5]
 
 

@@ -1,4 +1,7 @@
 """The shop's business operations against a real database and the loopback panel and Crypto Pay fakes."""
+import os
+import subprocess
+import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -8,6 +11,7 @@ import pytest
 from peewee import IntegrityError
 
 import models
+from conftest import ROOT, race_held_at_a_lock, settings_env
 from cryptobot import CryptoPayError
 from models import EXPIRED, PAID, PENDING, Grant, Payment, PromoCode, Referral, User
 from shop import Shop, language_for
@@ -308,10 +312,6 @@ def test_a_push_that_reaches_the_panel_after_a_newer_one_from_another_process_is
     """Two bot processes push one buyer: ours is slow on the way and lands on the panel after the other's newer
     expiry. The other process has marked the client level, so only our own check that the ledger moved on
     while we pushed can put the newest expiry back."""
-    import os
-    import subprocess
-    import sys
-    from conftest import ROOT, settings_env
     user = register(shop)
     models.grant_days(user.id, 30, 'admin', 'a1')
     assert shop.provision(user.id)
@@ -386,30 +386,9 @@ def test_a_new_buyer_whose_start_races_another_one_is_found_not_created_twice(sh
     if models.is_sqlite():
         pytest.skip('SQLite shows no waiting writer: the race cannot be held at the insert')
     register(shop, 1)  # someone else is a buyer already
-    inserted, commit, outcome = threading.Event(), threading.Event(), []
-
-    def racer():
-        with models.connection(), models.transaction():
-            User.create(telegram_id=4242, username='first', first_name='First', panel_email='spn-4242')
-            inserted.set()
-            commit.wait(30)
-
-    def start():
-        with models.connection():
-            outcome.append(shop.register(4242, 'second', 'Second', 'en'))
-
-    threads = [threading.Thread(target=racer), threading.Thread(target=start)]
-    threads[0].start()
-    assert inserted.wait(30)
-    threads[1].start()
-    deadline = time.monotonic() + 30
-    while not models.db.execute_sql('SELECT count(*) FROM pg_locks WHERE NOT granted').fetchone()[0]:
-        assert time.monotonic() < deadline, 'our insert never waited on the racing one'
-        time.sleep(0.01)
-    commit.set()
-    for thread in threads:
-        thread.join(30)
-    ((user, created),) = outcome
+    user, created = race_held_at_a_lock(
+        lambda: User.create(telegram_id=4242, username='first', first_name='First', panel_email='spn-4242'),
+        lambda: None, lambda: shop.register(4242, 'second', 'Second', 'en'))
     assert not created and user.telegram_id == 4242 and user.username == 'first'
     assert User.select().where(User.telegram_id == 4242).count() == 1
 

@@ -338,12 +338,18 @@ def test_a_refund_telegram_refuses_changes_nothing_and_says_why(telegram, provid
     assert Payment.get_by_id(payment.id).status == PAID and not Grant.select().where(Grant.reason == 'refund').exists()
 
 
+def paid_crypto(shop, cryptopay, telegram_id):
+    """Register a buyer and settle a Crypto Pay payment of theirs; return it."""
+    user, _ = shop.register(telegram_id, None, 'Cy', 'en')
+    payment = shop.create_invoice(user, 30)
+    cryptopay.pay(payment.invoice_id)
+    shop.settle(payment.invoice_id)
+    return payment
+
+
 def test_crypto_payments_cannot_be_refunded_this_way(telegram, provider, cryptopay):
     shop_stars, _ = provider
-    user, _ = shop_stars.shop.register(2022, None, 'Cy', 'en')
-    payment = shop_stars.shop.create_invoice(user, 30)
-    cryptopay.pay(payment.invoice_id)
-    shop_stars.shop.settle(payment.invoice_id)
+    payment = paid_crypto(shop_stars.shop, cryptopay, 2022)
     assert shop_stars.refund(str(payment.invoice_id)).outcome == 'crypto'
     assert Payment.get_by_id(payment.id).status == PAID and telegram.counts['refundStarPayment'] == 0
 
@@ -356,7 +362,6 @@ def test_a_refund_made_but_not_recorded_is_recorded_by_the_job(telegram, provide
     shop_stars.sync_transactions(messenger)
     assert Payment.get_by_id(payment.id).status == REFUNDED
     assert Grant.get(Grant.reason == 'refund').days == -30
-
 
 
 def test_the_job_records_a_refund_on_the_charge_it_names_only_and_at_its_own_clock(telegram, provider):
@@ -378,10 +383,7 @@ def test_the_job_records_a_refund_on_the_charge_it_names_only_and_at_its_own_clo
 def test_the_job_never_takes_a_refund_for_a_crypto_payment_with_the_same_id(telegram, provider, cryptopay):
     """A Telegram transaction id with the same text as a Crypto Pay invoice id is not that invoice."""
     shop_stars, messenger = provider
-    user, _ = shop_stars.shop.register(2028, None, 'Cy', 'en')
-    crypto = shop_stars.shop.create_invoice(user, 30)
-    cryptopay.pay(crypto.invoice_id)
-    shop_stars.shop.settle(crypto.invoice_id)
+    crypto = paid_crypto(shop_stars.shop, cryptopay, 2028)
     telegram.star_transactions.append({'id': crypto.provider_id, 'amount': 250, 'date': int(time.time()),
                                        'receiver': {'type': 'user', 'transaction_type': 'invoice_payment',
                                                     'user': {'id': 2028, 'is_bot': False, 'first_name': 'Cy'},
