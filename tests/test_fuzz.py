@@ -16,7 +16,8 @@ from peewee import fn
 
 from bot import ADMIN_COMMANDS
 from keyboards import MENU_ACTIONS, parse_callback
-from models import PAID, PENDING, Gift, Grant, Payment, PromoCode, Redemption, Referral, User, utcnow
+from models import PAID, PENDING, Gift, Grant, Payment, PromoAttempt, PromoCode, Redemption, Referral, User, utcnow
+from shop import PROMO_FAILURES_ALLOWED, PROMO_LOCKOUT
 from test_e2e import CHANNEL_CHAT_ID, invoice_id_of
 from test_faults import Chat, make_rig
 from texts import t
@@ -119,8 +120,10 @@ def moved(before, after):
 
 
 def redeemed(before, telegram_id, code):
-    """What redeeming code moves for a user: the valid code's days once per user, else nothing."""
-    if (code or '').strip().upper() != VALID or (VALID, telegram_id) in before['redemptions']:
+    """What redeeming code moves for a user: the valid code's days once per user, else nothing; nothing at all
+    while the user is locked out by their failed attempts (the examples share one world, so they add up)."""
+    if (code or '').strip().upper() != VALID or (VALID, telegram_id) in before['redemptions'] \
+            or telegram_id in before['locked out']:
         return NOTHING
     return {**NOTHING, 'grants': [(telegram_id, 'promo', VALID_DAYS, None)], 'expiry changed': [telegram_id],
             'uses': {VALID: 1}, 'redemptions': [(VALID, telegram_id)]}
@@ -163,11 +166,15 @@ def check_admin_change(change, text):
 def snapshot(world):
     before = money()
     before['invite_code'] = world.invite_code
+    recent = (PromoAttempt.select(User.telegram_id).join(User)
+              .where(PromoAttempt.created_at > utcnow() - PROMO_LOCKOUT).group_by(User.telegram_id)
+              .having(fn.COUNT(PromoAttempt.id) >= PROMO_FAILURES_ALLOWED))
+    before['locked out'] = {row.user.telegram_id for row in recent}
     return before
 
 
 def without_extras(snap):
-    return {key: value for key, value in snap.items() if key != 'invite_code'}
+    return {key: value for key, value in snap.items() if key not in ('invite_code', 'locked out')}
 
 
 def replies(chat, since, chat_id):
