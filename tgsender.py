@@ -13,18 +13,18 @@ SSLError, ProxyError. Unlike requests it sends the parameters as a form body (mu
 there are files) instead of re-encoding them into the query string, looks the proxy up once
 instead of on every call, and keeps no per-call session state.
 
-TLS is verified against the system store (OpenSSL's default paths, so SSL_CERT_FILE and
-SSL_CERT_DIR apply); a certificate that does not verify is an SSLError, never a fallback.
+The pools, proxies and TLS are httppool's: verified against the system store (OpenSSL's default
+paths, so SSL_CERT_FILE and SSL_CERT_DIR apply); a certificate that does not verify is an SSLError,
+never a fallback.
 """
 import json
-import ssl
-import threading
-import urllib.request
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import requests.exceptions as rex
 import urllib3
 from urllib3 import exceptions as u3
+
+import httppool
 
 # Connections kept per host and thread: telebot's worker threads each make one call at a time.
 CONNECTIONS_PER_HOST = 1
@@ -50,19 +50,6 @@ class Response:
 
     def __repr__(self):
         return f'<Response [{self.status_code}]>'
-
-
-def tls_context():
-    """Return a client SSLContext that verifies against the system store (or SSL_CERT_FILE / SSL_CERT_DIR).
-
-    Where OpenSSL found no CA bundle file, certifi's (the one requests uses) is added: still verified,
-    never insecure.
-    """
-    context = ssl.create_default_context()
-    if not context.cert_store_stats().get('x509_ca'):
-        import certifi
-        context.load_verify_locations(certifi.where())
-    return context
 
 
 def form_fields(params):
@@ -103,7 +90,7 @@ def file_fields(files):
     return fields
 
 
-class RequestSender:
+class RequestSender(httppool.Pools):
     """A callable for apihelper.CUSTOM_REQUEST_SENDER.
 
     HTTP(S)_PROXY / ALL_PROXY / NO_PROXY are read from the environment once, here, as requests reads them.
@@ -111,43 +98,7 @@ class RequestSender:
     """
 
     def __init__(self, connections_per_host=CONNECTIONS_PER_HOST):
-        self.proxies = {key: value for key, value in urllib.request.getproxies_environment().items() if value}
-        self.connections_per_host = connections_per_host
-        self.ssl_context = tls_context()
-        self.local = threading.local()
-        self.bypass = {}  # host -> True when NO_PROXY covers it
-
-    def proxy_for(self, url, proxies=None):
-        """Return the proxy URL for url (None for a direct connection): explicit proxies first, then the environment."""
-        parts = urlsplit(url)
-        if proxies:
-            return proxies.get(parts.scheme) or proxies.get('all')
-        if not self.proxies:
-            return None
-        host = parts.hostname or ''
-        if host not in self.bypass:
-            self.bypass[host] = bool(self.proxies.get('no')) and urllib.request.proxy_bypass_environment(
-                parts.netloc, self.proxies)
-        if self.bypass[host]:
-            return None
-        return self.proxies.get(parts.scheme) or self.proxies.get('all')
-
-    def manager(self, proxy):
-        managers = getattr(self.local, 'managers', None)
-        if managers is None:
-            managers = self.local.managers = {}
-        manager = managers.get(proxy)
-        if manager is None:
-            options = dict(num_pools=4, maxsize=self.connections_per_host, block=False, retries=False,
-                           ssl_context=self.ssl_context)
-            if proxy is None:
-                manager = urllib3.PoolManager(**options)
-            elif proxy.lower().startswith('socks'):
-                raise rex.InvalidSchema(f'SOCKS proxies are not supported: {_hide_userinfo(proxy)}')
-            else:
-                manager = urllib3.ProxyManager(proxy, **options)
-            managers[proxy] = manager
-        return manager
+        super().__init__(connections_per_host)
 
     def __call__(self, method, url, params=None, files=None, timeout=None, proxies=None):
         """Send one Bot API call; return a Response. Raises the requests exception telebot's default would."""
@@ -157,7 +108,10 @@ class RequestSender:
             body, content_type = urllib3.encode_multipart_formdata(fields + file_fields(files))
         else:
             body, content_type = urlencode(fields).encode(), 'application/x-www-form-urlencoded'
-        manager = self.manager(self.proxy_for(url, proxies))
+        try:
+            manager = self.for_url(url, proxies)
+        except httppool.UnsupportedProxy as exc:
+            raise rex.InvalidSchema(str(exc)) from exc
         try:
             reply = manager.request('POST', url, body=body, headers={'Content-Type': content_type},
                                     timeout=urllib3.Timeout(connect=connect, read=read), retries=False,
@@ -192,8 +146,3 @@ def _as_requests_error(exc):
     if isinstance(exc, (u3.ProtocolError, u3.NewConnectionError, u3.ClosedPoolError, u3.HTTPError, OSError)):
         return rex.ConnectionError(exc)
     return exc
-
-
-def _hide_userinfo(url):
-    parts = urlsplit(url)
-    return url.replace(parts.netloc, parts.hostname or '') if '@' in parts.netloc else url

@@ -5,17 +5,20 @@ v3.1+ manage them under panel/api/clients/*. XuiClient finds out which one it ta
 use and again whenever a route it relies on disappears (../shared/reference/xui-api.md).
 """
 import base64
+import http.cookiejar
 import json
 import logging
 import secrets
 import threading
 import time
+import urllib.request
 import uuid
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
-import requests
+import urllib3
+from urllib3 import exceptions as u3
 
-import httpsession
+import httppool
 from xui_fields import (LEGACY_FIELDS, as_bytes, client_body, client_view, datetime_to_ms, record_to_client,
                         traffic_view)
 
@@ -32,6 +35,9 @@ KEY_FIELDS = {'vless': 'id', 'vmess': 'id', 'trojan': 'password', 'shadowsocks':
               'hysteria': 'auth', 'hysteria2': 'auth'}
 # Asked for during detection; only whether the route exists matters.
 PROBE_EMAIL = 'spn-generation-probe'
+# Sent with every call; the panel answers a call without X-Requested-With with a redirect to its login page.
+HEADERS = {'X-Requested-With': 'XMLHttpRequest', 'Accept': 'application/json, */*',
+           'Accept-Encoding': 'gzip, deflate', 'User-Agent': 'spn-vpn-bot'}
 
 
 class XuiError(Exception):
@@ -56,6 +62,23 @@ class _Refused(XuiError):
     def __init__(self, message, panel_msg):
         super().__init__(message)
         self.panel_msg = panel_msg
+
+
+class _CannotConnect(XuiError):
+    """The request never reached the panel; the cause is the urllib3 error."""
+
+
+class _CookieSource:
+    """What http.cookiejar reads of an answer (its headers' get_all), over urllib3's headers."""
+
+    def __init__(self, headers):
+        self._headers = headers
+
+    def info(self):
+        return self
+
+    def get_all(self, name, default=None):
+        return self._headers.getlist(name) or default
 
 
 class _RouteMissing(XuiError):
@@ -97,7 +120,7 @@ class XuiClient:
     """
 
     def __init__(self, base_url, inbound_id, sub_url, username=None, password=None, api_token=None,
-                 timeout=TIMEOUT, retries=2, backoff=0.5):
+                 timeout=TIMEOUT, retries=2, backoff=0.5, pools=None):
         if not api_token and not (username and password):
             raise XuiError('the panel needs XUI_API_TOKEN or both XUI_USERNAME and XUI_PASSWORD')
         self._base = base_url.strip().rstrip('/') + '/'
@@ -111,10 +134,11 @@ class XuiClient:
         self._timeout = timeout
         self._retries = retries
         self._backoff = backoff
-        self._session = httpsession.Session()
-        self._session.headers['X-Requested-With'] = 'XMLHttpRequest'
+        self._pools = pools or httppool.shared()  # urllib3 pools: proxies and CAs read once per process
+        self._headers = dict(HEADERS)
         if api_token:
-            self._session.headers['Authorization'] = f'Bearer {api_token}'
+            self._headers['Authorization'] = f'Bearer {api_token}'
+        self._cookies = http.cookiejar.CookieJar()  # thread-safe; what the panel's Set-Cookie says, expiry included
         self._lock = threading.RLock()  # guards logging in and detection; requests themselves run in parallel
         self._local = threading.local()  # per call: whether it has logged in already
         self._adapter = None
@@ -249,14 +273,14 @@ class XuiClient:
             self._login_unless_done(logins)
             logins = self._logins
         try:
-            return self._exchange(method, path, json=body)
+            return self._exchange(method, path, body=body)
         except _NoEnvelope as exc:
             if self._api_token or getattr(self._local, 'login_tried', False):
                 raise self._lost(exc, method, path) from exc
         # the session is gone (cookie expired, panel restarted, password changed): log in once, retry once
         self._login_unless_done(logins)
         try:
-            return self._exchange(method, path, json=body)
+            return self._exchange(method, path, body=body)
         except _NoEnvelope as exc:
             raise self._lost(exc, method, path) from exc
 
@@ -275,9 +299,8 @@ class XuiClient:
         """Tell whether we are logged in and the cookie jar still holds the session cookie."""
         if not self._logged_in:
             return False
-        jar = self._session.cookies
-        jar.clear_expired_cookies()
-        return any(cookie.name in SESSION_COOKIES for cookie in jar)
+        self._cookies.clear_expired_cookies()
+        return any(cookie.name in SESSION_COOKIES for cookie in self._cookies)
 
     def _login_unless_done(self, logins_seen):
         """Log in, unless another thread has logged in since this one saw `logins_seen` logins."""
@@ -291,8 +314,8 @@ class XuiClient:
         """Log in once: CSRF handshake where the panel has one (v3.x), then POST login."""
         self._local.login_tried = True
         self._logged_in = False
-        self._session.cookies.clear()
-        self._session.headers.pop('X-CSRF-Token', None)
+        self._cookies.clear()
+        self._headers.pop('X-CSRF-Token', None)
         try:
             token = self._exchange('GET', 'csrf-token')
         except _NoEnvelope as exc:
@@ -300,9 +323,9 @@ class XuiClient:
                 raise XuiError(f'the panel at {self._where} answered HTTP {exc.status} to csrf-token; '
                                f'is XUI_URL the panel address, with its secret path?') from exc
         else:
-            self._session.headers['X-CSRF-Token'] = str(token)
+            self._headers['X-CSRF-Token'] = str(token)
         try:
-            self._exchange('POST', 'login', data=self._credentials)
+            self._exchange('POST', 'login', form=self._credentials)
         except _Refused as exc:
             # the panel's words: one answer for a wrong user, password or two-factor code, and for a blocked login
             raise XuiLoginError(f'the panel at {self._where} refused the login: {exc.panel_msg} (check XUI_USERNAME '
@@ -316,8 +339,10 @@ class XuiClient:
         self._logins += 1
         log.info('logged in to the 3x-ui panel at %s', self._where)
 
-    def _exchange(self, method, path, **kwargs):
+    def _exchange(self, method, path, body=None, form=None, headers=None):
         """Send one request to {base}{path}, retrying connection failures and 5xx; return the obj.
+
+        `body` is sent as JSON, `form` as a form, `headers` besides ours; cookies are kept as a browser would.
 
         :raises _NoEnvelope: 3xx, 401, 404, 403 without an envelope, or a 2xx that is not JSON
         :raises _Refused: success:false
@@ -331,19 +356,17 @@ class XuiClient:
                 time.sleep(delay)
             cause = None
             try:
-                resp = self._session.request(method, self._base + path, timeout=self._timeout,
-                                             allow_redirects=False, **kwargs)
-            except requests.ConnectionError as exc:  # also a connect timeout: nothing reached the panel
-                problem, cause = 'cannot connect', exc
+                status, content = self._send(method, self._base + path, body, form, headers)
+            except _CannotConnect as exc:  # also a connect timeout: nothing reached the panel
+                problem, cause = 'cannot connect', exc.__cause__
                 continue
-            except requests.Timeout as exc:
+            except u3.ReadTimeoutError as exc:
                 raise XuiError(f'the panel at {self._where} did not answer {what} within '
                                f'{self._timeout[1]} s') from exc
-            except requests.RequestException as exc:
+            except (u3.HTTPError, OSError, httppool.UnsupportedProxy) as exc:
                 raise XuiError(f'{what} to the panel at {self._where} failed: {type(exc).__name__}') from exc
-            status = resp.status_code
             try:
-                payload = resp.json()
+                payload = json.loads(content)
             except ValueError:
                 payload = None
             envelope = isinstance(payload, dict) and isinstance(payload.get('success'), bool)
@@ -366,6 +389,48 @@ class XuiClient:
                            f'times; check XUI_URL and that the panel is running)') from cause
         raise XuiError(f'the panel at {self._where} answered {what} with {problem} '
                        f'{self._retries + 1} times')
+
+    def _send(self, method, url, body, form, extra_headers):
+        """Send one request over urllib3 with our headers and cookies; return (status, body bytes).
+
+        Keeps the cookies the answer sets. No redirects are followed and nothing is retried here.
+
+        :raises _CannotConnect: the request never reached the panel (refused, connect timeout, reset)
+        :raises XuiError: the panel's TLS certificate does not verify
+        :raises urllib3.exceptions.ReadTimeoutError: no answer within the read timeout
+        :raises urllib3.exceptions.HTTPError: the answer broke off or could not be decoded
+        """
+        headers = {**self._headers, **(extra_headers or {})}
+        if body is not None:
+            body, headers['Content-Type'] = json.dumps(body).encode(), 'application/json'
+        elif form is not None:
+            body, headers['Content-Type'] = urlencode(form).encode(), 'application/x-www-form-urlencoded'
+        jar_request = urllib.request.Request(url)
+        self._cookies.add_cookie_header(jar_request)
+        cookie = jar_request.get_header('Cookie')
+        if cookie:
+            headers['Cookie'] = cookie
+        connect, read = self._timeout
+        try:
+            reply = self._pools.for_url(url).request(
+                method, url, body=body, headers=headers, timeout=urllib3.Timeout(connect=connect, read=read),
+                retries=False, redirect=False, preload_content=False)
+        except u3.ReadTimeoutError:
+            raise
+        except u3.SSLError as exc:
+            if 'CERTIFICATE_VERIFY_FAILED' not in str(exc):
+                raise _CannotConnect() from exc
+            raise XuiError(f'the panel at {self._where} has a TLS certificate that does not verify (self-signed, '
+                           f'expired or for another name); to trust its CA, name its PEM file in REQUESTS_CA_BUNDLE '
+                           f'(added to the system\'s CAs)') from exc
+        except (u3.HTTPError, OSError) as exc:  # NewConnectionError, ConnectTimeoutError, ProtocolError, SSLError
+            raise _CannotConnect() from exc
+        try:
+            content = reply.read()
+        finally:
+            reply.release_conn()
+        self._cookies.extract_cookies(_CookieSource(reply.headers), jar_request)
+        return reply.status, content
 
 
 class _Legacy:

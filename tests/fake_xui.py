@@ -31,6 +31,8 @@ import http.cookies
 import json
 import re
 import secrets
+import ssl
+import sys
 import threading
 import time
 import uuid
@@ -119,6 +121,11 @@ class _Server(ThreadingHTTPServer):
     # instead of dropping SYNs past socketserver's default of 5 (a 1 s retransmission each)
     request_queue_size = 128
 
+    def handle_error(self, request, client_address):
+        # a client refusing the throwaway certificate (tls=) is what that test wants, not news
+        if not isinstance(sys.exc_info()[1], ssl.SSLError):
+            super().handle_error(request, client_address)
+
 
 class FakePanel:
     """A 3x-ui panel on 127.0.0.1 with one inbound for the bot and one more holding another client."""
@@ -126,7 +133,7 @@ class FakePanel:
     def __init__(self, generation='legacy', csrf=None, base_path='/', username='admin', password='admin-pass',
                  api_token=None, protocol='vless', inbound_id=1, other_inbound_id=2,
                  other_email='Taken@example.com', traffic_unknown_null=None, keeps_key_on_update=None,
-                 redirect_unauthenticated=False, cookie_max_age=21600, version=None, two_factor=False):
+                 redirect_unauthenticated=False, cookie_max_age=21600, version=None, two_factor=False, tls=None):
         if generation not in ('legacy', 'v3'):
             raise ValueError(generation)
         self.generation = generation
@@ -145,6 +152,7 @@ class FakePanel:
         self._keeps_key_on_update = keeps_key_on_update
         self.redirect_unauthenticated = redirect_unauthenticated
         self.cookie_max_age = cookie_max_age
+        self.tls = tls  # an ssl server context (fake_telegram.throwaway_tls): serve HTTPS, as a panel with a certificate
         self.inbounds = {}
         self.records = {}   # v3: email -> ClientRecord
         self.links = {}     # v3: email -> ids of the inbounds the client is attached to
@@ -177,7 +185,8 @@ class FakePanel:
 
     @property
     def url(self):
-        return f'http://127.0.0.1:{self.port}{self.base_path.rstrip("/")}'
+        scheme = 'https' if self.tls else 'http'
+        return f'{scheme}://127.0.0.1:{self.port}{self.base_path.rstrip("/")}'
 
     def start(self):
         self._stopping.clear()
@@ -204,6 +213,8 @@ class FakePanel:
 
     def _listen(self, port):
         server = _Server(('127.0.0.1', port), handler_for(self))
+        if self.tls is not None:  # the handshake runs in the request's thread
+            server.socket = self.tls.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
         self.port = server.server_address[1]
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={'poll_interval': 0.01}, daemon=True)

@@ -11,7 +11,9 @@ import pytest
 import requests
 
 import config
+import httppool
 from conftest import PANEL_PASSWORD, PANEL_USER, TIMEOUT, make_shop, settings_env
+from fake_telegram import throwaway_tls
 from fake_xui import LOGIN_BAD, running_panel
 import models
 from models import User
@@ -504,6 +506,32 @@ def test_refused_connection_then_back(panel, xui):
     assert_no_secrets(caught.value)
     panel.accept()
     assert ensure(xui, expiry=EXPIRY + timedelta(days=1))['expiry'] == EXPIRY + timedelta(days=1)
+
+
+@pytest.fixture(scope='module')
+def panel_tls(tmp_path_factory):
+    """(server ssl context, CA PEM path): a panel's certificate from a CA no system trusts."""
+    return throwaway_tls(tmp_path_factory.mktemp('panel-tls'))
+
+
+@pytest.mark.parametrize('generation', ['legacy', 'v3'])
+def test_a_panel_over_https_is_verified_against_the_ca_the_operator_trusts(panel_tls, monkeypatch, generation):
+    context, ca = panel_tls
+    for name in ('SSL_CERT_FILE', 'SSL_CERT_DIR', 'REQUESTS_CA_BUNDLE', 'CURL_CA_BUNDLE'):
+        monkeypatch.delenv(name, raising=False)
+    with running_panel(generation=generation, base_path=SECRET_PATH, tls=context) as panel:
+        assert panel.url.startswith('https://')
+        untrusted = make_client(panel, pools=httppool.Pools())
+        with pytest.raises(XuiError, match='TLS certificate that does not verify') as caught:
+            untrusted.check()
+        assert_no_secrets(caught.value)
+        assert not panel.hits  # nothing was sent, not even the login: never a silent insecure fallback
+
+        monkeypatch.setenv('REQUESTS_CA_BUNDLE', str(ca))  # added to the system's CAs, as requests read it
+        trusted = make_client(panel, pools=httppool.Pools())
+        assert ensure(trusted)['uuid'] == panel.clients['u100@spn']['id']
+        assert trusted.get_client('u100@spn')['expiry'] == EXPIRY
+        assert panel.count('POST login') == 1  # the session cookie is kept over HTTPS
 
 
 def test_nothing_listening():
