@@ -534,10 +534,11 @@ class _V3:
         if not self._ours(found):
             raise XuiError(f'client {email} already exists on the panel in inbound(s) '
                            f'{found.get("inboundIds") or []}, not in inbound {self._xui.inbound_id}')
-        # update replaces the whole client; without its key v3.1 - v3.3.0 would mint a new one
+        # update replaces the whole client; without its key v3.1 - v3.3.0 would mint a new one. It stores the
+        # body as sent and answers obj:null, so what we sent is what the panel holds: no read-back
         client = {**record_to_client(found['client']), **fields}
         self._xui._api('POST', 'clients/update/' + quote(email, safe=''), client)
-        return self._stored(email)
+        return client_view(client)
 
     def get(self, email):
         found = self._found(email)

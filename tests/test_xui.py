@@ -109,6 +109,21 @@ def test_renewal_keeps_key_and_link_and_sets_absolute_expiry(panel, xui):
     assert len(panel.clients) == 1
 
 
+@pytest.mark.parametrize('flavour', ['v3.1', 'v3.3', 'v3.6', 'v3.6-token'])
+def test_a_v3_renewal_is_two_calls_and_tells_the_key_it_sent(flavour):
+    # update answers obj:null and stores the body it was sent (the key included), so reading the client back
+    # would only spend a round trip: the renewal is clients/get, then clients/update
+    with running_panel(password=PASSWORD, **FLAVOURS[flavour]) as panel:
+        xui = make_client(panel)
+        first = ensure(xui)
+        gets, updates = panel.count('GET panel/api/clients/get/'), panel.count('POST panel/api/clients/update/')
+        renewed = ensure(xui, expiry=EXPIRY + timedelta(days=30))
+        assert panel.count('GET panel/api/clients/get/') == gets + 1
+        assert panel.count('POST panel/api/clients/update/') == updates + 1
+        assert renewed == {**first, 'expiry': EXPIRY + timedelta(days=30)}
+        assert renewed['uuid'] == panel.clients['u100@spn']['id'] == panel.records['u100@spn']['uuid']
+
+
 def test_renewal_keeps_fields_the_bot_does_not_manage(panel, xui):
     ensure(xui)
     panel.clients['u100@spn']['flow'] = 'xtls-rprx-vision'
