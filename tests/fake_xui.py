@@ -31,6 +31,7 @@ import http.cookies
 import json
 import re
 import secrets
+import socket
 import ssl
 import sys
 import threading
@@ -121,10 +122,24 @@ class _Server(ThreadingHTTPServer):
     # instead of dropping SYNs past socketserver's default of 5 (a 1 s retransmission each)
     request_queue_size = 128
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.connections = set()  # kept-alive client sockets, closed when the panel stops or refuses
+        self.connections_lock = threading.Lock()
+
     def handle_error(self, request, client_address):
         # a client refusing the throwaway certificate (tls=) is what that test wants, not news
         if not isinstance(sys.exc_info()[1], ssl.SSLError):
             super().handle_error(request, client_address)
+
+    def close_connections(self):
+        """Cut every open connection, as a stopped panel process does."""
+        with self.connections_lock:
+            for connection in self.connections:
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
 
 class FakePanel:
@@ -224,6 +239,7 @@ class FakePanel:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+            self._server.close_connections()
             self._thread.join()
             self._server = None
 
@@ -457,6 +473,7 @@ class FakePanel:
         if reply.delay:
             self._stopping.wait(reply.delay)
         if reply.drop:
+            handler.close_connection = True
             return
         if isinstance(reply.body, bytes):
             data, ctype = reply.body, 'text/html; charset=utf-8'
@@ -904,6 +921,21 @@ class FakePanel:
 def handler_for(panel):
     """Make a request handler class bound to one FakePanel."""
     class Handler(BaseHTTPRequestHandler):
+        # Go's net/http keeps connections alive (HTTP/1.1; every answer has a Content-Length) and its TCP
+        # connections have Nagle's algorithm off (net.TCPConn's default): no 40 ms wait for a delayed ACK
+        protocol_version = 'HTTP/1.1'
+        disable_nagle_algorithm = True
+
+        def setup(self):
+            super().setup()
+            with self.server.connections_lock:
+                self.server.connections.add(self.connection)
+
+        def finish(self):
+            with self.server.connections_lock:
+                self.server.connections.discard(self.connection)
+            super().finish()
+
         def do_GET(self):
             panel._serve(self)
 
