@@ -11,6 +11,7 @@ latency) is the bot's service time without queueing. CPU seconds per process tel
 """
 import argparse
 import bisect
+import inspect
 import collections
 import os
 import statistics
@@ -133,15 +134,23 @@ def summarize_profile(raw_path, top=25):
 
 # Run in another checkout (the baseline) with its own models: its schema is not ours (e.g. before migration 50
 # moved the panel columns off users), so it gets a database of its own, seeded and given promo codes by its code.
+def forget_qr_photos():
+    """Every point renders first-time QR codes (comparable repeats): no stored file_id of an earlier point."""
+    if hasattr(models.User, 'qr_file_id'):
+        models.User.update(qr_file_id=None, qr_link=None).where(models.User.qr_file_id.is_null(False)).execute()
+
+
 IN_CHECKOUT = '''import sys
 root, url, users, code = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 sys.path[:0] = [root, root + '/bench']
 import common, models
+''' + inspect.getsource(forget_qr_photos) + '''
 common.bind(url)
 if users:
     common.seed(users)
 with models.db.connection_context():
     models.PromoCode.create(code=code, days=7, max_uses=10 ** 9)
+    forget_qr_photos()
 '''
 
 
@@ -164,9 +173,7 @@ def run_point(kind, url, pg, panel, cryptopay, tmp, args, threads, latency, run,
     else:
         with models.db.connection_context():
             models.PromoCode.create(code=code, days=7, max_uses=10 ** 9)
-            if hasattr(models.User, 'qr_file_id'):  # every point renders first-time QR codes: comparable repeats
-                models.User.update(qr_file_id=None, qr_link=None).where(
-                    models.User.qr_file_id.is_null(False)).execute()
+            forget_qr_photos()
     tg_args = ['--latency', latency, '--mix', args.mix, '--users', args.users, '--offset', run * 5000,
                '--promo', code, '--window', args.window, '--batch', args.batch]
     if paced:
