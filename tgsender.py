@@ -14,8 +14,8 @@ there are files) instead of re-encoding them into the query string, looks the pr
 instead of on every call, and keeps no per-call session state.
 
 The pools, proxies and TLS are httppool's: verified against the system store (OpenSSL's default
-paths, so SSL_CERT_FILE and SSL_CERT_DIR apply); a certificate that does not verify is an SSLError,
-never a fallback.
+paths, so SSL_CERT_FILE and SSL_CERT_DIR apply) plus a bundle named in REQUESTS_CA_BUNDLE; a
+certificate that does not verify is an SSLError, never a fallback.
 """
 import json
 from urllib.parse import urlencode
