@@ -9,9 +9,10 @@ import os
 import ssl
 import threading
 import urllib.request
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import urllib3
+from requests.utils import should_bypass_proxies
 
 
 class UnsupportedProxy(ValueError):
@@ -48,6 +49,14 @@ def hide_userinfo(url):
     return url.replace(parts.netloc, parts.hostname or '') if '@' in parts.netloc else url
 
 
+def proxy_credentials(proxy):
+    """Return the Proxy-Authorization header for a proxy URL with user:password@ (as requests sends it), or None."""
+    parts = urlsplit(proxy)
+    if not parts.username:
+        return None
+    return urllib3.make_headers(proxy_basic_auth=f'{unquote(parts.username)}:{unquote(parts.password or "")}')
+
+
 class Pools:
     """urllib3 pool managers, one per thread and proxy; the environment's proxies read once, here.
 
@@ -59,20 +68,26 @@ class Pools:
         self.connections_per_host = connections_per_host
         self.ssl_context = tls_context()
         self.local = threading.local()
-        self.bypass = {}  # host -> True when NO_PROXY covers it
+        self.bypass = {}  # scheme://host:port -> True when NO_PROXY covers it
+        self.bypass_lock = threading.Lock()
 
     def proxy_for(self, url, proxies=None):
-        """Return the proxy URL for url (None for a direct connection): explicit proxies first, then the environment."""
+        """Return the proxy URL for url (None for a direct connection): explicit proxies first, then the environment.
+
+        NO_PROXY is matched as requests matches it (requests.utils.should_bypass_proxies: names, suffixes,
+        host:port and IPv4 ranges such as 10.0.0.0/8), once per scheme, host and port.
+        """
         parts = urlsplit(url)
         if proxies:
             return proxies.get(parts.scheme) or proxies.get('all')
         if not self.proxies:
             return None
-        host = parts.hostname or ''
-        if host not in self.bypass:
-            self.bypass[host] = bool(self.proxies.get('no')) and urllib.request.proxy_bypass_environment(
-                parts.netloc, self.proxies)
-        if self.bypass[host]:
+        origin = f'{parts.scheme}://{parts.netloc.rpartition("@")[2]}'
+        if origin not in self.bypass:
+            with self.bypass_lock:  # requests sets no_proxy in os.environ for the look-up: one at a time
+                self.bypass[origin] = bool(self.proxies.get('no')) and should_bypass_proxies(
+                    origin, self.proxies['no'])
+        if self.bypass[origin]:
             return None
         return self.proxies.get(parts.scheme) or self.proxies.get('all')
 
@@ -90,7 +105,7 @@ class Pools:
             elif proxy.lower().startswith('socks'):
                 raise UnsupportedProxy(f'SOCKS proxies are not supported: {hide_userinfo(proxy)}')
             else:
-                manager = urllib3.ProxyManager(proxy, **options)
+                manager = urllib3.ProxyManager(proxy, proxy_headers=proxy_credentials(proxy), **options)
             managers[proxy] = manager
         return manager
 
