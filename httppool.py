@@ -63,7 +63,7 @@ class Pools:
     Thread-safe: each thread has its own managers, so calls never wait on each other.
     """
 
-    def __init__(self, connections_per_host=1):
+    def __init__(self, connections_per_host=1):  # a thread makes one call at a time
         self.proxies = {key: value for key, value in urllib.request.getproxies_environment().items() if value}
         self.connections_per_host = connections_per_host
         self.ssl_context = tls_context()

@@ -26,9 +26,6 @@ from urllib3 import exceptions as u3
 
 import httppool
 
-# Connections kept per host and thread: telebot's worker threads each make one call at a time.
-CONNECTIONS_PER_HOST = 1
-
 
 class Response:
     """The parts of a requests.Response that telebot reads: status_code, reason, text, json()."""
@@ -96,9 +93,6 @@ class RequestSender(httppool.Pools):
     HTTP(S)_PROXY / ALL_PROXY / NO_PROXY are read from the environment once, here, as requests reads them.
     Thread-safe: each thread has its own pool manager, so calls never wait on each other.
     """
-
-    def __init__(self, connections_per_host=CONNECTIONS_PER_HOST):
-        super().__init__(connections_per_host)
 
     def __call__(self, method, url, params=None, files=None, timeout=None, proxies=None):
         """Send one Bot API call; return a Response. Raises the requests exception telebot's default would."""
