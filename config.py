@@ -428,8 +428,8 @@ def load(environ=None):
         # Crypto Pay takes expires_in from 1 s to 31 days
         invoice_expires_seconds=read('INVOICE_EXPIRES_SECONDS', number(1, 2678400, ' seconds'), '3600'),
         timezone=read('TIMEZONE', timezone, 'Europe/Moscow'),
-        worker_threads=read('WORKER_THREADS', number(1, 256), '16'),
-        db_pool_size=read('DB_POOL_SIZE', number(1, 1000), '20'),
+        worker_threads=read('WORKER_THREADS', number(1, 256), '24'),
+        db_pool_size=read('DB_POOL_SIZE', number(1, 1000), '28'),
         http_host=read('HTTP_HOST', default='127.0.0.1'),
         http_port=read('HTTP_PORT', port, '8080'),
         webhook_url=read('WEBHOOK_URL', webhook_url, '') if lookup('WEBHOOK_URL', '').strip() else '',

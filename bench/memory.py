@@ -1,6 +1,6 @@
 """Resident memory of bot.py: after start, and after 50,000 users in the database and 20,000 handled updates.
 
-    .venv/bin/python bench/memory.py                 # both databases, WORKER_THREADS 16
+    .venv/bin/python bench/memory.py                 # both databases, WORKER_THREADS 24 (the default)
     .venv/bin/python bench/memory.py --db sqlite --threads 32 --updates 5000
 
 RSS is VmRSS of the bot process from /proc (peak: VmHWM), read while it runs against the fake
@@ -68,7 +68,7 @@ def main():
     parser.add_argument('--db', default='all', choices=['all', 'sqlite', 'postgresql'])
     parser.add_argument('--users', type=int, default=50_000)
     parser.add_argument('--updates', type=int, default=20_000)
-    parser.add_argument('--threads', type=int, default=16)
+    parser.add_argument('--threads', type=int, default=24)
     parser.add_argument('--timeout', type=float, default=900)
     args = parser.parse_args()
     print(f'# memory: {common.machine_line()}; WORKER_THREADS={args.threads}, DB_POOL_SIZE={args.threads + 4}')
