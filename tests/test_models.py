@@ -2,6 +2,7 @@
 from datetime import datetime, timedelta
 from decimal import Decimal
 
+import peewee
 import pytest
 from peewee import CharField, IntegrityError
 
@@ -109,6 +110,26 @@ def test_times_and_amounts_round_trip(database):
     assert User.get_by_id(user.id).expires_at == datetime(2027, 1, 2, 3, 4, 5, 678000)
     payment = Payment.get(Payment.invoice_id == 2**40)
     assert payment.amount == Decimal('1234567.89') and isinstance(payment.amount, Decimal)
+
+
+@pytest.mark.parametrize('text', [
+    '2026-12-01 10:00:00', '2026-12-01 10:00:00.123456', '2026-12-01 10:00:00.000001', '2026-02-29 10:00:00',
+    '2026-13-01 10:00:00', '2026-12-01 25:00:00', '2026-12-01 10:00:00.12345x', '2026-12-01 10:00:00+03:00',
+    '2026-12-01T10:00:00', '2026-12-01 10:00', '2026-12-01', '2026-12-01 10:00:00.5', '', 'garbage' * 4,
+    '2026-12-01 10:00:00.123', '20261201 100000000000000000'])
+def test_a_stored_time_is_read_as_peewee_reads_it(text):
+    """models.DateTimeField reads its two stored shapes with fromisoformat; every text comes back as peewee's."""
+    assert models.DateTimeField().python_value(text) == peewee.DateTimeField().python_value(text)
+
+
+def test_times_read_back_exactly(database):
+    moments = [datetime(2026, 12, 1, 10, 0, 0), datetime(2026, 12, 1, 10, 0, 0, 1), datetime(1999, 1, 1)]
+    users = [User.create(telegram_id=70 + n, panel_email=f'spn-{70 + n}', expires_at=moment, created_at=moment)
+             for n, moment in enumerate(moments)]
+    for user, moment in zip(users, moments):
+        again = models.user_by_telegram_id(user.telegram_id)
+        assert (again.expires_at, again.created_at) == (moment, moment)
+        assert User.get_by_id(user.id).expires_at == moment
 
 
 def test_create_schema_is_repeatable(database):
