@@ -478,10 +478,41 @@ def prepared(name, build, *params):
     return model.raw(sql, *params)
 
 
+def prepared_first(name, build, *params):
+    """Return the first row of prepared(name, build, *params), or None when it has none."""
+    return next(iter(prepared(name, build, *params)), None)
+
+
+def prepared_get(name, build, *params):
+    """Return the first row of prepared(name, build, *params), as build(*params).get() would.
+
+    :raise DoesNotExist: the query's model's, when it has no row.
+    """
+    rows = prepared(name, build, *params)
+    row = next(iter(rows), None)
+    if row is None:
+        raise rows.model.DoesNotExist(f'prepared {name}: no row for {params}')
+    return row
+
+
+def forget_prepared():
+    """Drop every SQL built by prepared(), so the next calls build it again (tests: a mutant's query is run)."""
+    _PREPARED.clear()
+
+
 def user_by_telegram_id(telegram_id):
     """Return the User with this Telegram id, or None: the lookup every update starts with (prepared)."""
-    return next(iter(prepared('user_by_telegram_id', lambda tid: User.select().where(User.telegram_id == tid),
-                              telegram_id)), None)
+    return prepared_first('user_by_telegram_id', lambda tid: User.select().where(User.telegram_id == tid),
+                          telegram_id)
+
+
+def locked_expiry(user_id):
+    """Lock the buyer's row until the transaction ends (see locked) and return their expiry (None: no days).
+
+    :raise User.DoesNotExist: no such buyer.
+    """
+    return prepared_get('locked_expiry', lambda uid: locked(User.select(User.expires_at).where(User.id == uid)),
+                        user_id).expires_at
 
 
 SCHEMA_LOCK = 0x53504E01  # pg_advisory_xact_lock key: one process at a time changes the schema
@@ -529,12 +560,12 @@ def grant_days(user_id, days, reason, reference, granted_by=None, now=None):
     :raise IntegrityError: this (reason, reference) was granted before; nothing changes.
     """
     with transaction():
-        user = locked(User.select().where(User.id == user_id)).get()
+        expires_at = locked_expiry(user_id)
         # The clock is read under the lock, so grants are stamped in the order they are applied.
         now = (now or utcnow()).replace(microsecond=0)  # whole seconds: the panel keeps milliseconds
-        new_expiry = max(now, user.expires_at or now) + timedelta(days=days)
+        new_expiry = max(now, expires_at or now) + timedelta(days=days)
         Grant.create(user=user_id, days=days, reason=reason, reference=str(reference),
-                     granted_by=granted_by, expires_before=user.expires_at,
+                     granted_by=granted_by, expires_before=expires_at,
                      expires_after=new_expiry, created_at=now)
         User.update(expires_at=new_expiry).where(User.id == user_id).execute()
         mark_dirty(user_id)

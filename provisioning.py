@@ -13,7 +13,7 @@ from peewee import Case, fn
 
 import metrics
 import models
-from models import PAID, PanelClient, Payment, User, locked, transaction, utcnow
+from models import PAID, PanelClient, Payment, User, transaction, utcnow
 from xui import XuiError
 
 log = logging.getLogger('provisioning')
@@ -83,8 +83,9 @@ class Provisioning:
         our older value may have reached the panel after the newer one."""
         stale = False
         for _ in range(PUSH_TRIES):
-            user = User.get_by_id(user_id)
-            row = PanelClient.get_or_none(PanelClient.user == user_id, PanelClient.panel == panel.name)
+            user = models.prepared_get('push_user', lambda uid: User.select().where(User.id == uid), user_id)
+            row = models.prepared_first('push_row', lambda uid, name: PanelClient.select().where(
+                PanelClient.user == uid, PanelClient.panel == name), user_id, panel.name)
             if user.expires_at is None:
                 return True  # no days, nothing to push: the panel matches the ledger
             if row is None:
@@ -100,8 +101,7 @@ class Provisioning:
                 return False
             with transaction():
                 # grant_days locks the user row too: the expiry compared here is the one committed
-                current = locked(User.select(User.expires_at).where(User.id == user_id)).get()
-                done = current.expires_at == user.expires_at
+                done = models.locked_expiry(user_id) == user.expires_at
                 if done:
                     (PanelClient.update(dirty=False, pushed_expiry=user.expires_at, uuid=client.get('uuid'),
                                         failures=0, retry_at=None, last_error=None, alerted=False)

@@ -381,7 +381,7 @@ class Shop:
         stamp, now = now, now or utcnow()
         window = now - PROMO_LOCKOUT
         with transaction():  # one buyer's attempts are counted one at a time, so threads cannot race past
-            models.locked(User.select(User.id).where(User.id == user.id)).get()
+            models.locked_expiry(user.id)
             PromoAttempt.delete().where(PromoAttempt.user == user.id, PromoAttempt.created_at <= window).execute()
             tried = PromoAttempt.select().where(PromoAttempt.user == user.id).count()
             if tried >= PROMO_FAILURES_ALLOWED:
@@ -412,12 +412,13 @@ class Shop:
         code = (text or '').strip().upper()
         if not PROMO_PATTERN.match(code):
             return 'invalid', None
-        promo = PromoCode.get_or_none(PromoCode.code == code)
+        promo = models.prepared_first('promo_by_code', lambda c: PromoCode.select().where(PromoCode.code == c), code)
         if promo is None:
             return 'unknown', None
         if promo.expires_at is not None and promo.expires_at <= now:
             return 'expired', promo
-        if Redemption.select().where(Redemption.promo == promo, Redemption.user == user).exists():
+        if models.prepared_first('redemption', lambda p, u: Redemption.select(Redemption.id).where(
+                Redemption.promo == p, Redemption.user == u), promo.id, user.id) is not None:
             return 'already', promo
         try:
             with transaction():

@@ -39,6 +39,7 @@ MONEY=(
     'shop.xǁShopǁ_redeem__mutmut_*'
     'models.x_grant_days__mutmut_*'
     'models.x_mark_dirty__mutmut_*'
+    'models.x_locked_expiry__mutmut_*'
     'jobs.x_poll_payments__mutmut_*'
     'jobs.x_judge_batch__mutmut_*'
     'jobs.x_settle_paid__mutmut_*'

@@ -47,6 +47,13 @@ def clear_database():
         models.db.execute_sql(f'TRUNCATE {tables} RESTART IDENTITY CASCADE')
 
 
+@pytest.fixture(autouse=True)
+def fresh_prepared_sql():
+    """Each test builds the prepared queries' SQL anew (models.prepared keeps it per process): a mutant inside
+    a query's build is then run, not a SQL built by an earlier test (scripts/mutate.sh forks its runs)."""
+    models.forget_prepared()
+
+
 @pytest.fixture
 def database(tmp_path):
     """Bind the models to a fresh, empty real database and hold a connection for the test."""

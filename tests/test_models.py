@@ -191,6 +191,17 @@ def test_prepared_user_lookup_returns_what_peewee_returns(database):
         assert models.user_by_telegram_id(1) is None
 
 
+def test_the_locked_expiry_and_a_grant_to_nobody(database):
+    """The prepared row lock returns the committed expiry; a missing buyer raises as peewee's get() did."""
+    expiry = datetime(2026, 3, 4, 5, 6, 7)
+    user, none = make_user(expires_at=expiry), User.create(telegram_id=9_000_000_003, panel_email='spn-z')
+    with models.transaction():
+        assert (models.locked_expiry(user.id), models.locked_expiry(none.id)) == (expiry, None)
+    with pytest.raises(User.DoesNotExist):
+        grant_days(10**9, 1, 'admin', 'nobody')
+    assert Grant.select().count() == 0
+
+
 def test_prepared_refuses_a_query_whose_parameters_are_not_the_given_ones(database):
     with pytest.raises(ValueError, match='parameters'):
         models.prepared('test_hidden_parameter', lambda tid: User.select().where(
