@@ -53,8 +53,7 @@ def claim_single_process(database_url):
 
 def last_run(name):
     """Return when the named job last ran without an exception (naive UTC), or None (SQL built once: /healthz asks)."""
-    row = next(iter(models.prepared('job_last_run', lambda job: JobLease.select(JobLease.ran_at)
-                                    .where(JobLease.name == job), name)), None)
+    row = models.prepared_first(lambda job: JobLease.select(JobLease.ran_at).where(JobLease.name == job), name)
     return row.ran_at if row is not None else None
 
 

@@ -100,7 +100,7 @@ class LedgerCollector:
     def read():
         """Return [(pending invoices, the oldest one's creation time or None, buyers waiting for a panel)]."""
         with models.connection():
-            count, oldest, waiting = models.prepared('ledger_gauges', _ledger_query, True, PENDING).tuples()[0]
+            count, oldest, waiting = models.prepared(_ledger_query, True, PENDING).tuples()[0]
         return [(count, Payment.created_at.python_value(oldest), waiting)]  # SQLite hands the time back as text
 
 

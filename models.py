@@ -451,47 +451,49 @@ def locked(query):
     return query if is_sqlite() else query.for_update()
 
 
-_PREPARED = {}  # (name, database class) -> (model, SQL)
+_PREPARED = {}  # (build's code, database class) -> (model, SQL)
 
 
-def prepared(name, build, *params):
+def prepared(build, *params):
     """Run the SELECT build(*params) with its SQL built by peewee only once per database class.
 
     peewee spends about 1 ms of CPU building the SQL of a SELECT over a wide table, ten times what SQLite
     takes to run it (bench/user_lookup.py), and the lookups every update starts with are the same SQL each
     time with other parameters. The first call builds the query and checks that its parameters are exactly
     params, in order; later calls bind params to that SQL. Rows come back as model instances, converted
-    by the fields as peewee's own queries convert them.
+    by the fields as peewee's own queries convert them. The SQL is kept per build's code (a lambda written
+    in one place is one code, however often the function around it runs), so two queries never share one.
 
     :return: an iterable of model instances (peewee's ModelRaw).
     :raise ValueError: the built query's parameters are not params (a programming error).
     """
-    key = (name, type(db.obj))
+    key = (build.__code__, type(db.obj))
     entry = _PREPARED.get(key)
     if entry is None:
         query = build(*params)
         sql, built = query.sql()
         if list(built) != list(params):
-            raise ValueError(f'prepared {name}: the query binds {len(built)} parameters other than the ones given')
+            where = f'{build.__code__.co_filename}:{build.__code__.co_firstlineno}'
+            raise ValueError(f'prepared query at {where}: it binds {len(built)} parameters other than the ones given')
         entry = _PREPARED[key] = (query.model, sql)
     model, sql = entry
     return model.raw(sql, *params)
 
 
-def prepared_first(name, build, *params):
-    """Return the first row of prepared(name, build, *params), or None when it has none."""
-    return next(iter(prepared(name, build, *params)), None)
+def prepared_first(build, *params):
+    """Return the first row of prepared(build, *params), or None when it has none."""
+    return next(iter(prepared(build, *params)), None)
 
 
-def prepared_get(name, build, *params):
-    """Return the first row of prepared(name, build, *params), as build(*params).get() would.
+def prepared_get(build, *params):
+    """Return the first row of prepared(build, *params), as build(*params).get() would.
 
     :raise DoesNotExist: the query's model's, when it has no row.
     """
-    rows = prepared(name, build, *params)
+    rows = prepared(build, *params)
     row = next(iter(rows), None)
     if row is None:
-        raise rows.model.DoesNotExist(f'prepared {name}: no row for {params}')
+        raise rows.model.DoesNotExist(f'no {rows.model.__name__} for {params}')
     return row
 
 
@@ -502,8 +504,7 @@ def forget_prepared():
 
 def user_by_telegram_id(telegram_id):
     """Return the User with this Telegram id, or None: the lookup every update starts with (prepared)."""
-    return prepared_first('user_by_telegram_id', lambda tid: User.select().where(User.telegram_id == tid),
-                          telegram_id)
+    return prepared_first(lambda tid: User.select().where(User.telegram_id == tid), telegram_id)
 
 
 def locked_expiry(user_id):
@@ -511,8 +512,7 @@ def locked_expiry(user_id):
 
     :raise User.DoesNotExist: no such buyer.
     """
-    return prepared_get('locked_expiry', lambda uid: locked(User.select(User.expires_at).where(User.id == uid)),
-                        user_id).expires_at
+    return prepared_get(lambda uid: locked(User.select(User.expires_at).where(User.id == uid)), user_id).expires_at
 
 
 SCHEMA_LOCK = 0x53504E01  # pg_advisory_xact_lock key: one process at a time changes the schema

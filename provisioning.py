@@ -83,8 +83,8 @@ class Provisioning:
         our older value may have reached the panel after the newer one."""
         stale = False
         for _ in range(PUSH_TRIES):
-            user = models.prepared_get('push_user', lambda uid: User.select().where(User.id == uid), user_id)
-            row = models.prepared_first('push_row', lambda uid, name: PanelClient.select().where(
+            user = models.prepared_get(lambda uid: User.select().where(User.id == uid), user_id)
+            row = models.prepared_first(lambda uid, name: PanelClient.select().where(
                 PanelClient.user == uid, PanelClient.panel == name), user_id, panel.name)
             if user.expires_at is None:
                 return True  # no days, nothing to push: the panel matches the ledger

@@ -381,7 +381,7 @@ class Shop:
         stamp, now = now, now or utcnow()
         window = now - PROMO_LOCKOUT
         with transaction():  # one buyer's attempts are counted one at a time, so threads cannot race past
-            models.locked_expiry(user.id)
+            models.locked_expiry(user.id)  # the buyer's row lock (the expiry is not needed here)
             PromoAttempt.delete().where(PromoAttempt.user == user.id, PromoAttempt.created_at <= window).execute()
             tried = PromoAttempt.select().where(PromoAttempt.user == user.id).count()
             if tried >= PROMO_FAILURES_ALLOWED:
@@ -412,12 +412,12 @@ class Shop:
         code = (text or '').strip().upper()
         if not PROMO_PATTERN.match(code):
             return 'invalid', None
-        promo = models.prepared_first('promo_by_code', lambda c: PromoCode.select().where(PromoCode.code == c), code)
+        promo = models.prepared_first(lambda c: PromoCode.select().where(PromoCode.code == c), code)
         if promo is None:
             return 'unknown', None
         if promo.expires_at is not None and promo.expires_at <= now:
             return 'expired', promo
-        if models.prepared_first('redemption', lambda p, u: Redemption.select(Redemption.id).where(
+        if models.prepared_first(lambda p, u: Redemption.select(Redemption.id).where(
                 Redemption.promo == p, Redemption.user == u), promo.id, user.id) is not None:
             return 'already', promo
         try:
@@ -435,7 +435,7 @@ class Shop:
 
     def referral_counts(self, user):
         """Return (joined, paid) counts of the people this user invited."""
-        rows = models.prepared('referral_counts', lambda inviter: Referral.select(
+        rows = models.prepared(lambda inviter: Referral.select(
             fn.COUNT(Referral.id), fn.COUNT(Referral.rewarded_at)).where(Referral.inviter == inviter), user.id)
         joined, paid = next(iter(rows.tuples()))
         return joined, paid

@@ -168,7 +168,7 @@ class Stars:
 
     def subscription(self, user, now=None):
         """Return the buyer's running Stars subscription (its first payment's row), or None."""
-        rows = models.prepared('stars_subscription', lambda user_id, provider, moment: (
+        rows = models.prepared(lambda user_id, provider, moment: (
             Payment.select().where(Payment.user == user_id, Payment.provider == provider,
                                    Payment.subscription_until > moment).order_by(Payment.id.desc())),
             user.id, STARS, now or utcnow())

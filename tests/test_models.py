@@ -202,7 +202,16 @@ def test_the_locked_expiry_and_a_grant_to_nobody(database):
     assert Grant.select().count() == 0
 
 
+def test_two_prepared_queries_never_share_their_sql(database):
+    """The SQL is kept per build: queries of the same shape written in two places each run their own."""
+    first, second = User.create(telegram_id=5, panel_email='spn-5'), User.create(telegram_id=6, panel_email='spn-6')
+    for _ in range(2):
+        assert models.prepared_first(lambda n: User.select().where(User.telegram_id == n), 5).id == first.id
+        assert models.prepared_first(lambda n: User.select().where(User.id == n), second.id).id == second.id
+        assert models.prepared_first(lambda n: User.select().where(User.id == n), 5) is None
+
+
 def test_prepared_refuses_a_query_whose_parameters_are_not_the_given_ones(database):
     with pytest.raises(ValueError, match='parameters'):
-        models.prepared('test_hidden_parameter', lambda tid: User.select().where(
+        models.prepared(lambda tid: User.select().where(
             User.telegram_id == tid, User.blocked == False), 1)  # noqa: E712
