@@ -39,8 +39,8 @@ class DateTimeField(peewee.DateTimeField):
 
     peewee writes a datetime as str(value), 'YYYY-MM-DD HH:MM:SS' with '.ffffff' when it has microseconds, and
     reads it back by trying strptime formats in turn: 4-5 µs a value, and every update reads a buyer's two.
-    fromisoformat reads exactly those two shapes in 0.3-0.4 µs (timeit); any other value (a PostgreSQL datetime, other
-    text, which fromisoformat may read otherwise than peewee) is peewee's to read, as peewee gives it.
+    fromisoformat reads exactly those two shapes in 0.3-0.4 µs (timeit). Any other value (a PostgreSQL
+    datetime, other text, which fromisoformat may read otherwise than peewee) is peewee's to read.
     """
 
     STORED = re.compile(r'[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{6})?')
