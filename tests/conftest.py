@@ -50,7 +50,7 @@ def clear_database():
 @pytest.fixture(autouse=True)
 def fresh_prepared_sql():
     """Each test builds the prepared queries' SQL anew (models.prepared keeps it per process): a mutant inside
-    a query's build is then run, not a SQL built by an earlier test (scripts/mutate.sh forks its runs)."""
+    a query's build (scripts/mutate.sh) is then run, not the SQL an earlier test in the process built."""
     models.forget_prepared()
 
 
