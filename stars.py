@@ -168,11 +168,10 @@ class Stars:
 
     def subscription(self, user, now=None):
         """Return the buyer's running Stars subscription (its first payment's row), or None."""
-        rows = models.prepared(lambda user_id, provider, moment: (
+        return models.prepared_first(lambda user_id, provider, moment: (
             Payment.select().where(Payment.user == user_id, Payment.provider == provider,
                                    Payment.subscription_until > moment).order_by(Payment.id.desc())),
             user.id, STARS, now or utcnow())
-        return next(iter(rows), None)
 
     def set_renewal(self, user, canceled, now=None):
         """Cancel (or resume) the renewal of the buyer's subscription (editUserStarSubscription); return the row.
